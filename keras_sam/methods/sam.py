@@ -1,0 +1,257 @@
+"""`SAM`: Sharpness-Aware Minimization (and ASAM) as a Keras optimizer wrapper."""
+
+import math
+import numbers
+
+import keras
+
+from keras_sam import maths
+
+# Base-optimizer arguments that belong on the wrapped optimizer, with their defaults
+# (a config carrying a default value is accepted, as `LossScaleOptimizer` does).
+_INNER_OPTIMIZER_ARGUMENTS = {
+    "learning_rate": None,
+    "weight_decay": None,
+    "clipnorm": None,
+    "global_clipnorm": None,
+    "clipvalue": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "loss_scale_factor": None,
+    "gradient_accumulation_steps": None,
+}
+
+# ASAM leaves these at T = 1, as the official implementation does for every parameter
+# whose name does not contain "weight": biases and normalization offsets.
+_NON_ADAPTIVE_NAMES = ("bias", "beta", "offset")
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class SAM(keras.optimizers.Optimizer):
+    """Sharpness-Aware Minimization around any Keras optimizer.
+
+    Each step climbs from the weights `w` to the worst point of a neighbourhood of
+    radius `rho`, takes the gradient there, and lets the wrapped optimizer descend
+    from `w` with it:
+
+    ```
+    g     = grad L(w)                          # clean pass
+    e     = rho * g / (||g|| + epsilon)        # SAM
+    e     = rho * T**2 g / (||T g|| + epsilon) # ASAM, T = |w| + eta on weights, 1 on biases
+    g_sam = grad L(w + e)                      # perturbed pass
+    w     = optimizer.update(w, g_sam)         # the weights never hold w + e
+    ```
+
+    The cost is two forward-backward passes per step. `rho=0` skips the second pass and
+    is exactly (bitwise) the wrapped optimizer. `learning_rate` and `iterations` are
+    those of the wrapped optimizer; base-optimizer arguments such as `clipnorm` or
+    `weight_decay` belong on it, and apply to the final gradient only.
+
+    A `SAM` optimizer runs the two passes itself, so it cannot be handed gradients:
+    use it through `keras_sam.SAMModel(model).compile(optimizer=sam)` or through the
+    custom-loop call `sam.optimize(grad_func, variables)`.
+
+    Args:
+        optimizer: the `keras.optimizers.Optimizer` instance that takes the steps
+            (a string identifier such as `"sgd"` is accepted too).
+        rho: float >= 0, the radius of the neighbourhood. Defaults to `0.05`
+            (the paper's value for SGD; ASAM usually wants about 10x more).
+        adaptive: bool, use ASAM's scale-invariant neighbourhood. Defaults to `False`.
+        eta: float >= 0, ASAM's offset in `T_w = |w| + eta`. Ignored unless
+            `adaptive`. Defaults to `0.01`.
+        epsilon: float > 0, added to the gradient norm. Defaults to `1e-12`.
+        name: string, the optimizer's name. Defaults to `None` (automatic).
+
+    Example:
+
+    ```python
+    opt = keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.05)
+    sam_model = keras_sam.SAMModel(model)
+    sam_model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    sam_model.fit(x, y, epochs=10)
+    ```
+
+    References:
+        - Foret et al., Sharpness-Aware Minimization for Efficiently Improving
+          Generalization, ICLR 2021. https://arxiv.org/abs/2010.01412
+        - Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for
+          Scale-Invariant Learning of Deep Neural Networks, ICML 2021.
+          https://arxiv.org/abs/2102.11600
+    """
+
+    def __init__(
+        self,
+        optimizer,
+        rho=0.05,
+        adaptive=False,
+        eta=0.01,
+        epsilon=1e-12,
+        name=None,
+        **kwargs,
+    ):
+        _refuse_inner_optimizer_arguments(type(self).__name__, kwargs)
+        optimizer = _check_optimizer(type(self).__name__, optimizer)
+        rho = _check_number("rho", rho, minimum=0.0)
+        adaptive = _check_bool("adaptive", adaptive)
+        eta = _check_number("eta", eta, minimum=0.0)
+        epsilon = _check_number("epsilon", epsilon, minimum=0.0, strict=True)
+        super().__init__(learning_rate=0.0, name=name)
+        self.rho = rho
+        self.adaptive = adaptive
+        self.eta = eta
+        self.epsilon = epsilon
+        self.inner_optimizer = optimizer
+
+    # ----------------------------------------------------------------- the method
+    def needs_second_pass(self):
+        """Whether this step takes the perturbed pass (a Python bool for SAM)."""
+        return self.rho > 0
+
+    def perturbation(self, gradients, variables):
+        """The perturbation `e(w)` for these clean gradients (None where None)."""
+        scales = None
+        if self.adaptive:
+            scales = [
+                maths.adaptive_scale(v.value, self.eta) if _is_adaptive(v) else None
+                for v in variables
+            ]
+        return maths.sam_perturbation(gradients, self.rho, self.epsilon, scales)
+
+    def descent_gradients(self, gradients, perturbed_gradients, variables):
+        """The gradient the wrapped optimizer descends with: SAM's is `grad L(w + e)`."""
+        del gradients, variables
+        return perturbed_gradients
+
+    # ------------------------------------------------------------ the custom loop
+    def optimize(self, grad_func, variables):
+        """One SAM step in a custom training loop (TensorFlow backend).
+
+        Args:
+            grad_func: a callable with no arguments that runs the forward pass under a
+                `tf.GradientTape` and returns `(predictions, loss, tape)`. It is called
+                twice: at `w`, then at `w + e`.
+            variables: the Keras variables to train, e.g. `model.trainable_variables`.
+
+        Returns:
+            `(predictions, loss, loss_sam)`: the clean predictions and loss at `w`, and
+            the loss at the perturbed weights `w + e`.
+        """
+        from keras_sam.trainers import tensorflow as tf_trainer
+
+        return tf_trainer.optimize(self, grad_func, variables)
+
+    # ------------------------------------------------------- the optimizer protocol
+    def build(self, var_list):
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    def apply(self, grads, trainable_variables=None):
+        raise ValueError(
+            f"`{type(self).__name__}` runs two forward-backward passes per step, so it "
+            "cannot be given gradients through `apply()` or `apply_gradients()`, which "
+            "is what a plain `keras.Model` does in `fit()`. Wrap the model: "
+            "`keras_sam.SAMModel(model).compile(optimizer=...)`, or in a custom loop "
+            "call `optimizer.optimize(grad_func, variables)`."
+        )
+
+    def apply_descent_gradients(self, gradients, variables):
+        """Hands the final gradients to the wrapped optimizer (used by the trainers)."""
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(variables)
+            self.built = True
+        self.inner_optimizer.apply(gradients, variables)
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "rho": self.rho,
+            "adaptive": self.adaptive,
+            "eta": self.eta,
+            "epsilon": self.epsilon,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        optimizer = keras.saving.deserialize_keras_object(
+            config.pop("optimizer"), custom_objects=custom_objects
+        )
+        return cls(optimizer, **config)
+
+
+def _is_adaptive(variable):
+    """Whether ASAM scales this variable by `|w| + eta` (weights) or by 1 (biases)."""
+    name = variable.name.split("/")[-1].split(":")[0]
+    return not name.endswith(_NON_ADAPTIVE_NAMES)
+
+
+def _refuse_inner_optimizer_arguments(class_name, kwargs):
+    for name, default in _INNER_OPTIMIZER_ARGUMENTS.items():
+        if name in kwargs and kwargs.pop(name) != default:
+            raise ValueError(
+                f"`{class_name}` does not take `{name}`: it belongs on the wrapped "
+                f"optimizer, e.g. `{class_name}(keras.optimizers.SGD({name}=...))`."
+            )
+    if kwargs:
+        raise ValueError(
+            f"`{class_name}` got unexpected arguments: {', '.join('`' + k + '`' for k in kwargs)}."
+        )
+
+
+def _check_optimizer(class_name, optimizer):
+    if isinstance(optimizer, str):
+        optimizer = keras.optimizers.get(optimizer)
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise ValueError(
+            f"`optimizer` must be a `keras.optimizers.Optimizer` instance, such as "
+            f"`keras.optimizers.SGD(0.1)`. Received: optimizer={optimizer!r}"
+        )
+    if isinstance(optimizer, SAM):
+        raise ValueError(
+            f"`optimizer` must be a plain Keras optimizer: `{class_name}` cannot wrap "
+            f"another SAM method. Received: optimizer={optimizer!r}"
+        )
+    return optimizer
+
+
+def _check_number(name, value, minimum, strict=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"`{name}` must be a number. Received: {name}={value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+        rule = ">" if strict else ">="
+        raise ValueError(
+            f"`{name}` must be a finite number {rule} {minimum:g}. Received: {name}={value!r}"
+        )
+    return number
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
+    return value

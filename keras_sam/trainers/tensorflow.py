@@ -1,0 +1,196 @@
+"""The TensorFlow trainer: runs the clean and the perturbed pass of a SAM step.
+
+Nothing is written to a variable until the step has succeeded. Both passes run inside
+a `keras.StatelessScope`:
+
+- the clean pass reads the real variables; the state it updates (BatchNorm moving
+  statistics, dropout seeds, metrics) is recorded, and committed at the end;
+- the perturbed pass reads `w + e` through the scope's state mapping, under a tape that
+  watches those tensors, and everything it would update is dropped.
+
+So the weights are never perturbed in place: they are bitwise the pre-step weights if
+either pass raises (eagerly or inside `tf.function`), BatchNorm statistics come from
+the clean pass alone, and both passes see the same dropout masks.
+"""
+
+import keras
+import tensorflow as tf
+
+
+class _RecordingScope(keras.StatelessScope):
+    """A stateless scope that remembers which variables were assigned, to commit them."""
+
+    def __init__(self, state_mapping=None):
+        super().__init__(state_mapping=state_mapping)
+        self._assigned = {}
+
+    def add_update(self, update):
+        variable, _ = update
+        self._assigned[id(variable)] = variable
+        super().add_update(update)
+
+    def commit(self):
+        for variable in self._assigned.values():
+            variable.assign(self.get_current_value(variable))
+
+
+def sam_gradients(method, compute, variables):
+    """Runs both passes of one step and returns the gradients to descend with.
+
+    Args:
+        method: a `keras_sam.SAM` (or variant) instance.
+        compute: a callable with no arguments running the forward pass under a
+            `tf.GradientTape` and returning `(outputs, loss, tape)`.
+        variables: list of Keras variables to differentiate.
+
+    Returns:
+        `(outputs, loss, loss_sam, gradients)`: the clean outputs and loss, the loss at
+        the perturbed weights (the clean loss when no second pass ran), and the final
+        gradients, one per variable (`None` where the loss does not depend on it).
+    """
+    with _RecordingScope() as clean_pass:
+        outputs, loss, tape = compute()
+    gradients = [_densify(g) for g in tape.gradient(loss, variables)]
+
+    if not method.needs_second_pass():
+        clean_pass.commit()
+        return outputs, loss, loss, gradients
+
+    perturbation = method.perturbation(gradients, variables)
+    perturbed = [None if e is None else v.value + e for v, e in zip(variables, perturbation)]
+    mapping = [(v, w) for v, w in zip(variables, perturbed) if w is not None]
+    with tf.GradientTape(watch_accessed_variables=False) as perturbed_tape:
+        for _, w in mapping:
+            perturbed_tape.watch(w)
+        with _RecordingScope(state_mapping=mapping):
+            _, loss_sam, _ = compute()
+    present = perturbed_tape.gradient(loss_sam, [w for _, w in mapping])
+    present = iter(present)
+    perturbed_gradients = [None if w is None else next(present) for w in perturbed]
+
+    clean_pass.commit()
+    descent = method.descent_gradients(gradients, perturbed_gradients, variables)
+    return outputs, loss, loss_sam, descent
+
+
+def optimize(method, grad_func, variables):
+    """The custom-loop step: `pred, loss, loss_sam = method.optimize(grad_func, vars)`."""
+    variables = _check_variables(variables)
+    if not callable(grad_func):
+        raise ValueError(
+            "`grad_func` must be a callable returning `(predictions, loss, tape)`. "
+            f"Received: grad_func={grad_func!r}"
+        )
+
+    def compute():
+        result = grad_func()
+        if not (isinstance(result, (tuple, list)) and len(result) == 3):
+            raise ValueError(
+                "`grad_func` must return `(predictions, loss, tape)`, with `tape` the "
+                f"`tf.GradientTape` that recorded the loss. Received: {result!r}"
+            )
+        return result
+
+    outputs, loss, loss_sam, gradients = sam_gradients(method, compute, variables)
+    method.apply_descent_gradients(gradients, variables)
+    return outputs, loss, loss_sam
+
+
+def _check_variables(variables):
+    variables = list(variables)
+    if not variables:
+        raise ValueError("`variables` is empty: there is nothing to train.")
+    for i, v in enumerate(variables):
+        if not isinstance(v, keras.Variable):
+            raise ValueError(
+                "`variables` must be Keras variables, such as "
+                "`model.trainable_variables` or `keras.Variable(...)`. "
+                f"Received at position {i}: {v!r}"
+            )
+    return variables
+
+
+def _densify(gradient):
+    # Sums duplicate indices, so the norm and the perturbation are the true ones.
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.convert_to_tensor(gradient)
+    return gradient
+
+
+def train_step(sam_model, data):
+    """`SAMModel.train_step` with a SAM optimizer: the m-sharpness loop around the passes."""
+    method = sam_model.optimizer
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    variables = sam_model.trainable_variables
+    parts, weights = _split_batch((x, y, sample_weight), sam_model.num_batch_splits)
+
+    results = []
+    for x_part, y_part, weight_part in parts:
+
+        def compute(x_part=x_part, y_part=y_part, weight_part=weight_part):
+            with tf.GradientTape() as tape:
+                y_pred = sam_model(x_part, training=True)
+                loss = sam_model.compute_loss(
+                    x=x_part, y=y_part, y_pred=y_pred, sample_weight=weight_part, training=True
+                )
+            return y_pred, loss, tape
+
+        results.append(sam_gradients(method, compute, variables))
+
+    if len(results) == 1:
+        y_pred, loss, loss_sam, gradients = results[0]
+    else:
+        y_pred = keras.tree.map_structure(lambda *p: tf.concat(p, axis=0), *[r[0] for r in results])
+        loss = _weighted_sum([r[1] for r in results], weights)
+        loss_sam = _weighted_sum([r[2] for r in results], weights)
+        gradients = [
+            None if gs[0] is None else _weighted_sum([_densify(g) for g in gs], weights)
+            for gs in zip(*[r[3] for r in results])
+        ]
+
+    method.apply_descent_gradients(gradients, variables)
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    batch_size = tf.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
+    # `compute_loss` divides by the replica count under tf.distribute; report per replica.
+    sam_model._loss_tracker.update_state(loss * replicas, sample_weight=batch_size)
+    sam_model.sharpness_tracker.update_state((loss_sam - loss) * replicas)
+    return sam_model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _split_batch(batch, num_splits):
+    """Splits every tensor of `batch` along axis 0 into `num_splits` nearly equal parts.
+
+    Returns the parts and their weights (part size over batch size). Sizes differ by at
+    most one when the split is uneven.
+    """
+    if not num_splits or num_splits == 1:
+        return [batch], [1.0]
+    first = next(t for t in keras.tree.flatten(batch) if t is not None)
+    static_size = first.shape[0]
+    if static_size is not None:
+        if static_size < num_splits:
+            raise ValueError(
+                f"A batch of {static_size} examples cannot be split into "
+                f"num_batch_splits={num_splits} parts: use a batch of at least "
+                f"{num_splits} examples or fewer splits."
+            )
+        sizes = [(static_size + i) // num_splits for i in range(num_splits)]
+        weights = [s / static_size for s in sizes]
+    else:
+        size = tf.shape(first)[0]
+        tf.debugging.assert_greater_equal(
+            size,
+            num_splits,
+            message=f"num_batch_splits={num_splits} needs batches of at least {num_splits}",
+        )
+        sizes = [(size + i) // num_splits for i in range(num_splits)]
+        weights = [tf.cast(s, "float32") / tf.cast(size, "float32") for s in sizes]
+
+    flat = keras.tree.flatten(batch)
+    pieces = [[None] * num_splits if t is None else tf.split(t, sizes) for t in flat]
+    parts = [keras.tree.pack_sequence_as(batch, [p[i] for p in pieces]) for i in range(num_splits)]
+    return parts, weights
+
+
+def _weighted_sum(tensors, weights):
+    return tf.add_n([tf.cast(w, t.dtype) * t for t, w in zip(tensors, weights)])
