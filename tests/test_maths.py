@@ -1,0 +1,100 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_sam import maths
+from tests import reference
+
+
+def _random_grads(rng, scale=1.0):
+    return [rng.normal(size=s).astype("float32") * scale for s in [(3, 4), (4,), (2, 2, 3)]]
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30, 1e-8])
+def test_global_norm_matches_float64_at_every_scale(rng, scale):
+    grads = _random_grads(rng, scale)
+    expected = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads))
+    got = float(maths.global_norm([ops.convert_to_tensor(g) for g in grads]))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_global_norm_skips_none_and_empty(rng):
+    g = rng.normal(size=(5,)).astype("float32")
+    got = maths.global_norm([None, ops.zeros((0, 3)), ops.convert_to_tensor(g), None])
+    np.testing.assert_allclose(float(got), np.linalg.norm(g.astype(np.float64)), rtol=1e-6)
+    assert float(maths.global_norm([None, None])) == 0.0
+    assert float(maths.global_norm([])) == 0.0
+
+
+def test_global_norm_is_float32_for_float16_input():
+    g = ops.full((300,), 7e4 / 20, dtype="float16")  # sum of squares overflows float16
+    norm = maths.global_norm([g])
+    assert keras.backend.standardize_dtype(norm.dtype) == "float32"
+    np.testing.assert_allclose(float(norm), 3500 * np.sqrt(300), rtol=1e-3)
+
+
+def test_zero_gradient_gives_zero_perturbation_not_nan():
+    e = maths.sam_perturbation([ops.zeros((3, 2)), ops.zeros((4,))], rho=0.05)
+    for t in e:
+        assert np.all(np.asarray(t) == 0.0)
+
+
+def test_sam_perturbation_matches_reference_and_has_norm_rho(rng):
+    grads = _random_grads(rng)
+    got = maths.sam_perturbation([ops.convert_to_tensor(g) for g in grads], rho=0.07)
+    expected = reference.perturbation(grads, rho=0.07)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-9)
+    norm = np.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for a in got))
+    np.testing.assert_allclose(norm, 0.07, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_perturbation_direction_survives_extreme_scales(rng, scale):
+    grads = _random_grads(rng)
+    unit = maths.sam_perturbation([ops.convert_to_tensor(g) for g in grads], rho=1.0)
+    scaled = maths.sam_perturbation([ops.convert_to_tensor(g * scale) for g in grads], rho=1.0)
+    if scale < 1:
+        # epsilon = 1e-12 dominates a norm of 1e-30: the direction is kept, the size is not.
+        scaled_norm = float(maths.global_norm(scaled))
+        assert 0 < scaled_norm < 1e-10
+        scaled = [np.asarray(t) / scaled_norm for t in scaled]
+    for a, b in zip(unit, scaled, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_asam_perturbation_matches_reference(rng):
+    grads = _random_grads(rng)
+    weights = _random_grads(rng)
+    scales_np = [np.abs(w).astype(np.float64) + 0.01 for w in weights[:2]] + [None]
+    scales = [
+        maths.adaptive_scale(ops.convert_to_tensor(w), 0.01) for w in weights[:2]
+    ] + [None]
+    got = maths.sam_perturbation([ops.convert_to_tensor(g) for g in grads], 0.5, scales=scales)
+    expected = reference.perturbation(
+        grads, 0.5, scales=scales_np[:2] + [np.ones_like(grads[2], np.float64)]
+    )
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-8)
+    # ASAM's neighbourhood: ||T^-1 e|| = rho.
+    inverse = [np.asarray(a, np.float64) / s for a, s in zip(got[:2], scales_np[:2], strict=True)]
+    norm = np.sqrt(sum(np.sum(t * t) for t in inverse) + np.sum(np.asarray(got[2], np.float64) ** 2))
+    np.testing.assert_allclose(norm, 0.5, rtol=1e-5)
+
+
+def test_none_gradients_stay_none_and_out_of_the_norm(rng):
+    g = rng.normal(size=(4,)).astype("float32")
+    e = maths.sam_perturbation([None, ops.convert_to_tensor(g), None], rho=0.3)
+    assert e[0] is None and e[2] is None
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(e[1], np.float64)), 0.3, rtol=1e-6)
+
+
+def test_perturbation_keeps_the_gradient_dtype():
+    e = maths.sam_perturbation([ops.ones((3,), "float16"), ops.ones((2,), "float32")], 0.1)
+    assert [keras.backend.standardize_dtype(t.dtype) for t in e] == ["float16", "float32"]
+
+
+def test_scales_must_match_gradients():
+    with pytest.raises(ValueError, match="one entry per gradient"):
+        maths.sam_perturbation([ops.ones((2,))], 0.1, scales=[None, None])
