@@ -68,9 +68,7 @@ def test_asam_perturbation_matches_reference(rng):
     grads = _random_grads(rng)
     weights = _random_grads(rng)
     scales_np = [np.abs(w).astype(np.float64) + 0.01 for w in weights[:2]] + [None]
-    scales = [
-        maths.adaptive_scale(ops.convert_to_tensor(w), 0.01) for w in weights[:2]
-    ] + [None]
+    scales = [maths.adaptive_scale(ops.convert_to_tensor(w), 0.01) for w in weights[:2]] + [None]
     got = maths.sam_perturbation([ops.convert_to_tensor(g) for g in grads], 0.5, scales=scales)
     expected = reference.perturbation(
         grads, 0.5, scales=scales_np[:2] + [np.ones_like(grads[2], np.float64)]
@@ -79,7 +77,9 @@ def test_asam_perturbation_matches_reference(rng):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-8)
     # ASAM's neighbourhood: ||T^-1 e|| = rho.
     inverse = [np.asarray(a, np.float64) / s for a, s in zip(got[:2], scales_np[:2], strict=True)]
-    norm = np.sqrt(sum(np.sum(t * t) for t in inverse) + np.sum(np.asarray(got[2], np.float64) ** 2))
+    norm = np.sqrt(
+        sum(np.sum(t * t) for t in inverse) + np.sum(np.asarray(got[2], np.float64) ** 2)
+    )
     np.testing.assert_allclose(norm, 0.5, rtol=1e-5)
 
 

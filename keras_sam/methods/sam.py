@@ -159,12 +159,16 @@ class SAM(keras.optimizers.Optimizer):
             "call `optimizer.optimize(grad_func, variables)`."
         )
 
-    def apply_descent_gradients(self, gradients, variables):
-        """Hands the final gradients to the wrapped optimizer (used by the trainers)."""
+    def build_once(self, variables):
+        """Builds the optimizer for these variables, unless it is built already."""
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(variables)
             self.built = True
+
+    def apply_descent_gradients(self, gradients, variables):
+        """Hands the final gradients to the wrapped optimizer (used by the trainers)."""
+        self.build_once(variables)
         self.inner_optimizer.apply(gradients, variables)
 
     @property

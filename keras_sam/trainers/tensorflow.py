@@ -11,6 +11,11 @@ a `keras.StatelessScope`:
 So the weights are never perturbed in place: they are bitwise the pre-step weights if
 either pass raises (eagerly or inside `tf.function`), BatchNorm statistics come from
 the clean pass alone, and both passes see the same dropout masks.
+
+Inside `tf.function`, a run-time error stops the step when the failing op feeds the
+loss (`loss = tf.debugging.check_numerics(loss, ...)`). TensorFlow does not order an
+assertion whose result feeds nothing before other ops, so such an assertion can fail
+after the step was applied: make the loss depend on it.
 """
 
 import keras
@@ -64,11 +69,14 @@ def sam_gradients(method, compute, variables):
             perturbed_tape.watch(w)
         with _RecordingScope(state_mapping=mapping):
             _, loss_sam, _ = compute()
-    present = perturbed_tape.gradient(loss_sam, [w for _, w in mapping])
-    present = iter(present)
+    present_list = perturbed_tape.gradient(loss_sam, [w for _, w in mapping])
+    present = iter(present_list)
     perturbed_gradients = [None if w is None else next(present) for w in perturbed]
 
-    clean_pass.commit()
+    # In a graph, make the commit wait for the perturbed pass, so that a run-time error
+    # there (a NaN caught by `check_numerics`, say) also leaves the clean pass's state.
+    with tf.control_dependencies([loss_sam] + [g for g in present_list if g is not None]):
+        clean_pass.commit()
     descent = method.descent_gradients(gradients, perturbed_gradients, variables)
     return outputs, loss, loss_sam, descent
 
@@ -92,8 +100,17 @@ def optimize(method, grad_func, variables):
         return result
 
     outputs, loss, loss_sam, gradients = sam_gradients(method, compute, variables)
-    method.apply_descent_gradients(gradients, variables)
+    _apply(method, gradients, variables)
     return outputs, loss, loss_sam
+
+
+def _apply(method, gradients, variables):
+    # In a graph, the optimizer's own updates (its step counter) would otherwise not
+    # wait for the gradients, and could run although the step failed. Variables are
+    # created first: XLA cannot lift their creation out of a control-dependency block.
+    method.build_once(variables)
+    with tf.control_dependencies([g for g in gradients if g is not None]):
+        method.apply_descent_gradients(gradients, variables)
 
 
 def _check_variables(variables):
@@ -148,7 +165,7 @@ def train_step(sam_model, data):
             for gs in zip(*[r[3] for r in results])
         ]
 
-    method.apply_descent_gradients(gradients, variables)
+    _apply(method, gradients, variables)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     batch_size = tf.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
     # `compute_loss` divides by the replica count under tf.distribute; report per replica.
