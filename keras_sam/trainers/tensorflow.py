@@ -44,8 +44,9 @@ def sam_gradients(method, compute, variables):
 
     Args:
         method: a `keras_sam.SAM` (or variant) instance.
-        compute: a callable with no arguments running the forward pass under a
-            `tf.GradientTape` and returning `(outputs, loss, tape)`.
+        compute: a callable with no arguments running the forward pass and returning
+            `(outputs, loss, tape)`; the tape is not used, keras_sam differentiates
+            with its own.
         variables: list of Keras variables to differentiate.
 
     Returns:
@@ -53,32 +54,41 @@ def sam_gradients(method, compute, variables):
         the perturbed weights (the clean loss when no second pass ran), and the final
         gradients, one per variable (`None` where the loss does not depend on it).
     """
-    with _RecordingScope() as clean_pass:
-        outputs, loss, tape = compute()
-    gradients = [_densify(g) for g in tape.gradient(loss, variables)]
+    weights = [tf.identity(v.value) for v in variables]
+    outputs, loss, gradients, clean_pass = _run_pass(compute, variables, weights)
+    gradients = [_densify(g) for g in gradients]
 
     if not method.needs_second_pass():
         clean_pass.commit()
         return outputs, loss, loss, gradients
 
     perturbation = method.perturbation(gradients, variables)
-    perturbed = [None if e is None else v.value + e for v, e in zip(variables, perturbation)]
-    mapping = [(v, w) for v, w in zip(variables, perturbed) if w is not None]
-    with tf.GradientTape(watch_accessed_variables=False) as perturbed_tape:
-        for _, w in mapping:
-            perturbed_tape.watch(w)
-        with _RecordingScope(state_mapping=mapping):
-            _, loss_sam, _ = compute()
-    present_list = perturbed_tape.gradient(loss_sam, [w for _, w in mapping])
-    present = iter(present_list)
-    perturbed_gradients = [None if w is None else next(present) for w in perturbed]
+    perturbed = [w if e is None else w + e for w, e in zip(weights, perturbation)]
+    _, loss_sam, perturbed_gradients, _ = _run_pass(compute, variables, perturbed)
+    perturbed_gradients = [
+        None if g is None else pg for g, pg in zip(gradients, perturbed_gradients)
+    ]
 
     # In a graph, make the commit wait for the perturbed pass, so that a run-time error
     # there (a NaN caught by `check_numerics`, say) also leaves the clean pass's state.
-    with tf.control_dependencies([loss_sam] + [g for g in present_list if g is not None]):
+    with tf.control_dependencies([loss_sam] + [g for g in perturbed_gradients if g is not None]):
         clean_pass.commit()
     descent = method.descent_gradients(gradients, perturbed_gradients, variables)
     return outputs, loss, loss_sam, descent
+
+
+def _run_pass(compute, variables, values):
+    """Runs `compute` with `variables` reading `values`; no variable is written.
+
+    Returns the outputs, the loss, the gradients with respect to `values`, and the
+    scope holding the state updates the pass would have made.
+    """
+    scope = _RecordingScope(state_mapping=list(zip(variables, values)))
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(values)
+        with scope:
+            outputs, loss, _ = compute()
+    return outputs, loss, tape.gradient(loss, values), scope
 
 
 def optimize(method, grad_func, variables):
