@@ -78,7 +78,16 @@ class SAMModel(keras.Model):
         return self.model(inputs, training=training)
 
     def train_step(self, data):
-        if not isinstance(self.optimizer, SAM):
+        optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and isinstance(
+            optimizer.inner_optimizer, SAM
+        ):
+            raise ValueError(
+                "SAM with loss scaling (the `mixed_float16` dtype policy wraps the optimizer "
+                "in a `LossScaleOptimizer`) is not supported yet. Train in float32, or with "
+                "the `mixed_bfloat16` policy, which needs no loss scaling."
+            )
+        if not isinstance(optimizer, SAM):
             logs = super().train_step(data)
             logs.pop("sharpness", None)
             return logs

@@ -303,3 +303,28 @@ def test_grad_func_must_return_predictions_loss_and_tape():
         opt.optimize(lambda: w.value * 2, [w])
     with pytest.raises(ValueError, match="callable"):
         opt.optimize("not callable", [w])
+
+
+def test_sparse_embedding_gradient_with_duplicate_indices_matches_the_dense_one(rng):
+    table = rng.normal(size=(6, 3)).astype("float32")
+    ids = tf.constant([[1, 1, 2], [1, 5, 5]])  # duplicates: the sparse gradient repeats rows
+    target = tf.constant(rng.normal(size=(2, 3, 3)), "float32")
+
+    def run(dense):
+        embeddings = keras.Variable(table, name="embeddings")
+        opt = keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.2)
+
+        def grad_func():
+            with tf.GradientTape() as tape:
+                if dense:
+                    vectors = tf.one_hot(ids, 6) @ embeddings.value
+                else:
+                    vectors = tf.gather(embeddings.value, ids)
+                loss = tf.reduce_mean((vectors - target) ** 2)
+            return vectors, loss, tape
+
+        for _ in range(3):
+            opt.optimize(grad_func, [embeddings])
+        return embeddings.numpy()
+
+    np.testing.assert_allclose(run(dense=False), run(dense=True), rtol=1e-6, atol=1e-7)

@@ -383,3 +383,29 @@ def test_model_must_be_a_built_keras_model():
         keras_sam.SAMModel(keras.Sequential([keras.layers.Dense(3)]))
     with pytest.raises(ValueError, match="already a `SAMModel`"):
         keras_sam.SAMModel(keras_sam.SAMModel(_bn_dropout_model()))
+
+
+@pytest.mark.parametrize("compile_kwargs", [{"jit_compile": True}, {"steps_per_execution": 3}])
+def test_fit_compiled_with_xla_or_several_steps_per_execution_agrees(rng, compile_kwargs):
+    params = reference.mlp_init(rng)
+    x, t = (a.astype("float32") for a in _data(rng, n=24))
+    results = []
+    for kwargs in ({}, compile_kwargs):
+        model = _mlp(params)
+        sam_model = keras_sam.SAMModel(model)
+        sam_model.compile(
+            optimizer=keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9)), loss="mse", **kwargs
+        )
+        sam_model.fit(x, t, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        results.append(model.get_weights())
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_float16_loss_scaling_is_refused_clearly():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = _bn_dropout_model()
+    sam_model = keras_sam.SAMModel(model)
+    sam_model.compile(optimizer=keras_sam.SAM(keras.optimizers.SGD(0.1)), loss="mse")
+    with pytest.raises(ValueError, match="loss scaling .* not supported yet"):
+        sam_model.fit(np.zeros((4, 4)), np.zeros((4, 3)), verbose=0)

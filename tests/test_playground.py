@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_sam import cli, playground
+
+
+def test_two_minima_loss_has_the_documented_minima_and_curvatures():
+    for point, height, curvature in [
+        (playground.SHARP_MINIMUM, 0.0, 100.0),
+        (playground.FLAT_MINIMUM, playground.FLAT_HEIGHT, 2.0),
+    ]:
+        p = np.asarray(point, "float64")
+        assert float(playground.two_minima_loss(tf.constant(p))) == pytest.approx(height, abs=1e-6)
+        assert playground._top_curvature(p) == pytest.approx(curvature, rel=1e-4)
+
+
+def test_sgd_ends_in_the_sharp_minimum_and_sam_in_the_flat_one():
+    result = playground.two_minima()
+    assert result["sgd"]["minimum"] == "sharp"
+    assert result["sam"]["minimum"] == "flat"
+    np.testing.assert_allclose(result["sgd"]["point"], playground.SHARP_MINIMUM, atol=1e-3)
+    np.testing.assert_allclose(result["sam"]["point"], playground.FLAT_MINIMUM, atol=2e-2)
+    assert result["sgd"]["curvature"] == pytest.approx(100.0, rel=1e-3)
+    assert result["sam"]["curvature"] == pytest.approx(2.0, rel=1e-2)
+
+
+def test_with_rho_zero_sam_is_sgd_and_stays_sharp():
+    result = playground.two_minima(rho=0.0)
+    assert result["sam"] == result["sgd"]
+
+
+def test_playground_command_prints_the_report(capsys):
+    assert cli.main(["playground", "--steps", "600"]) == 0
+    out = capsys.readouterr().out
+    assert "SGD settled in the sharp minimum and SAM in the flat one." in out
+    sgd_line = next(
+        line for line in out.splitlines() if line.strip().startswith("sgd") and "(" in line
+    )
+    assert sgd_line.rstrip().endswith("sharp")
+    assert "test accuracy" in out
+
+
+@pytest.mark.parametrize(
+    "argv", [["playground", "--rho", "-1"], ["playground", "--steps", "0"], ["nope"]]
+)
+def test_bad_arguments_exit_with_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert "usage: keras-sam" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "playground" in capsys.readouterr().out
