@@ -1,8 +1,5 @@
 """keras-sam: Sharpness-Aware Minimization for TensorFlow 2 and Keras 3."""
 
-from keras_sam.methods.sam import SAM
-from keras_sam.trainers.sam_model import SAMModel
-
 __version__ = "0.1.0"
 
 __all__ = [
@@ -10,3 +7,25 @@ __all__ = [
     "SAMModel",
     "__version__",
 ]
+
+# Public name -> the module that defines it. Resolved on first use (PEP 562), so that
+# `keras-sam --help` answers at once and the command line can quiet TensorFlow's
+# start-up logging before TensorFlow is imported.
+_PUBLIC = {
+    "SAM": "keras_sam.methods.sam",
+    "SAMModel": "keras_sam.trainers.sam_model",
+}
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        import importlib
+
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'keras_sam' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -29,7 +29,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     if args.command == "playground":
         return _playground(args)
     return 2  # pragma: no cover - argparse rejects unknown commands

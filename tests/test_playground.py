@@ -54,3 +54,21 @@ def test_bad_arguments_exit_with_a_usage_error(argv, capsys):
 def test_no_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "playground" in capsys.readouterr().out
+
+
+def test_public_names():
+    import keras_sam
+
+    assert sorted(keras_sam.__all__) == ["SAM", "SAMModel", "__version__"]
+    assert keras_sam.SAM.__module__ == "keras_sam.methods.sam"
+    assert keras_sam.SAMModel.__module__ == "keras_sam.trainers.sam_model"
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        keras_sam.Nope  # noqa: B018
+
+
+def test_the_seed_toy_network_learns_with_and_without_sam():
+    result = playground.uniform_vs_normal(steps=800)
+    for method in ("sgd", "sam"):
+        assert result[method]["test_accuracy"] > 0.95
+        assert 0.0 < result[method]["test_sharpness"] < 0.1
+    assert result["sgd"]["test_loss"] != result["sam"]["test_loss"]
