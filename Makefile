@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint bench clean
+DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo playground test test-quick lint bench results data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +14,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Fashion-MNIST from Debian's package where apt is available as root; elsewhere
+# keras-sam downloads it into the Keras cache on first use.
+data:
+	@if [ ! -f $(DATA) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) \
+		|| echo "warning: could not install dataset-fashion-mnist; it will be downloaded"; \
+	fi
+
+demo: $(STAMP) data
+	$(BIN)/keras-sam compare
+
+playground: $(STAMP)
 	$(BIN)/keras-sam playground
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(BIN)/python -m pytest -q
 
-test-quick: $(STAMP)
+test-quick: $(STAMP) data
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
@@ -27,6 +42,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
+
+results: $(STAMP) data
+	$(BIN)/python benchmarks/fashion_mnist.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -4,6 +4,9 @@ import argparse
 import os
 import sys
 
+from keras_sam.models import MODELS
+from keras_sam.training import METHODS, OPTIMIZERS, SCHEDULES, RunConfig
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
@@ -17,14 +20,37 @@ def main(argv=None):
         description="Runs SGD and SAM side by side on two toy problems and prints a report.",
     )
     playground.add_argument(
-        "--rho", type=_non_negative, default=0.3, help="SAM radius on the 2-D problem (default 0.3)"
+        "--rho", type=_non_negative, default=0.3, help="SAM radius on the 2-D problem (0.3)"
     )
     playground.add_argument(
-        "--steps", type=_positive_int, default=600, help="steps on the 2-D problem (default 600)"
+        "--steps", type=_positive_int, default=600, help="steps on the 2-D problem (600)"
     )
-    playground.add_argument(
-        "--seed", type=int, default=0, help="seed of the toy network (default 0)"
+    playground.add_argument("--seed", type=int, default=0, help="seed of the toy network (0)")
+
+    train = commands.add_parser(
+        "train",
+        help="train one model on Fashion-MNIST (optionally with label noise)",
+        description="Trains one model on Fashion-MNIST and writes config.json, history.json "
+        "(loss, accuracy, sharpness and clean test accuracy per epoch) and model.keras.",
     )
+    _add_run_arguments(train)
+    train.add_argument("--method", choices=METHODS, default="sam", help="sgd, sam or asam (sam)")
+    train.add_argument("--out", default="runs/train", help="output folder (runs/train)")
+
+    compare = commands.add_parser(
+        "compare",
+        help="plain optimizer vs SAM at equal epochs and at equal compute",
+        description="Trains the same model on the same data and seed three times: the plain "
+        "optimizer for E epochs, SAM for E epochs, and the plain optimizer for 2E epochs "
+        "(equal compute: SAM takes two passes a step). Writes results.md, test_accuracy.png, "
+        "sharpness.png and each run's files.",
+    )
+    _add_run_arguments(compare)
+    compare.add_argument(
+        "--method", choices=METHODS[1:], default="sam", help="the SAM method, sam or asam (sam)"
+    )
+    compare.add_argument("--out", default="runs/compare", help="output folder (runs/compare)")
+
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -32,7 +58,121 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     if args.command == "playground":
         return _playground(args)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    try:
+        if args.command == "train":
+            return _train(args)
+        return _compare(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"keras-sam {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _add_run_arguments(parser):
+    defaults = RunConfig()
+    parser.add_argument(
+        "--dataset", choices=["fashion_mnist"], default="fashion_mnist", help="fashion_mnist"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="folder with the four IDX files (default: search)"
+    )
+    parser.add_argument("--model", choices=MODELS, default=defaults.model, help="cnn or resnet")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
+    parser.add_argument("--lr", type=_non_negative, default=defaults.learning_rate)
+    parser.add_argument("--momentum", type=_non_negative, default=defaults.momentum)
+    parser.add_argument("--weight-decay", type=_non_negative, default=defaults.weight_decay)
+    parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
+    parser.add_argument("--rho", type=_non_negative, default=defaults.rho)
+    parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    parser.add_argument(
+        "--label-noise", type=_fraction, default=defaults.label_noise, help="rate in [0, 1]"
+    )
+    parser.add_argument("--noise-mode", choices=["flip", "uniform"], default=defaults.noise_mode)
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=defaults.train_size,
+        help=f"training examples, 0 for all 60,000 ({defaults.train_size})",
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--quiet", action="store_true", help="one line per epoch instead of progress bars"
+    )
+
+
+def _config(args, method, epochs=None):
+    return RunConfig(
+        method=method,
+        rho=args.rho,
+        model=args.model,
+        optimizer=args.optimizer,
+        learning_rate=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        epochs=epochs or args.epochs,
+        batch_size=args.batch_size,
+        label_noise=args.label_noise,
+        noise_mode=args.noise_mode,
+        train_size=args.train_size,
+        seed=args.seed,
+    )
+
+
+def _describe_data(config, data):
+    corrupted = int(round(data.noise_fraction * len(data.y_train)))
+    print(
+        f"Fashion-MNIST: {len(data.x_train):,} training examples "
+        f"({corrupted:,} labels corrupted, {100 * data.noise_fraction:.1f} %, "
+        f"mode {config.noise_mode!r}, seed {config.seed}); "
+        f"{len(data.x_test):,} clean test examples."
+    )
+
+
+def _train(args):
+    from keras_sam.training import prepare_data, train
+
+    config = _config(args, args.method)
+    data = prepare_data(config, args.data_dir)
+    _describe_data(config, data)
+    _, history = train(config, data, out_dir=args.out, verbose=2 if args.quiet else 1)
+    print(
+        f"final clean test accuracy: {100 * history['test_accuracy'][-1]:.2f} % "
+        f"(best {100 * max(history['test_accuracy']):.2f} %); files in {args.out}/"
+    )
+    return 0
+
+
+def _compare(args):
+    from pathlib import Path
+
+    from keras_sam import report
+    from keras_sam.training import prepare_data, train
+
+    out = Path(args.out)
+    plans = [
+        ("plain", _config(args, "sgd")),
+        (args.method, _config(args, args.method)),
+        ("plain_equal_compute", _config(args, "sgd", epochs=2 * args.epochs)),
+    ]
+    data = prepare_data(plans[0][1], args.data_dir)
+    _describe_data(plans[0][1], data)
+    runs = {}
+    for label, config in plans:
+        print(f"\n== {label}: {config.method}, {config.epochs} epochs ==")
+        _, history = train(config, data, out_dir=out / label, verbose=2 if args.quiet else 1)
+        runs[label] = (config, history)
+    table = report.comparison_table(runs)
+    title = (
+        f"{args.model} on {len(data.x_train):,} Fashion-MNIST examples, "
+        f"{100 * args.label_noise:g} % label noise, seed {args.seed}"
+    )
+    report.comparison_plots(runs, out, title=title)
+    text = f"# {title}\n\n{table}\nPlots: test_accuracy.png, sharpness.png\n"
+    (out / "results.md").write_text(text)
+    print("\n" + table)
+    print(f"Written: {out}/results.md, {out}/test_accuracy.png, {out}/sharpness.png")
+    return 0
 
 
 def _playground(args):
@@ -80,6 +220,13 @@ def _non_negative(text):
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
 
 

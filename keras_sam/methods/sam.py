@@ -110,12 +110,7 @@ class SAM(keras.optimizers.Optimizer):
 
     def perturbation(self, gradients, variables):
         """The perturbation `e(w)` for these clean gradients (None where None)."""
-        scales = None
-        if self.adaptive:
-            scales = [
-                maths.adaptive_scale(v.value, self.eta) if _is_adaptive(v) else None
-                for v in variables
-            ]
+        scales = adaptive_scales(variables, self.eta) if self.adaptive else None
         return maths.sam_perturbation(gradients, self.rho, self.epsilon, scales)
 
     def descent_gradients(self, gradients, perturbed_gradients, variables):
@@ -206,6 +201,11 @@ class SAM(keras.optimizers.Optimizer):
             config.pop("optimizer"), custom_objects=custom_objects
         )
         return cls(optimizer, **config)
+
+
+def adaptive_scales(variables, eta):
+    """ASAM's `T_w = |w| + eta` for each weight-like variable, `None` (T = 1) for biases."""
+    return [maths.adaptive_scale(v.value, eta) if _is_adaptive(v) else None for v in variables]
 
 
 def _is_adaptive(variable):

@@ -1,0 +1,229 @@
+"""SGD against SAM on Fashion-MNIST with label noise: writes docs/RESULTS.md and its plots.
+
+For every label-noise rate and seed, three runs on the same data, model and seed:
+plain SGD for E epochs, SAM for E epochs (equal epochs), and plain SGD for 2E epochs
+(equal compute: a SAM step costs two forward-backward passes). Each run's history is
+kept under --runs, and a finished run is not trained again, so the script can be
+interrupted and rerun.
+
+    python benchmarks/fashion_mnist.py                      # the full grid, about an hour
+    python benchmarks/fashion_mnist.py --noise 0.4 --seeds 0 --epochs 5   # a quick look
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from keras_sam.training import RunConfig, prepare_data, train  # noqa: E402
+
+# SAM paper (arXiv 2010.01412), Table 4: CIFAR-10, ResNet-32, 200 epochs, clean test accuracy.
+PAPER_NOISE = {0.2: (84.8, 95.1), 0.4: (68.8, 93.4), 0.6: (48.2, 90.5), 0.8: (26.2, 77.9)}
+RUNS = ("plain", "sam", "plain_equal_compute")
+
+
+def run_grid(args):
+    results = {}
+    for noise in args.noise:
+        for seed in args.seeds:
+            # The paper's rho: 0.1 up to 60 % noise, 0.05 at 80 %.
+            rho = args.rho if args.rho is not None else (0.05 if noise >= 0.8 else 0.1)
+            base = RunConfig(
+                method="sgd",
+                rho=rho,
+                model=args.model,
+                learning_rate=args.lr,
+                weight_decay=args.weight_decay,
+                schedule=args.schedule,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                label_noise=noise,
+                train_size=args.train_size,
+                seed=seed,
+            )
+            configs = {
+                "plain": base,
+                "sam": dataclasses.replace(base, method="sam"),
+                "plain_equal_compute": dataclasses.replace(base, epochs=2 * args.epochs),
+            }
+            data = None
+            for label, config in configs.items():
+                folder = Path(args.runs) / f"noise{int(round(100 * noise)):02d}_seed{seed}" / label
+                history = _load_finished(folder, config)
+                if history is None:
+                    data = data or prepare_data(base)
+                    print(
+                        f"[{time.strftime('%H:%M:%S')}] noise {noise:.0%} seed {seed}: {label} "
+                        f"({config.epochs} epochs)",
+                        flush=True,
+                    )
+                    _, history = train(config, data, out_dir=folder, verbose=0)
+                results[(noise, seed, label)] = (config, history)
+                print(
+                    f"    {label:<20} final clean test accuracy "
+                    f"{100 * history['test_accuracy'][-1]:.2f} %",
+                    flush=True,
+                )
+    return results
+
+
+def _load_finished(folder, config):
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+        history = json.loads((folder / "history.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    saved.pop("noise_fraction", None)
+    if saved != dataclasses.asdict(config) or len(history["epoch"]) != config.epochs:
+        return None
+    return history
+
+
+def _stats(values):
+    mean = statistics.mean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, spread
+
+
+def write_report(results, args):
+    from keras_sam import report
+
+    docs = Path(args.out)
+    figures = docs / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    seeds = args.seeds
+    lines = [
+        "| label noise | plain, E epochs | SAM, E epochs | plain, 2E epochs (equal compute) "
+        "| SAM - plain (equal epochs) | SAM - plain (equal compute) | paper, CIFAR-10: SGD / SAM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    summary = {}
+    for noise in args.noise:
+        acc = {
+            r: [100 * results[(noise, s, r)][1]["test_accuracy"][-1] for s in seeds] for r in RUNS
+        }
+        gap_epochs = [a - b for a, b in zip(acc["sam"], acc["plain"])]
+        gap_compute = [a - b for a, b in zip(acc["sam"], acc["plain_equal_compute"])]
+        summary[noise] = {r: _stats(v) for r, v in acc.items()}
+        paper = PAPER_NOISE.get(noise)
+        cells = [f"{m:.2f} ± {s:.2f}" for m, s in (summary[noise][r] for r in RUNS)]
+        gaps = [f"{m:+.2f} ± {s:.2f}" for m, s in (_stats(gap_epochs), _stats(gap_compute))]
+        paper_cell = f"{paper[0]} / {paper[1]}" if paper else "—"
+        lines.append(f"| {noise:.0%} | " + " | ".join(cells + gaps) + f" | {paper_cell} |")
+    table = "\n".join(lines) + "\n"
+
+    _plot_summary(summary, args, figures / "noise_sweep.png")
+    curve_noise = 0.4 if 0.4 in args.noise else args.noise[-1]
+    runs = {r: results[(curve_noise, seeds[0], r)] for r in RUNS}
+    report.comparison_plots(runs, figures, title=f"{curve_noise:.0%} label noise, seed {seeds[0]}")
+    first = results[(args.noise[0], seeds[0], "plain")][0]
+    seconds = sum(h["seconds"][-1] for _, h in results.values())
+    text = RESULTS_TEMPLATE.format(
+        command=" ".join(["python", "benchmarks/fashion_mnist.py", *sys.argv[1:]]),
+        train_size=f"{first.train_size:,}",
+        model=first.model,
+        epochs=first.epochs,
+        epochs2=2 * first.epochs,
+        lr=first.learning_rate,
+        schedule=first.schedule,
+        weight_decay=first.weight_decay,
+        batch_size=first.batch_size,
+        seeds=", ".join(str(s) for s in seeds),
+        n_seeds=len(seeds),
+        table=table,
+        curve_noise=f"{curve_noise:.0%}",
+        minutes=seconds / 60,
+    )
+    (docs / "RESULTS.md").write_text(text)
+    print(table)
+    print(f"Written: {docs / 'RESULTS.md'} and plots in {figures}/")
+
+
+def _plot_summary(summary, args, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    noise = [100 * r for r in args.noise]
+    names = {
+        "plain": "plain SGD, E epochs",
+        "sam": "SAM, E epochs",
+        "plain_equal_compute": "plain SGD, 2E epochs (equal compute)",
+    }
+    for run in RUNS:
+        means = [summary[r][run][0] for r in args.noise]
+        spreads = [summary[r][run][1] for r in args.noise]
+        ax.errorbar(noise, means, yerr=spreads, marker="o", capsize=3, label=names[run])
+    ax.set_xlabel("label noise (%)")
+    ax.set_ylabel("final clean test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+RESULTS_TEMPLATE = """# Results: SAM against plain SGD on Fashion-MNIST with label noise
+
+Produced by `{command}` (the runs' histories are in `runs/results/`, not committed).
+
+## Scale, and why
+
+- **Data:** a seeded random subset of {train_size} Fashion-MNIST training images; the labels of
+  a fraction of them are replaced by a different class (`flip` noise: the rate is exactly the
+  fraction of wrong labels). Evaluation is on the full, clean 10,000-image test set.
+- **Model and training:** the `{model}` model of `keras_sam.models`, SGD with momentum 0.9,
+  learning rate {lr} ({schedule}), weight decay {weight_decay}, batch {batch_size}; SAM with
+  rho = 0.1 (0.05 at 80 % noise), the paper's values for label noise. E = {epochs} epochs;
+  the equal-compute baseline trains {epochs2} epochs. Seeds: {seeds} (mean ± standard
+  deviation over {n_seeds} seeds).
+- **Why this scale:** all runs together took {minutes:.0f} minutes on 2 CPU cores. A small
+  training set trained for many epochs puts plain SGD in the regime where it memorizes the
+  wrong labels, which is where the paper's gains come from. The paper trained a ResNet-32 on
+  CIFAR-10 for 200 epochs; its numbers are shown for orientation, not as a like-for-like
+  comparison (different data set, model and budget).
+
+## Final clean test accuracy (%)
+
+{table}
+![final accuracy against noise](results/noise_sweep.png)
+
+Learning curves at {curve_noise} noise (seed 0), against epochs and against gradient
+evaluations (forward-backward passes over a batch, so equal compute lines up):
+
+![clean test accuracy](results/test_accuracy.png)
+![sharpness](results/sharpness.png)
+
+The sharpness plot is `L(w + e) - L(w)` at rho = 0.05 on 1,000 fixed training examples
+(their noisy labels), measured the same way for every run.
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=RunConfig.epochs)
+    parser.add_argument("--train-size", type=int, default=RunConfig.train_size)
+    parser.add_argument("--model", default=RunConfig.model)
+    parser.add_argument("--lr", type=float, default=RunConfig.learning_rate)
+    parser.add_argument("--weight-decay", type=float, default=RunConfig.weight_decay)
+    parser.add_argument("--schedule", default=RunConfig.schedule)
+    parser.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
+    parser.add_argument("--rho", type=float, default=None, help="default: 0.1, 0.05 at 80 %%")
+    parser.add_argument("--runs", default="runs/results")
+    parser.add_argument("--out", default="docs")
+    args = parser.parse_args()
+    write_report(run_grid(args), args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Tables and pictures for training runs: Markdown and PNG (matplotlib, no display)."""
+
+from pathlib import Path
+
+import numpy as np
+
+
+def run_label(name):
+    return name.replace("_", " ")
+
+
+def comparison_table(runs):
+    """A Markdown table, one row per run: `runs` maps a label to (config, history)."""
+    lines = [
+        "| run | epochs | gradient evaluations | final clean test acc. | best clean test acc. "
+        "| final train acc. (noisy labels) | measured sharpness | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, (config, history) in runs.items():
+        lines.append(
+            f"| {run_label(label)} | {config.epochs} | {history['gradient_evaluations'][-1]:,} "
+            f"| {100 * history['test_accuracy'][-1]:.2f} % "
+            f"| {100 * max(history['test_accuracy']):.2f} % "
+            f"| {100 * history['accuracy'][-1]:.2f} % "
+            f"| {history['measured_sharpness'][-1]:.4f} "
+            f"| {history['seconds'][-1]:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def comparison_plots(runs, out_dir, title=""):
+    """Writes `test_accuracy.png` and `sharpness.png` (each against epochs and against
+    gradient evaluations) into `out_dir`; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key, ylabel, name in [
+        ("test_accuracy", "clean test accuracy", "test_accuracy.png"),
+        ("measured_sharpness", "sharpness L(w+e) - L(w), rho=0.05", "sharpness.png"),
+    ]:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for label, (_, history) in runs.items():
+            values = np.asarray(history[key], dtype=float)
+            axes[0].plot(history["epoch"], values, label=run_label(label))
+            axes[1].plot(history["gradient_evaluations"], values, label=run_label(label))
+        axes[0].set_xlabel("epoch")
+        axes[1].set_xlabel("gradient evaluations (forward-backward passes over a batch)")
+        axes[0].set_ylabel(ylabel)
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[1].legend()
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

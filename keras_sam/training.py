@@ -1,0 +1,240 @@
+"""Training runs on real data: the engine behind `keras-sam train` and `compare`.
+
+A run is described by a `RunConfig`; `prepare_data` loads Fashion-MNIST, takes the
+training subset and corrupts its labels; `train` fits one model and records, per epoch,
+the training loss and accuracy (on the labels it was given), the clean test loss and
+accuracy, the sharpness of the weights (measured the same way for every method), and
+the number of gradient evaluations so far.
+"""
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("sgd", "sam", "asam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines one training run."""
+
+    method: str = "sam"  # sgd | sam | asam
+    rho: float = 0.1
+    model: str = "cnn"  # see keras_sam.models.MODELS
+    optimizer: str = "sgd"  # the inner optimizer: sgd | adam | adamw
+    learning_rate: float = 0.05
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine
+    epochs: int = 30
+    batch_size: int = 128
+    label_noise: float = 0.0
+    noise_mode: str = "flip"
+    train_size: int = 5000  # 0: all 60,000
+    seed: int = 0
+    sharpness_examples: int = 1000  # training examples the sharpness is measured on
+    sharpness_rho: float = 0.05
+
+    def __post_init__(self):
+        _one_of("method", self.method, METHODS)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("schedule", self.schedule, SCHEDULES)
+        for name in ("rho", "learning_rate", "momentum", "weight_decay", "sharpness_rho"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
+        if not (isinstance(self.train_size, int) and 0 <= self.train_size <= 60000):
+            raise ValueError(
+                f"`train_size` must be an integer in [0, 60000] (0: all). "
+                f"Received: train_size={self.train_size!r}"
+            )
+        if not 0 <= self.label_noise <= 1:
+            raise ValueError(
+                f"`label_noise` must be in [0, 1]. Received: label_noise={self.label_noise!r}"
+            )
+
+    @property
+    def passes_per_step(self):
+        return 1 if self.method == "sgd" or self.rho == 0 else 2
+
+
+@dataclasses.dataclass
+class Data:
+    x_train: np.ndarray
+    y_train: np.ndarray  # the labels trained on (noisy)
+    y_train_clean: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    noise_fraction: float  # the fraction of training labels actually corrupted
+
+
+def prepare_data(config, data_dir=None, arrays=None):
+    """Loads Fashion-MNIST (or takes `arrays`), subsets and corrupts the training labels.
+
+    The subset is the first `train_size` examples of a seeded permutation, so that it is
+    balanced in expectation and the same for every method at a given seed.
+    """
+    from keras_sam.datasets import fashion_mnist, label_noise
+
+    if arrays is None:
+        arrays = fashion_mnist.load_data(data_dir)
+    (x_train, y_train), (x_test, y_test) = arrays
+    rng = np.random.default_rng(config.seed)
+    if config.train_size and config.train_size < len(x_train):
+        keep = rng.permutation(len(x_train))[: config.train_size]
+        x_train, y_train = x_train[keep], y_train[keep]
+    y_train = y_train.astype("int64")
+    noisy = label_noise.corrupt_labels(
+        y_train, config.label_noise, num_classes=10, seed=config.seed, mode=config.noise_mode
+    )
+    return Data(
+        x_train=_images(x_train),
+        y_train=noisy.labels,
+        y_train_clean=y_train,
+        x_test=_images(x_test),
+        y_test=y_test.astype("int64"),
+        noise_fraction=float(noisy.fraction),
+    )
+
+
+def build_optimizer(config, steps):
+    """The inner optimizer with its schedule, wrapped in SAM or ASAM when asked."""
+    import keras
+
+    from keras_sam.methods.sam import SAM
+
+    lr = config.learning_rate
+    if config.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=steps)
+    weight_decay = config.weight_decay or None
+    if config.optimizer == "sgd":
+        inner = keras.optimizers.SGD(lr, momentum=config.momentum, weight_decay=weight_decay)
+    elif config.optimizer == "adam":
+        inner = keras.optimizers.Adam(lr, weight_decay=weight_decay)
+    else:
+        inner = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
+    if config.method == "sgd":
+        return inner
+    return SAM(inner, rho=config.rho, adaptive=config.method == "asam")
+
+
+def train(config, data, out_dir=None, verbose=1, callbacks=()):
+    """Trains one model; returns `(model, history)`.
+
+    `history` maps each per-epoch quantity to a list: `loss`, `accuracy` (on the labels
+    trained on), `sharpness` (SAM's own, only for SAM methods), `test_loss`,
+    `test_accuracy` (clean test labels), `measured_sharpness` (first-order, at
+    `sharpness_rho`, on a fixed set of training examples, the same for every method),
+    `gradient_evaluations` (forward-backward passes over a batch so far), and `seconds`.
+    With `out_dir`, writes `config.json`, `history.json` and `model.keras` there.
+    """
+    import keras
+
+    from keras_sam.models import build_model
+    from keras_sam.trainers.sam_model import SAMModel
+
+    model = build_model(config.model, seed=config.seed)
+    steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
+    sam_model = SAMModel(model)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    sam_model.compile(
+        optimizer=build_optimizer(config, steps_per_epoch * config.epochs),
+        loss=loss,
+        metrics=["accuracy"],
+    )
+    recorder = _EpochRecorder(config, data, model, loss, steps_per_epoch)
+    keras.utils.set_random_seed(config.seed)
+    sam_model.fit(
+        data.x_train,
+        data.y_train,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        verbose=verbose,
+        callbacks=[recorder, *callbacks],
+    )
+    history = recorder.history
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        record = dataclasses.asdict(config) | {"noise_fraction": data.noise_fraction}
+        (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        model.save(out / "model.keras")
+    return model, history
+
+
+class _EpochRecorder:
+    """A Keras callback (built lazily, so importing this module does not import Keras)."""
+
+    def __new__(cls, config, data, model, loss, steps_per_epoch):
+        import keras
+
+        class Recorder(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.history = {k: [] for k in _HISTORY_KEYS}
+                rng = np.random.default_rng(config.seed + 1)
+                count = min(config.sharpness_examples, len(data.x_train))
+                self.probe = rng.permutation(len(data.x_train))[:count]
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                from keras_sam.diagnostics import sharpness
+
+                logs = logs or {}
+                h = self.history
+                h["epoch"].append(epoch + 1)
+                h["loss"].append(float(logs.get("loss", float("nan"))))
+                h["accuracy"].append(float(logs.get("accuracy", float("nan"))))
+                h["sharpness"].append(float(logs["sharpness"]) if "sharpness" in logs else None)
+                logits = model.predict(data.x_test, batch_size=1000, verbose=0)
+                h["test_loss"].append(float(loss(data.y_test, logits)))
+                h["test_accuracy"].append(float(np.mean(logits.argmax(-1) == data.y_test)))
+                measured = sharpness(
+                    model,
+                    data.x_train[self.probe],
+                    data.y_train[self.probe],
+                    loss=loss,
+                    batch_size=500,
+                    rho=config.sharpness_rho,
+                )
+                h["measured_sharpness"].append(measured["sharpness"])
+                h["gradient_evaluations"].append(
+                    (epoch + 1) * steps_per_epoch * config.passes_per_step
+                )
+                h["seconds"].append(time.perf_counter() - self.started)
+
+        return Recorder()
+
+
+_HISTORY_KEYS = (
+    "epoch",
+    "loss",
+    "accuracy",
+    "sharpness",
+    "test_loss",
+    "test_accuracy",
+    "measured_sharpness",
+    "gradient_evaluations",
+    "seconds",
+)
+
+
+def _images(x):
+    x = np.asarray(x, "float32") / 255.0
+    return x[..., None] if x.ndim == 3 else x
+
+
+def _one_of(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}. Received: {name}={value!r}")
