@@ -134,6 +134,8 @@ def write_report(results, args):
         schedule=first.schedule,
         weight_decay=first.weight_decay,
         batch_size=first.batch_size,
+        splits=first.num_batch_splits,
+        m=first.batch_size // first.num_batch_splits,
         seeds=", ".join(str(s) for s in seeds),
         n_seeds=len(seeds),
         table=table,
@@ -182,7 +184,10 @@ Produced by `{command}` (the runs' histories are in `runs/results/`, not committ
   fraction of wrong labels). Evaluation is on the full, clean 10,000-image test set.
 - **Model and training:** the `{model}` model of `keras_sam.models`, SGD with momentum 0.9,
   learning rate {lr} ({schedule}), weight decay {weight_decay}, batch {batch_size}; SAM with
-  rho = 0.1 (0.05 at 80 % noise), the paper's values for label noise. E = {epochs} epochs;
+  rho = 0.1 (0.05 at 80 % noise), the paper's values for label noise, and m-sharpness: each
+  batch is split into {splits} parts of {m} examples, each with its own perturbation (the
+  paper's Section 4.1: smaller m generalizes better; its multi-accelerator runs perturbed per
+  accelerator). E = {epochs} epochs;
   the equal-compute baseline trains {epochs2} epochs. Seeds: {seeds} (mean ± standard
   deviation over {n_seeds} seeds).
 - **Why this scale:** all runs together took {minutes:.0f} minutes on 2 CPU cores. A small
@@ -219,6 +224,7 @@ def main():
     parser.add_argument("--schedule", default=RunConfig.schedule)
     parser.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
     parser.add_argument("--rho", type=float, default=None, help="default: 0.1, 0.05 at 80 %%")
+    parser.add_argument("--num-batch-splits", type=int, default=RunConfig.num_batch_splits)
     parser.add_argument("--runs", default="runs/results")
     parser.add_argument("--out", default="docs")
     args = parser.parse_args()

@@ -45,7 +45,7 @@ def main(argv=None):
         "(equal compute: SAM takes two passes a step). Writes results.md, test_accuracy.png, "
         "sharpness.png and each run's files.",
     )
-    _add_run_arguments(compare)
+    _add_run_arguments(compare, label_noise=0.4)
     compare.add_argument(
         "--method", choices=METHODS[1:], default="sam", help="the SAM method, sam or asam (sam)"
     )
@@ -67,7 +67,7 @@ def main(argv=None):
         return 1
 
 
-def _add_run_arguments(parser):
+def _add_run_arguments(parser, label_noise=0.0):
     defaults = RunConfig()
     parser.add_argument(
         "--dataset", choices=["fashion_mnist"], default="fashion_mnist", help="fashion_mnist"
@@ -82,10 +82,20 @@ def _add_run_arguments(parser):
     parser.add_argument("--weight-decay", type=_non_negative, default=defaults.weight_decay)
     parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
     parser.add_argument("--rho", type=_non_negative, default=defaults.rho)
+    parser.add_argument(
+        "--num-batch-splits",
+        type=_positive_int,
+        default=defaults.num_batch_splits,
+        help="m-sharpness: SAM perturbs each of this many parts of a batch separately "
+        f"({defaults.num_batch_splits})",
+    )
     parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
     parser.add_argument(
-        "--label-noise", type=_fraction, default=defaults.label_noise, help="rate in [0, 1]"
+        "--label-noise",
+        type=_fraction,
+        default=label_noise,
+        help=f"fraction of training labels corrupted, in [0, 1] ({label_noise:g})",
     )
     parser.add_argument("--noise-mode", choices=["flip", "uniform"], default=defaults.noise_mode)
     parser.add_argument(
@@ -104,6 +114,7 @@ def _config(args, method, epochs=None):
     return RunConfig(
         method=method,
         rho=args.rho,
+        num_batch_splits=args.num_batch_splits,
         model=args.model,
         optimizer=args.optimizer,
         learning_rate=args.lr,

@@ -46,8 +46,14 @@ def comparison_plots(runs, out_dir, title=""):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         for label, (_, history) in runs.items():
             values = np.asarray(history[key], dtype=float)
-            axes[0].plot(history["epoch"], values, label=run_label(label))
-            axes[1].plot(history["gradient_evaluations"], values, label=run_label(label))
+            axes[0].plot(history["epoch"], values, marker="o", markersize=3, label=run_label(label))
+            axes[1].plot(
+                history["gradient_evaluations"],
+                values,
+                marker="o",
+                markersize=3,
+                label=run_label(label),
+            )
         axes[0].set_xlabel("epoch")
         axes[1].set_xlabel("gradient evaluations (forward-backward passes over a batch)")
         axes[0].set_ylabel(ylabel)

@@ -26,17 +26,18 @@ class RunConfig:
 
     method: str = "sam"  # sgd | sam | asam
     rho: float = 0.1
+    num_batch_splits: int = 4  # m-sharpness for SAM methods: m = batch_size / num_batch_splits
     model: str = "cnn"  # see keras_sam.models.MODELS
     optimizer: str = "sgd"  # the inner optimizer: sgd | adam | adamw
     learning_rate: float = 0.05
     momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | cosine
-    epochs: int = 30
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # constant | cosine
+    epochs: int = 40
     batch_size: int = 128
     label_noise: float = 0.0
     noise_mode: str = "flip"
-    train_size: int = 5000  # 0: all 60,000
+    train_size: int = 2000  # 0: all 60,000
     seed: int = 0
     sharpness_examples: int = 1000  # training examples the sharpness is measured on
     sharpness_rho: float = 0.05
@@ -49,7 +50,7 @@ class RunConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "num_batch_splits"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
@@ -145,7 +146,8 @@ def train(config, data, out_dir=None, verbose=1, callbacks=()):
 
     model = build_model(config.model, seed=config.seed)
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
-    sam_model = SAMModel(model)
+    splits = config.num_batch_splits if config.passes_per_step == 2 else None
+    sam_model = SAMModel(model, num_batch_splits=splits)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     sam_model.compile(
         optimizer=build_optimizer(config, steps_per_epoch * config.epochs),
