@@ -80,7 +80,7 @@ def _load_finished(folder, config):
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     saved.pop("noise_fraction", None)
-    if saved != dataclasses.asdict(config) or len(history["epoch"]) != config.epochs:
+    if saved != dataclasses.asdict(config) or history["epoch"][-1:] != [config.epochs]:
         return None
     return history
 
@@ -225,6 +225,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
     parser.add_argument("--rho", type=float, default=None, help="default: 0.1, 0.05 at 80 %%")
     parser.add_argument("--num-batch-splits", type=int, default=RunConfig.num_batch_splits)
+    parser.add_argument("--eval-every", type=int, default=2, help="evaluate every k epochs (2)")
     parser.add_argument("--runs", default="runs/results")
     parser.add_argument("--out", default="docs")
     args = parser.parse_args()

@@ -41,6 +41,7 @@ class RunConfig:
     seed: int = 0
     sharpness_examples: int = 1000  # training examples the sharpness is measured on
     sharpness_rho: float = 0.05
+    eval_every: int = 1  # evaluate (clean test accuracy, sharpness) every k epochs and at the end
 
     def __post_init__(self):
         _one_of("method", self.method, METHODS)
@@ -50,7 +51,7 @@ class RunConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
-        for name in ("epochs", "batch_size", "num_batch_splits"):
+        for name in ("epochs", "batch_size", "num_batch_splits", "eval_every"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
@@ -136,7 +137,8 @@ def train(config, data, out_dir=None, verbose=1, callbacks=()):
     trained on), `sharpness` (SAM's own, only for SAM methods), `test_loss`,
     `test_accuracy` (clean test labels), `measured_sharpness` (first-order, at
     `sharpness_rho`, on a fixed set of training examples, the same for every method),
-    `gradient_evaluations` (forward-backward passes over a batch so far), and `seconds`.
+    `gradient_evaluations` (forward-backward passes over a batch so far), and `seconds`;
+    one entry per evaluated epoch (every `eval_every` epochs and the last).
     With `out_dir`, writes `config.json`, `history.json` and `model.keras` there.
     """
     import keras
@@ -193,6 +195,9 @@ class _EpochRecorder:
             def on_epoch_end(self, epoch, logs=None):
                 from keras_sam.diagnostics import sharpness
 
+                last = epoch + 1 == config.epochs
+                if (epoch + 1) % config.eval_every and not last:
+                    return
                 logs = logs or {}
                 h = self.history
                 h["epoch"].append(epoch + 1)

@@ -68,6 +68,16 @@ def test_train_records_history_and_writes_files(rng, tmp_path, method):
     )
 
 
+def test_eval_every_evaluates_every_k_epochs_and_the_last(rng):
+    config = RunConfig(
+        method="sgd", epochs=5, eval_every=2, batch_size=100, train_size=200, sharpness_examples=50
+    )
+    _, history = train(config, prepare_data(config, arrays=_arrays(rng)), verbose=0)
+    assert history["epoch"] == [2, 4, 5]
+    assert history["gradient_evaluations"] == [4, 8, 10]
+    assert len(history["test_accuracy"]) == len(history["measured_sharpness"]) == 3
+
+
 def test_report_table_and_plots(rng, tmp_path):
     history = {
         "epoch": [1, 2],
