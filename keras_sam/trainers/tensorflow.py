@@ -1,12 +1,12 @@
 """The TensorFlow trainer: runs the clean and the perturbed pass of a SAM step.
 
 Nothing is written to a variable until the step has succeeded. Both passes run inside
-a `keras.StatelessScope`:
+a `keras.StatelessScope` whose state mapping gives the trained variables as tensors, and
+keras_sam differentiates with its own tape watching those tensors:
 
-- the clean pass reads the real variables; the state it updates (BatchNorm moving
-  statistics, dropout seeds, metrics) is recorded, and committed at the end;
-- the perturbed pass reads `w + e` through the scope's state mapping, under a tape that
-  watches those tensors, and everything it would update is dropped.
+- the clean pass reads `w`; the state it updates (BatchNorm moving statistics, dropout
+  seeds, metrics) is recorded, and committed at the end;
+- the perturbed pass reads `w + e`, and everything it would update is dropped.
 
 So the weights are never perturbed in place: they are bitwise the pre-step weights if
 either pass raises (eagerly or inside `tf.function`), BatchNorm statistics come from
