@@ -118,6 +118,24 @@ def write_report(results, args):
         lines.append(f"| {noise:.0%} | " + " | ".join(cells + gaps) + f" | {paper_cell} |")
     table = "\n".join(lines) + "\n"
 
+    best_lines = [
+        "| label noise | plain, E epochs | SAM, E epochs | plain, 2E epochs "
+        "| epochs SAM spent at chance (<= 11 %), per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for noise in args.noise:
+        cells = []
+        for r in RUNS:
+            best = [100 * max(results[(noise, s, r)][1]["test_accuracy"]) for s in seeds]
+            cells.append("{:.2f} ± {:.2f}".format(*_stats(best)))
+        stalls = []
+        for s in seeds:
+            config, history = results[(noise, s, "sam")]
+            at_chance = sum(a <= 0.11 for a in history["test_accuracy"])
+            stalls.append(str(at_chance * config.eval_every))
+        best_lines.append(f"| {noise:.0%} | " + " | ".join(cells) + f" | {', '.join(stalls)} |")
+    best_table = "\n".join(best_lines) + "\n"
+
     _plot_summary(summary, args, figures / "noise_sweep.png")
     curve_noise = 0.4 if 0.4 in args.noise else args.noise[-1]
     runs = {r: results[(curve_noise, seeds[0], r)] for r in RUNS}
@@ -139,6 +157,7 @@ def write_report(results, args):
         seeds=", ".join(str(s) for s in seeds),
         n_seeds=len(seeds),
         table=table,
+        best_table=best_table,
         curve_noise=f"{curve_noise:.0%}",
         minutes=seconds / 60,
     )
@@ -200,6 +219,16 @@ Produced by `{command}` (the runs' histories are in `runs/results/`, not committ
 
 {table}
 ![final accuracy against noise](results/noise_sweep.png)
+
+## Best clean test accuracy during training (%)
+
+The best of the evaluated epochs: what early stopping on a clean validation set could at
+most recover. The last column counts the epochs (evaluated ones times the evaluation
+interval) in which SAM's model predicted essentially one class (clean test accuracy at
+chance, training loss near ln 10), which happened at the start of training; under a cosine
+schedule such a late start is costly.
+
+{best_table}
 
 Learning curves at {curve_noise} noise (seed 0), against epochs and against gradient
 evaluations (forward-backward passes over a batch, so equal compute lines up):
