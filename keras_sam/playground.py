@@ -99,6 +99,7 @@ def uniform_vs_normal(rho=0.05, steps=1500, batch_size=16, learning_rate=0.05, s
     import keras
     import tensorflow as tf
 
+    from keras_sam.diagnostics import sharpness
     from keras_sam.methods.sam import SAM
 
     rng = np.random.default_rng(seed)
@@ -140,26 +141,9 @@ def uniform_vs_normal(rho=0.05, steps=1500, batch_size=16, learning_rate=0.05, s
         results[method] = {
             "test_loss": float(loss_fn(y_test, pred)),
             "test_accuracy": float(np.mean((np.asarray(pred) > 0.5) == (y_test > 0.5))),
-            "test_sharpness": _sharpness(model, loss_fn, x_test, y_test, rho),
+            "test_sharpness": sharpness(model, x_test, y_test, loss=loss_fn, rho=rho)["sharpness"],
         }
     return results
-
-
-def _sharpness(model, loss_fn, x, y, rho):
-    """`L(w + e) - L(w)` with `e = rho g / ||g||`, evaluated without touching `model`."""
-    import keras
-    import tensorflow as tf
-
-    from keras_sam import maths
-
-    variables = model.trainable_variables
-    with tf.GradientTape() as tape:
-        loss = loss_fn(y, model(x))
-    perturbation = maths.sam_perturbation(tape.gradient(loss, variables), rho)
-    mapping = [(v, v.value + e) for v, e in zip(variables, perturbation) if e is not None]
-    with keras.StatelessScope(state_mapping=mapping):
-        perturbed_loss = loss_fn(y, model(x))
-    return float(perturbed_loss - loss)
 
 
 def _top_curvature(point, step=1e-3):
