@@ -92,3 +92,94 @@ def _size(tensor):
             return None
         size *= dim
     return size
+
+
+def dot(a, b):
+    """The inner product of two lists of tensors taken as vectors, in float32.
+
+    Entries where either side is `None` contribute nothing.
+    """
+    terms = [
+        ops.sum(ops.cast(x, "float32") * ops.cast(y, "float32"))
+        for x, y in zip(a, b, strict=True)
+        if x is not None and y is not None
+    ]
+    if not terms:
+        return ops.zeros((), "float32")
+    return ops.sum(ops.stack(terms))
+
+
+def orthogonal_component(vectors, direction):
+    """The part of `vectors` orthogonal to `direction`: `v - (v . d / ||d||**2) d`.
+
+    Both are lists of tensors taken as one vector each. The projection uses the unit
+    vector `d / ||d||` (norm in float32, scaled as in `global_norm`); when `direction`
+    is zero nothing is removed. `None` entries of `vectors` stay `None`; entries where
+    only `direction` is `None` are kept whole.
+
+    Returns:
+        A list like `vectors`, each entry in its own dtype.
+    """
+    norm = global_norm(direction)
+    safe = ops.where(norm > 0, norm, ops.ones_like(norm))
+    unit = [None if d is None else ops.cast(d, "float32") / safe for d in direction]
+    coefficient = dot(vectors, unit)
+    result = []
+    for v, u in zip(vectors, unit, strict=True):
+        if v is None or u is None:
+            result.append(v)
+            continue
+        result.append(ops.cast(ops.cast(v, "float32") - coefficient * u, v.dtype))
+    return result
+
+
+def linear_combination(terms):
+    """`sum_i c_i * v_i` over lists of tensors: `terms` is a list of `(c_i, v_i)` pairs.
+
+    The coefficients are float32 scalars (numbers or tensors). Each entry is summed over
+    the lists that have it (not `None`), in float32, and cast back to the dtype of the
+    first list's entry; an entry that is `None` in the first list stays `None`.
+    """
+    first = terms[0][1]
+    result = []
+    for i, reference in enumerate(first):
+        if reference is None:
+            result.append(None)
+            continue
+        total = None
+        for coefficient, vectors in terms:
+            if vectors[i] is None:
+                continue
+            term = ops.cast(coefficient, "float32") * ops.cast(vectors[i], "float32")
+            total = term if total is None else total + term
+        result.append(ops.cast(total, reference.dtype))
+    return result
+
+
+def gsam_gradients(gradients, perturbed_gradients, alpha):
+    """GSAM's descent direction: `g_adv - alpha * g_perp`.
+
+    `g_perp` is the component of the clean gradient `g` orthogonal to the perturbed
+    gradient `g_adv`. The descent step `-(g_adv - alpha * g_perp)` moves along
+    `+g_perp`, which raises the clean loss `L(w)` and leaves the perturbed loss unchanged
+    to first order, so the surrogate gap `L(w + e) - L(w)` shrinks (Zhuang et al., 2022).
+    """
+    orthogonal = orthogonal_component(gradients, perturbed_gradients)
+    return linear_combination([(1.0, perturbed_gradients), (-alpha, orthogonal)])
+
+
+def looksam_gradients(gradients, orthogonal, alpha):
+    """LookSAM's gradient on a step without the perturbed pass.
+
+    ```
+    g_s = g + alpha * (||g|| / ||g_v||) * g_v
+    ```
+    with `g_v` the stored component of the last SAM gradient orthogonal to its clean
+    gradient. A zero `g_v` (no SAM step yet) gives `g`.
+    """
+    g_norm = global_norm(gradients)
+    v_norm = global_norm(orthogonal)
+    scale = ops.where(
+        v_norm > 0, ops.cast(alpha, "float32") * g_norm / ops.where(v_norm > 0, v_norm, 1.0), 0.0
+    )
+    return linear_combination([(1.0, gradients), (scale, orthogonal)])

@@ -2,6 +2,7 @@
 
 import math
 import numbers
+import re
 
 import keras
 
@@ -55,12 +56,21 @@ class SAM(keras.optimizers.Optimizer):
     Args:
         optimizer: the `keras.optimizers.Optimizer` instance that takes the steps
             (a string identifier such as `"sgd"` is accepted too).
-        rho: float >= 0, the radius of the neighbourhood. Defaults to `0.05`
+        rho: float >= 0, the radius of the neighbourhood, or a schedule of the step
+            (a `keras.optimizers.schedules.LearningRateSchedule`, evaluated at
+            `iterations`; see `keras_sam.ProportionalRho`). Defaults to `0.05`
             (the paper's value for SGD; ASAM usually wants about 10x more).
         adaptive: bool, use ASAM's scale-invariant neighbourhood. Defaults to `False`.
         eta: float >= 0, ASAM's offset in `T_w = |w| + eta`. Ignored unless
             `adaptive`. Defaults to `0.01`.
         epsilon: float > 0, added to the gradient norm. Defaults to `1e-12`.
+        perturb: which variables are perturbed; the others stay at `w` in the
+            perturbed pass but still descend with the perturbed gradient, and the
+            norm is taken over the perturbed ones only. `None` (every variable), a
+            regular expression searched in each `variable.path`, a tuple of layer
+            classes (the variables of those layers; `keras_sam.NORMALIZATION_LAYERS`
+            gives SAM-ON; needs `bind(model)`, which `SAMModel` does), or a callable
+            `variable -> bool`. Defaults to `None`.
         name: string, the optimizer's name. Defaults to `None` (automatic).
 
     Example:
@@ -80,6 +90,9 @@ class SAM(keras.optimizers.Optimizer):
           https://arxiv.org/abs/2102.11600
     """
 
+    # Whether some steps take one pass only (then `SAMModel` logs `second_pass_rate`).
+    skips_second_pass = False
+
     def __init__(
         self,
         optimizer,
@@ -87,36 +100,124 @@ class SAM(keras.optimizers.Optimizer):
         adaptive=False,
         eta=0.01,
         epsilon=1e-12,
+        perturb=None,
         name=None,
         **kwargs,
     ):
         _refuse_inner_optimizer_arguments(type(self).__name__, kwargs)
         optimizer = _check_optimizer(type(self).__name__, optimizer)
-        rho = _check_number("rho", rho, minimum=0.0)
+        rho = check_rate("rho", rho)
         adaptive = _check_bool("adaptive", adaptive)
         eta = _check_number("eta", eta, minimum=0.0)
         epsilon = _check_number("epsilon", epsilon, minimum=0.0, strict=True)
+        perturb = _check_perturb(perturb)
         super().__init__(learning_rate=0.0, name=name)
         self.rho = rho
         self.adaptive = adaptive
         self.eta = eta
         self.epsilon = epsilon
+        self.perturb = perturb
         self.inner_optimizer = optimizer
+        self._bound_variables = None
+        self._state_variables = []
 
     # ----------------------------------------------------------------- the method
-    def needs_second_pass(self):
-        """Whether this step takes the perturbed pass (a Python bool for SAM)."""
-        return self.rho > 0
+    # The trainer asks these per step (per part under m-sharpness). They may read and
+    # assign the method's state variables (`state_variables`): the trainer records the
+    # assignments and commits them only when the whole step has succeeded.
+
+    def needs_second_pass(self, gradients, variables):
+        """Whether this step takes the perturbed pass.
+
+        A Python bool (decided once, when the step is traced) or a scalar boolean
+        tensor (decided per step, run under `tf.cond`). SAM takes it unless `rho` is
+        the number 0.
+        """
+        del gradients, variables
+        return not (isinstance(self.rho, float) and self.rho == 0)
 
     def perturbation(self, gradients, variables):
-        """The perturbation `e(w)` for these clean gradients (None where None)."""
-        scales = adaptive_scales(variables, self.eta) if self.adaptive else None
-        return maths.sam_perturbation(gradients, self.rho, self.epsilon, scales)
+        """The perturbation `e(w)` for these clean gradients (None where not perturbed)."""
+        return self.perturbation_along(gradients, variables)
 
     def descent_gradients(self, gradients, perturbed_gradients, variables):
         """The gradient the wrapped optimizer descends with: SAM's is `grad L(w + e)`."""
         del gradients, variables
         return perturbed_gradients
+
+    def one_pass_gradients(self, gradients, variables):
+        """The gradient to descend with on a step without the perturbed pass."""
+        del variables
+        return gradients
+
+    # ------------------------------------------------------------- method helpers
+    def current_rho(self):
+        """`rho` at this step: the number, or the schedule at `iterations` (float32)."""
+        if isinstance(self.rho, keras.optimizers.schedules.LearningRateSchedule):
+            return keras.ops.cast(self.rho(self.iterations), "float32")
+        return self.rho
+
+    def perturbation_along(self, directions, variables):
+        """`rho * T**2 d / ||T d||` restricted to the perturbed variables (`perturb`)."""
+        mask = self.perturbed_mask(variables)
+        directions = [d if m else None for d, m in zip(directions, mask)]
+        scales = adaptive_scales(variables, self.eta) if self.adaptive else None
+        return maths.sam_perturbation(directions, self.current_rho(), self.epsilon, scales)
+
+    def perturbed_mask(self, variables):
+        """One bool per variable: whether `perturb` selects it."""
+        perturb = self.perturb
+        if perturb is None:
+            return [True] * len(variables)
+        if isinstance(perturb, str):
+            mask = [re.search(perturb, v.path) is not None for v in variables]
+        elif isinstance(perturb, tuple):
+            if self._bound_variables is None:
+                raise ValueError(
+                    f"`perturb` names layer classes ({_class_names(perturb)}), so "
+                    f"`{type(self).__name__}` needs the model to find their variables: "
+                    "call `optimizer.bind(model)` before the first step (`SAMModel` does "
+                    "it for you), or give `perturb` a regular expression or a callable."
+                )
+            mask = [id(v) in self._bound_variables for v in variables]
+        else:
+            mask = [bool(perturb(v)) for v in variables]
+        if not any(mask):
+            raise ValueError(
+                f"`perturb` selects none of the {len(variables)} variables, so nothing "
+                f"would be perturbed. Received: perturb={self._perturb_repr()}; variable "
+                f"paths: {', '.join(v.path for v in variables[:8])}"
+                + (", ..." if len(variables) > 8 else "")
+            )
+        return mask
+
+    def bind(self, model):
+        """Resolves a `perturb` given as layer classes against `model`'s layers."""
+        if isinstance(self.perturb, tuple):
+            layers = model._flatten_layers(include_self=True, recursive=True)
+            self._bound_variables = {
+                id(v) for layer in layers if isinstance(layer, self.perturb) for v in layer.weights
+            }
+        return self
+
+    def _perturb_repr(self):
+        if isinstance(self.perturb, tuple):
+            return f"({_class_names(self.perturb)})"
+        return repr(self.perturb)
+
+    @property
+    def state_variables(self):
+        """The method's own per-step state (empty for SAM), in the optimizer's variables."""
+        return list(self._state_variables)
+
+    def add_state_variable(self, shape=(), name=None, reference=None):
+        """Creates a float32 state variable (shaped like `reference` when given)."""
+        if reference is not None:
+            variable = self.add_variable_from_reference(reference, name=name)
+        else:
+            variable = self.add_variable(shape=shape, name=name, dtype="float32")
+        self._state_variables.append(variable)
+        return variable
 
     # ------------------------------------------------------------ the custom loop
     def optimize(self, grad_func, variables):
@@ -188,10 +289,11 @@ class SAM(keras.optimizers.Optimizer):
         return {
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
-            "rho": self.rho,
+            "rho": serialize_rate(self.rho),
             "adaptive": self.adaptive,
             "eta": self.eta,
             "epsilon": self.epsilon,
+            "perturb": _serialize_perturb(self.perturb),
         }
 
     @classmethod
@@ -200,6 +302,13 @@ class SAM(keras.optimizers.Optimizer):
         optimizer = keras.saving.deserialize_keras_object(
             config.pop("optimizer"), custom_objects=custom_objects
         )
+        for key, value in config.items():
+            if isinstance(value, dict) and "class_name" in value:
+                config[key] = keras.saving.deserialize_keras_object(
+                    value, custom_objects=custom_objects
+                )
+        if "perturb" in config:
+            config["perturb"] = _deserialize_perturb(config["perturb"], custom_objects)
         return cls(optimizer, **config)
 
 
@@ -212,6 +321,86 @@ def _is_adaptive(variable):
     """Whether ASAM scales this variable by `|w| + eta` (weights) or by 1 (biases)."""
     name = variable.name.split("/")[-1].split(":")[0]
     return not name.endswith(_NON_ADAPTIVE_NAMES)
+
+
+# SAM-ON (Mueller et al., 2023): perturb only the affine parameters of these layers.
+NORMALIZATION_LAYERS = (
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization,
+    keras.layers.RMSNormalization,
+)
+
+
+def check_rate(name, value):
+    """A number >= 0 (returned as float) or a `LearningRateSchedule` (returned as is)."""
+    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"`{name}` must be a number or a "
+            "`keras.optimizers.schedules.LearningRateSchedule` of the step. "
+            f"Received: {name}={value!r}"
+        )
+    return _check_number(name, value, minimum=0.0)
+
+
+def serialize_rate(value):
+    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+        return keras.saving.serialize_keras_object(value)
+    return value
+
+
+def _check_perturb(perturb):
+    if perturb is None or callable(perturb) and not isinstance(perturb, type):
+        return perturb
+    if isinstance(perturb, str):
+        try:
+            re.compile(perturb)
+        except re.error as error:
+            raise ValueError(
+                f"`perturb` is not a valid regular expression ({error}). "
+                f"Received: perturb={perturb!r}"
+            ) from None
+        return perturb
+    classes = tuple(perturb) if isinstance(perturb, (list, tuple)) else (perturb,)
+    if classes and all(isinstance(c, type) and issubclass(c, keras.layers.Layer) for c in classes):
+        return classes
+    raise ValueError(
+        "`perturb` must be None, a regular expression (matched against "
+        "`variable.path`), a tuple of Keras layer classes, or a callable "
+        f"`variable -> bool`. Received: perturb={perturb!r}"
+    )
+
+
+def _class_names(classes):
+    return ", ".join(c.__name__ for c in classes)
+
+
+def _serialize_perturb(perturb):
+    if perturb is None or isinstance(perturb, str):
+        return perturb
+    if isinstance(perturb, tuple):
+        return {"layers": [keras.saving.get_registered_name(c) for c in perturb]}
+    return keras.saving.serialize_keras_object(perturb)
+
+
+def _deserialize_perturb(config, custom_objects):
+    if config is None or isinstance(config, str):
+        return config
+    if isinstance(config, dict) and set(config) == {"layers"}:
+        classes = []
+        for name in config["layers"]:
+            cls = keras.saving.get_registered_object(name, custom_objects=custom_objects)
+            cls = cls or getattr(keras.layers, name, None)
+            if cls is None:
+                raise ValueError(
+                    f"`perturb` names the layer class {name!r}, which is neither a Keras "
+                    "layer nor a registered custom object: pass it in `custom_objects`."
+                )
+            classes.append(cls)
+        return tuple(classes)
+    return keras.saving.deserialize_keras_object(config, custom_objects=custom_objects)
 
 
 def _refuse_inner_optimizer_arguments(class_name, kwargs):

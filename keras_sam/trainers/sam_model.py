@@ -16,7 +16,9 @@ class SAMModel(keras.Model):
     `training=True`, and descends with the perturbed gradient. BatchNorm moving
     statistics, dropout seeds and metrics are updated by the clean pass only, and the
     logs gain `sharpness`, the perturbed loss minus the clean loss, averaged over the
-    epoch. Regularization losses (`model.losses`) are part of both passes.
+    epoch's two-pass steps; methods that skip the perturbed pass on some steps
+    (`LookSAM`, `PeriodicSAM`, `AESAM`) also log `second_pass_rate`, the fraction of
+    steps that took it. Regularization losses (`model.losses`) are part of both passes.
 
     Compiled with a plain Keras optimizer it trains exactly as the unwrapped model
     would. `evaluate` and `predict` are the inner model's, and `sam_model.model` is the
@@ -72,6 +74,7 @@ class SAMModel(keras.Model):
         self.model = model
         self.num_batch_splits = None if num_batch_splits is None else int(num_batch_splits)
         self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
+        self.second_pass_tracker = keras.metrics.Mean(name="second_pass_rate")
         self.built = True
 
     def call(self, inputs, training=None):
@@ -90,14 +93,19 @@ class SAMModel(keras.Model):
         if not isinstance(optimizer, SAM):
             logs = super().train_step(data)
             logs.pop("sharpness", None)
+            logs.pop("second_pass_rate", None)
             return logs
         from keras_sam.trainers import tensorflow as tf_trainer
 
-        return tf_trainer.train_step(self, data)
+        logs = tf_trainer.train_step(self, data)
+        if not optimizer.skips_second_pass:
+            logs.pop("second_pass_rate", None)
+        return logs
 
     def test_step(self, data):
         logs = super().test_step(data)
         logs.pop("sharpness", None)
+        logs.pop("second_pass_rate", None)
         return logs
 
     def get_config(self):

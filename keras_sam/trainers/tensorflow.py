@@ -18,6 +18,8 @@ assertion whose result feeds nothing before other ops, so such an assertion can 
 after the step was applied: make the loss depend on it.
 """
 
+import typing
+
 import keras
 import tensorflow as tf
 
@@ -39,8 +41,24 @@ class _RecordingScope(keras.StatelessScope):
             variable.assign(self.get_current_value(variable))
 
 
+class PartResult(typing.NamedTuple):
+    """What one SAM step (or one part of an m-sharpness step) produced."""
+
+    outputs: object
+    loss: object
+    loss_sam: object  # the clean loss when the step took one pass
+    gradients: list  # the gradients to descend with
+    second_pass: object  # 1.0 when the perturbed pass ran, else 0.0 (float or tensor)
+    state: list  # the method's new state values, one per `method.state_variables`
+
+
 def sam_gradients(method, compute, variables):
-    """Runs both passes of one step and returns the gradients to descend with.
+    """Runs the passes of one step and returns the gradients to descend with.
+
+    The method's state is read and assigned only inside stateless scopes: the new
+    values are returned, and committed by the caller (`commit_state`) once the whole
+    step (every part) has succeeded. The clean pass's own state updates (BatchNorm
+    statistics, metrics) are committed here, after the perturbed pass.
 
     Args:
         method: a `keras_sam.SAM` (or variant) instance.
@@ -50,31 +68,79 @@ def sam_gradients(method, compute, variables):
         variables: list of Keras variables to differentiate.
 
     Returns:
-        `(outputs, loss, loss_sam, gradients)`: the clean outputs and loss, the loss at
-        the perturbed weights (the clean loss when no second pass ran), and the final
-        gradients, one per variable (`None` where the loss does not depend on it).
+        A `PartResult`.
     """
+    # The method's variables are created here, outside any control-flow block.
+    method.build_once(variables)
+    state = method.state_variables
     weights = [tf.identity(v.value) for v in variables]
     outputs, loss, gradients, clean_pass = _run_pass(compute, variables, weights)
     gradients = [_densify(g) for g in gradients]
+    values = [v.value for v in state]
 
-    if not method.needs_second_pass():
-        clean_pass.commit()
-        return outputs, loss, loss, gradients
+    decision, values = _hook(
+        state, values, lambda: method.needs_second_pass(gradients, variables)
+    )
+    present = [i for i, g in enumerate(gradients) if g is not None]
 
-    perturbation = method.perturbation(gradients, variables)
-    perturbed = [w if e is None else w + e for w, e in zip(weights, perturbation)]
-    _, loss_sam, perturbed_gradients, _ = _run_pass(compute, variables, perturbed)
-    perturbed_gradients = [
-        None if g is None else pg for g, pg in zip(gradients, perturbed_gradients)
-    ]
+    def two_passes(values=values):
+        perturbation, values = _hook(
+            state, values, lambda: method.perturbation(gradients, variables)
+        )
+        perturbed = [w if e is None else w + e for w, e in zip(weights, perturbation)]
+        _, loss_sam, perturbed_gradients, _ = _run_pass(compute, variables, perturbed)
+        perturbed_gradients = [
+            None if g is None else _densify(pg) for g, pg in zip(gradients, perturbed_gradients)
+        ]
+        descent, values = _hook(
+            state,
+            values,
+            lambda: method.descent_gradients(gradients, perturbed_gradients, variables),
+        )
+        return loss_sam, [descent[i] for i in present], values
+
+    def one_pass(values=values):
+        descent, values = _hook(
+            state, values, lambda: method.one_pass_gradients(gradients, variables)
+        )
+        return loss, [descent[i] for i in present], values
+
+    if isinstance(decision, bool):
+        loss_sam, descent, values = two_passes() if decision else one_pass()
+        second_pass = 1.0 if decision else 0.0
+    else:
+        loss_sam, descent, values = tf.cond(decision, two_passes, one_pass)
+        second_pass = tf.cast(decision, "float32")
 
     # In a graph, make the commit wait for the perturbed pass, so that a run-time error
     # there (a NaN caught by `check_numerics`, say) also leaves the clean pass's state.
-    with tf.control_dependencies([loss_sam] + [g for g in perturbed_gradients if g is not None]):
+    with tf.control_dependencies([loss_sam] + list(descent) + list(values)):
         clean_pass.commit()
-    descent = method.descent_gradients(gradients, perturbed_gradients, variables)
-    return outputs, loss, loss_sam, descent
+    gradients = [None] * len(gradients)
+    for i, g in zip(present, descent):
+        gradients[i] = g
+    return PartResult(outputs, loss, loss_sam, gradients, second_pass, list(values))
+
+
+def _hook(state, values, hook):
+    """Calls a method hook with its state variables reading `values`.
+
+    Returns the hook's result and the state's values after it (the hook's assignments
+    are recorded, not written).
+    """
+    scope = _RecordingScope(state_mapping=list(zip(state, values)))
+    with scope:
+        result = hook()
+    return result, [scope.get_current_value(v) for v in state]
+
+
+def commit_state(method, values, dependencies):
+    """Writes the method's new state, after `dependencies` (the step's gradients)."""
+    if not values:
+        return
+    with tf.control_dependencies([d for d in dependencies if d is not None]):
+        for variable, value in zip(method.state_variables, values):
+            variable.assign(value)
 
 
 def _run_pass(compute, variables, values):
@@ -109,9 +175,10 @@ def optimize(method, grad_func, variables):
             )
         return result
 
-    outputs, loss, loss_sam, gradients = sam_gradients(method, compute, variables)
-    _apply(method, gradients, variables)
-    return outputs, loss, loss_sam
+    result = sam_gradients(method, compute, variables)
+    commit_state(method, result.state, result.gradients)
+    _apply(method, result.gradients, variables)
+    return result.outputs, result.loss, result.loss_sam
 
 
 def _apply(method, gradients, variables):
@@ -151,6 +218,8 @@ def train_step(sam_model, data):
     variables = sam_model.trainable_variables
     parts, weights = _split_batch((x, y, sample_weight), sam_model.num_batch_splits)
 
+    if isinstance(method.perturb, tuple):
+        method.bind(sam_model)
     results = []
     for x_part, y_part, weight_part in parts:
 
@@ -165,22 +234,33 @@ def train_step(sam_model, data):
         results.append(sam_gradients(method, compute, variables))
 
     if len(results) == 1:
-        y_pred, loss, loss_sam, gradients = results[0]
+        result = results[0]
+        y_pred, loss, gradients, state = result.outputs, result.loss, result.gradients, result.state
+        second_pass = result.second_pass
+        sharpness = result.loss_sam - loss
     else:
         y_pred = keras.tree.map_structure(lambda *p: tf.concat(p, axis=0), *[r[0] for r in results])
-        loss = _weighted_sum([r[1] for r in results], weights)
-        loss_sam = _weighted_sum([r[2] for r in results], weights)
+        loss = _weighted_sum([r.loss for r in results], weights)
+        second_pass = _weighted_sum([tf.cast(r.second_pass, "float32") for r in results], weights)
+        # Sharpness is averaged over the parts that took the perturbed pass (one-pass
+        # parts have loss_sam == loss, so they add nothing to the sum).
+        sharpness = _weighted_sum([r.loss_sam - r.loss for r in results], weights)
+        sharpness = sharpness / tf.cast(tf.maximum(second_pass, 1e-12), sharpness.dtype)
         gradients = [
-            None if gs[0] is None else _weighted_sum([_densify(g) for g in gs], weights)
-            for gs in zip(*[r[3] for r in results])
+            None if gs[0] is None else _weighted_sum(gs, weights)
+            for gs in zip(*[r.gradients for r in results])
         ]
+        # A method's state update is the size-weighted average of the parts' updates.
+        state = [_weighted_sum(vs, weights) for vs in zip(*[r.state for r in results])]
 
+    commit_state(method, state, gradients)
     _apply(method, gradients, variables)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     batch_size = tf.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
     # `compute_loss` divides by the replica count under tf.distribute; report per replica.
     sam_model._loss_tracker.update_state(loss * replicas, sample_weight=batch_size)
-    sam_model.sharpness_tracker.update_state((loss_sam - loss) * replicas)
+    sam_model.sharpness_tracker.update_state(sharpness * replicas, sample_weight=second_pass)
+    sam_model.second_pass_tracker.update_state(second_pass)
     return sam_model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
