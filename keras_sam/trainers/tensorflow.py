@@ -78,9 +78,7 @@ def sam_gradients(method, compute, variables):
     gradients = [_densify(g) for g in gradients]
     values = [v.value for v in state]
 
-    decision, values = _hook(
-        state, values, lambda: method.needs_second_pass(gradients, variables)
-    )
+    decision, values = _hook(state, values, lambda: method.needs_second_pass(gradients, variables))
     present = [i for i, g in enumerate(gradients) if g is not None]
 
     def two_passes(values=values):
