@@ -10,7 +10,12 @@ drift hits both alike, and reported as the median of the per-round ratios:
 
 The floor is about 2.0: SAM runs two forward-backward passes per step.
 
-    python benchmarks/step_time.py [--rounds 15] [--steps 20] [--jit]
+With `--methods`, a third comparison times every method's custom-loop step against the
+plain step, all interleaved in each round: SAM, GSAM, Friendly-SAM, LookSAM (k=5),
+SAM every 5 steps and AESAM (whose cost depends on the fraction of two-pass steps it
+chooses, reported alongside).
+
+    python benchmarks/step_time.py [--rounds 15] [--steps 20] [--jit] [--methods]
 """
 
 import argparse
@@ -69,6 +74,107 @@ def custom_loop_steps(batch, jit):
         return sam_opt.optimize(grad_func, sam_model.trainable_variables)[1]
 
     return plain_step, sam_step
+
+
+METHODS = {
+    "SAM": lambda inner: keras_sam.SAM(inner, rho=0.05),
+    "GSAM (alpha=0.3)": lambda inner: keras_sam.GSAM(inner, rho=0.05, alpha=0.3),
+    "FriendlySAM": lambda inner: keras_sam.FriendlySAM(inner, rho=0.05),
+    "LookSAM (k=5)": lambda inner: keras_sam.LookSAM(inner, rho=0.05, k=5),
+    "PeriodicSAM (k=5)": lambda inner: keras_sam.PeriodicSAM(inner, rho=0.05, k=5),
+    "AESAM (margin=0)": lambda inner: keras_sam.AESAM(inner, rho=0.05),
+}
+
+
+def method_steps(batches, jit):
+    """One plain step and one step per method, each on its own copy of the CNN.
+
+    Each step takes the next batch of `batches` (cycled), so that AESAM sees changing
+    gradients, as in training.
+    """
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    xs = tf.stack([b[0] for b in batches])
+    ys = tf.stack([b[1] for b in batches])
+
+    def batch_at(counter):
+        i = counter.assign_add(1) % len(batches)
+        return tf.gather(xs, i), tf.gather(ys, i)
+
+    plain_model, plain_opt = cnn(), keras.optimizers.SGD(0.01, momentum=0.9)
+    plain_counter = tf.Variable(-1, dtype=tf.int64)
+
+    @tf.function(jit_compile=jit)
+    def plain_step():
+        x, y = batch_at(plain_counter)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, plain_model(x, training=True))
+        variables = plain_model.trainable_variables
+        plain_opt.apply(tape.gradient(loss, variables), variables)
+        return loss
+
+    steps = {"plain": plain_step}
+    optimizers = {}
+    for name, make in METHODS.items():
+        model, optimizer = cnn(), make(keras.optimizers.SGD(0.01, momentum=0.9))
+        counter = tf.Variable(-1, dtype=tf.int64)
+
+        def step(model=model, optimizer=optimizer, counter=counter):
+            x, y = batch_at(counter)
+
+            def grad_func():
+                with tf.GradientTape() as tape:
+                    pred = model(x, training=True)
+                    loss = loss_fn(y, pred)
+                return pred, loss, tape
+
+            return optimizer.optimize(grad_func, model.trainable_variables)[1]
+
+        steps[name] = tf.function(step, jit_compile=jit)
+        optimizers[name] = optimizer
+    return steps, optimizers
+
+
+def compare_methods(batches, rounds, steps, jit):
+    functions, optimizers = method_steps(batches, jit)
+    for _ in range(3):
+        for step in functions.values():
+            step()
+    before = {
+        name: float(opt.second_passes.numpy())
+        for name, opt in optimizers.items()
+        if opt.skips_second_pass
+    }
+    times = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, step in functions.items():
+            times[name].append(timed(step, steps))
+    passes = {
+        name: (float(optimizers[name].second_passes.numpy()) - count) / (rounds * steps)
+        for name, count in before.items()
+    }
+    return times, passes
+
+
+def report_methods(times, passes, jit):
+    median = statistics.median
+    plain = times["plain"]
+    sam = times["SAM"]
+    mode = "jit_compile=True" if jit else "tf.function"
+    print(f"\nEvery method, custom loop, {mode}: time per step over the plain step")
+    print("(median of the per-round ratios; all steps interleaved in each round)\n")
+    print("| method | ms/step | over plain | range | over SAM | two-pass steps |")
+    print("|---|---|---|---|---|---|")
+    print(f"| plain | {median(plain) * 1e3:.1f} | 1 | | | 0 % |")
+    for name, values in times.items():
+        if name == "plain":
+            continue
+        ratios = [v / p for v, p in zip(values, plain)]
+        over_sam = median([v / s for v, s in zip(values, sam)])
+        fraction = passes.get(name, 1.0)
+        print(
+            f"| {name} | {median(values) * 1e3:.1f} | **{median(ratios):.3f}** | "
+            f"{min(ratios):.2f} - {max(ratios):.2f} | {over_sam:.3f} | {fraction:.0%} |"
+        )
 
 
 def timed(step, steps):
@@ -133,6 +239,10 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--fit-batches", type=int, default=20, help="batches per fit epoch")
     parser.add_argument("--jit", action="store_true", help="also time jit_compile=True steps")
+    parser.add_argument("--methods", action="store_true", help="also time every SAM variant's step")
+    parser.add_argument(
+        "--only-methods", action="store_true", help="time only the variants (with --methods)"
+    )
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -145,6 +255,15 @@ def main():
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores; "
         f"CNN on 28x28x1, batch {args.batch_size}; median of {args.rounds} interleaved rounds\n"
     )
+    if args.methods:
+        batches = [
+            (tf.constant(x[i : i + args.batch_size]), tf.constant(y[i : i + args.batch_size]))
+            for i in range(0, n - args.batch_size + 1, args.batch_size)
+        ]
+        report_methods(*compare_methods(batches, args.rounds, args.steps, jit=False), jit=False)
+        if args.only_methods:
+            return
+        print()
     print("| comparison | plain | SAM | SAM / plain | range |")
     print("|---|---|---|---|---|")
     report(

@@ -3,6 +3,13 @@
 __version__ = "0.1.0"
 
 __all__ = [
+    "AESAM",
+    "FriendlySAM",
+    "GSAM",
+    "LookSAM",
+    "NORMALIZATION_LAYERS",
+    "PeriodicSAM",
+    "ProportionalRho",
     "SAM",
     "SAMModel",
     "__version__",
@@ -13,6 +20,13 @@ __all__ = [
 # start-up logging before TensorFlow is imported.
 _PUBLIC = {
     "SAM": "keras_sam.methods.sam",
+    "NORMALIZATION_LAYERS": "keras_sam.methods.sam",
+    "GSAM": "keras_sam.methods.gsam",
+    "FriendlySAM": "keras_sam.methods.friendly_sam",
+    "LookSAM": "keras_sam.methods.looksam",
+    "PeriodicSAM": "keras_sam.methods.switching",
+    "AESAM": "keras_sam.methods.switching",
+    "ProportionalRho": "keras_sam.methods.schedules",
     "SAMModel": "keras_sam.trainers.sam_model",
 }
 

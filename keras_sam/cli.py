@@ -34,7 +34,9 @@ def main(argv=None):
         "(loss, accuracy, sharpness and clean test accuracy per epoch) and model.keras.",
     )
     _add_run_arguments(train)
-    train.add_argument("--method", choices=METHODS, default="sam", help="sgd, sam or asam (sam)")
+    train.add_argument(
+        "--method", choices=METHODS, default="sam", help=f"{', '.join(METHODS)} (sam)"
+    )
     train.add_argument("--out", default="runs/train", help="output folder (runs/train)")
 
     compare = commands.add_parser(
@@ -47,7 +49,10 @@ def main(argv=None):
     )
     _add_run_arguments(compare, label_noise=0.4)
     compare.add_argument(
-        "--method", choices=METHODS[1:], default="sam", help="the SAM method, sam or asam (sam)"
+        "--method",
+        choices=METHODS[1:],
+        default="sam",
+        help=f"the SAM method: {', '.join(METHODS[1:])} (sam)",
     )
     compare.add_argument("--out", default="runs/compare", help="output folder (runs/compare)")
 
@@ -83,6 +88,19 @@ def _add_run_arguments(parser, label_noise=0.0):
     parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
     parser.add_argument("--rho", type=_non_negative, default=defaults.rho)
     parser.add_argument(
+        "--alpha",
+        type=_non_negative,
+        default=None,
+        help="gsam: weight of the orthogonal correction (0.4); looksam: weight of the "
+        "reused component (0.7)",
+    )
+    parser.add_argument(
+        "--k",
+        type=_positive_int,
+        default=defaults.k,
+        help=f"looksam, periodic_sam: a two-pass step every k steps ({defaults.k})",
+    )
+    parser.add_argument(
         "--num-batch-splits",
         type=_positive_int,
         default=defaults.num_batch_splits,
@@ -114,6 +132,8 @@ def _config(args, method, epochs=None):
     return RunConfig(
         method=method,
         rho=args.rho,
+        alpha=args.alpha,
+        k=args.k,
         num_batch_splits=args.num_batch_splits,
         model=args.model,
         optimizer=args.optimizer,

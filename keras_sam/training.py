@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("sgd", "sam", "asam")
+METHODS = ("sgd", "sam", "asam", "gsam", "friendly_sam", "looksam", "periodic_sam", "aesam")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 
@@ -24,8 +24,10 @@ SCHEDULES = ("constant", "cosine")
 class RunConfig:
     """Everything that defines one training run."""
 
-    method: str = "sam"  # sgd | sam | asam
+    method: str = "sam"  # one of METHODS
     rho: float = 0.1
+    alpha: float | None = None  # gsam (0.4) and looksam (0.7); None: the method's default
+    k: int = 5  # looksam, periodic_sam: the period of the two-pass steps
     num_batch_splits: int = 4  # m-sharpness for SAM methods: m = batch_size / num_batch_splits
     model: str = "cnn"  # see keras_sam.models.MODELS
     optimizer: str = "sgd"  # the inner optimizer: sgd | adam | adamw
@@ -51,7 +53,11 @@ class RunConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
-        for name in ("epochs", "batch_size", "num_batch_splits", "eval_every"):
+        if self.alpha is not None and not (
+            isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0
+        ):
+            raise ValueError(f"`alpha` must be a number >= 0. Received: alpha={self.alpha!r}")
+        for name in ("epochs", "batch_size", "num_batch_splits", "eval_every", "k"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
@@ -66,8 +72,9 @@ class RunConfig:
             )
 
     @property
-    def passes_per_step(self):
-        return 1 if self.method == "sgd" or self.rho == 0 else 2
+    def is_sam(self):
+        """Whether the run takes perturbed passes at all."""
+        return self.method != "sgd" and self.rho > 0
 
 
 @dataclasses.dataclass
@@ -113,7 +120,7 @@ def build_optimizer(config, steps):
     """The inner optimizer with its schedule, wrapped in SAM or ASAM when asked."""
     import keras
 
-    from keras_sam.methods.sam import SAM
+    from keras_sam import methods
 
     lr = config.learning_rate
     if config.schedule == "cosine":
@@ -127,17 +134,31 @@ def build_optimizer(config, steps):
         inner = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
     if config.method == "sgd":
         return inner
-    return SAM(inner, rho=config.rho, adaptive=config.method == "asam")
+    alpha = {} if config.alpha is None else {"alpha": config.alpha}
+    rho = config.rho
+    if config.method in ("sam", "asam"):
+        return methods.sam.SAM(inner, rho=rho, adaptive=config.method == "asam")
+    if config.method == "gsam":
+        return methods.gsam.GSAM(inner, rho=rho, **alpha)
+    if config.method == "friendly_sam":
+        return methods.friendly_sam.FriendlySAM(inner, rho=rho)
+    if config.method == "looksam":
+        return methods.looksam.LookSAM(inner, rho=rho, k=config.k, **alpha)
+    if config.method == "periodic_sam":
+        return methods.switching.PeriodicSAM(inner, rho=rho, k=config.k)
+    return methods.switching.AESAM(inner, rho=rho)
 
 
 def train(config, data, out_dir=None, verbose=1, callbacks=()):
     """Trains one model; returns `(model, history)`.
 
     `history` maps each per-epoch quantity to a list: `loss`, `accuracy` (on the labels
-    trained on), `sharpness` (SAM's own, only for SAM methods), `test_loss`,
+    trained on), `sharpness` (SAM's own, only for SAM methods), `second_pass_rate` (the
+    fraction of steps that took the perturbed pass, for methods that skip it), `test_loss`,
     `test_accuracy` (clean test labels), `measured_sharpness` (first-order, at
     `sharpness_rho`, on a fixed set of training examples, the same for every method),
-    `gradient_evaluations` (forward-backward passes over a batch so far), and `seconds`;
+    `gradient_evaluations` (forward-backward passes over a batch so far, counting the
+    perturbed passes actually taken), and `seconds`;
     one entry per evaluated epoch (every `eval_every` epochs and the last).
     With `out_dir`, writes `config.json`, `history.json` and `model.keras` there.
     """
@@ -148,7 +169,7 @@ def train(config, data, out_dir=None, verbose=1, callbacks=()):
 
     model = build_model(config.model, seed=config.seed)
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
-    splits = config.num_batch_splits if config.passes_per_step == 2 else None
+    splits = config.num_batch_splits if config.is_sam else None
     sam_model = SAMModel(model, num_batch_splits=splits)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     sam_model.compile(
@@ -191,19 +212,25 @@ class _EpochRecorder:
                 count = min(config.sharpness_examples, len(data.x_train))
                 self.probe = rng.permutation(len(data.x_train))[:count]
                 self.started = time.perf_counter()
+                self.evaluations = 0.0
 
             def on_epoch_end(self, epoch, logs=None):
                 from keras_sam.diagnostics import sharpness
 
+                logs = logs or {}
+                rate = logs.get("second_pass_rate", 1.0 if config.is_sam else 0.0)
+                self.evaluations += steps_per_epoch * (1.0 + float(rate))
                 last = epoch + 1 == config.epochs
                 if (epoch + 1) % config.eval_every and not last:
                     return
-                logs = logs or {}
                 h = self.history
                 h["epoch"].append(epoch + 1)
                 h["loss"].append(float(logs.get("loss", float("nan"))))
                 h["accuracy"].append(float(logs.get("accuracy", float("nan"))))
                 h["sharpness"].append(float(logs["sharpness"]) if "sharpness" in logs else None)
+                h["second_pass_rate"].append(
+                    float(logs["second_pass_rate"]) if "second_pass_rate" in logs else None
+                )
                 logits = model.predict(data.x_test, batch_size=1000, verbose=0)
                 h["test_loss"].append(float(loss(data.y_test, logits)))
                 h["test_accuracy"].append(float(np.mean(logits.argmax(-1) == data.y_test)))
@@ -216,9 +243,7 @@ class _EpochRecorder:
                     rho=config.sharpness_rho,
                 )
                 h["measured_sharpness"].append(measured["sharpness"])
-                h["gradient_evaluations"].append(
-                    (epoch + 1) * steps_per_epoch * config.passes_per_step
-                )
+                h["gradient_evaluations"].append(round(self.evaluations))
                 h["seconds"].append(time.perf_counter() - self.started)
 
         return Recorder()
@@ -229,6 +254,7 @@ _HISTORY_KEYS = (
     "loss",
     "accuracy",
     "sharpness",
+    "second_pass_rate",
     "test_loss",
     "test_accuracy",
     "measured_sharpness",

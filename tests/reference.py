@@ -67,3 +67,94 @@ def sgd_momentum(params, grads, velocities, lr, momentum):
             new_params.append(p - lr * g)
         new_velocities.append(v)
     return new_params, new_velocities
+
+
+# ----------------------------------------------------------------- SAM variants
+# Each `*_step` takes the MLP parameters, the batch, the method's state (a dict, empty at
+# the start) and the step number, and returns (descent gradients, new state, two_pass).
+
+
+def _flat_dot(a, b):
+    return sum(float(np.sum(x * y)) for x, y in zip(a, b, strict=True))
+
+
+def _flat_norm(a):
+    return np.sqrt(_flat_dot(a, a))
+
+
+def _at(params, e):
+    return [p + ei for p, ei in zip(params, e, strict=True)]
+
+
+def gsam_step(params, x, t, state, step, rho, alpha):
+    """GSAM: g_adv - alpha * (g - (g . u) u), u = g_adv / ||g_adv||."""
+    _, g = mlp_loss_and_grads(params, x, t)
+    _, g_adv = mlp_loss_and_grads(_at(params, perturbation(g, rho)), x, t)
+    u = [ga / _flat_norm(g_adv) for ga in g_adv]
+    c = _flat_dot(g, u)
+    g_perp = [gi - c * ui for gi, ui in zip(g, u, strict=True)]
+    return [ga - alpha * gp for ga, gp in zip(g_adv, g_perp, strict=True)], state, True
+
+
+def friendly_sam_step(params, x, t, state, step, rho, sigma, lmbda):
+    """F-SAM, the paper's order: m = lmbda m + (1 - lmbda) g; d = g - sigma m."""
+    _, g = mlp_loss_and_grads(params, x, t)
+    m = state.get("m", [np.zeros_like(p) for p in params])
+    m = [lmbda * mi + (1 - lmbda) * gi for mi, gi in zip(m, g, strict=True)]
+    d = [gi - sigma * mi for gi, mi in zip(g, m, strict=True)]
+    _, g_s = mlp_loss_and_grads(_at(params, perturbation(d, rho)), x, t)
+    return g_s, {"m": m}, True
+
+
+def looksam_step(params, x, t, state, step, rho, k, alpha):
+    """LookSAM: SAM and the stored g_v every k steps; g + alpha ||g|| / ||g_v|| g_v otherwise."""
+    _, g = mlp_loss_and_grads(params, x, t)
+    g_v = state.get("g_v", [np.zeros_like(p) for p in params])
+    if step % k == 0:
+        _, g_s = mlp_loss_and_grads(_at(params, perturbation(g, rho)), x, t)
+        c = _flat_dot(g_s, g) / _flat_dot(g, g)
+        g_v = [gs - c * gi for gs, gi in zip(g_s, g, strict=True)]
+        return g_s, {"g_v": g_v}, True
+    v_norm = _flat_norm(g_v)
+    scale = alpha * _flat_norm(g) / v_norm if v_norm > 0 else 0.0
+    return [gi + scale * vi for gi, vi in zip(g, g_v, strict=True)], state, False
+
+
+def periodic_sam_step(params, x, t, state, step, rho, k):
+    _, g = mlp_loss_and_grads(params, x, t)
+    if step % k == 0:
+        _, g_s = mlp_loss_and_grads(_at(params, perturbation(g, rho)), x, t)
+        return g_s, state, True
+    return g, state, False
+
+
+def aesam_step(params, x, t, state, step, rho, margin, decay):
+    """SAM when ||g||^2 >= mean + margin * std of its running statistics."""
+    _, g = mlp_loss_and_grads(params, x, t)
+    s = _flat_dot(g, g)
+    if "mean" not in state:
+        mean, var = s, 0.0
+    else:
+        mean = decay * state["mean"] + (1 - decay) * s
+        var = decay * state["var"] + (1 - decay) * (s - mean) ** 2
+    state = {"mean": mean, "var": var}
+    if s >= mean + margin * np.sqrt(var):
+        _, g_s = mlp_loss_and_grads(_at(params, perturbation(g, rho)), x, t)
+        return g_s, state, True
+    return g, state, False
+
+
+def masked_sam_step(params, x, t, state, step, rho, mask):
+    """SAM perturbing only the parameters where `mask` is True (norm over those only)."""
+    _, g = mlp_loss_and_grads(params, x, t)
+    chosen = [gi for gi, m in zip(g, mask, strict=True) if m]
+    e_chosen = iter(perturbation(chosen, rho))
+    e = [next(e_chosen) if m else np.zeros_like(p) for p, m in zip(params, mask, strict=True)]
+    _, g_s = mlp_loss_and_grads(_at(params, e), x, t)
+    return g_s, state, True
+
+
+def cosine_decay(step, initial, decay_steps, alpha=0.0):
+    """Keras's CosineDecay without warm-up."""
+    fraction = min(step, decay_steps) / decay_steps
+    return initial * ((1 - alpha) * 0.5 * (1 + np.cos(np.pi * fraction)) + alpha)

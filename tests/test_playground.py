@@ -59,8 +59,24 @@ def test_no_command_prints_help(capsys):
 def test_public_names():
     import keras_sam
 
-    assert sorted(keras_sam.__all__) == ["SAM", "SAMModel", "__version__"]
+    assert sorted(keras_sam.__all__) == sorted(
+        [
+            "AESAM",
+            "FriendlySAM",
+            "GSAM",
+            "LookSAM",
+            "NORMALIZATION_LAYERS",
+            "PeriodicSAM",
+            "ProportionalRho",
+            "SAM",
+            "SAMModel",
+            "__version__",
+        ]
+    )
+    for name in keras_sam.__all__:
+        assert getattr(keras_sam, name) is not None
     assert keras_sam.SAM.__module__ == "keras_sam.methods.sam"
+    assert keras_sam.LookSAM.__module__ == "keras_sam.methods.looksam"
     assert keras_sam.SAMModel.__module__ == "keras_sam.trainers.sam_model"
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         keras_sam.Nope  # noqa: B018

@@ -68,6 +68,34 @@ def test_train_records_history_and_writes_files(rng, tmp_path, method):
     )
 
 
+@pytest.mark.parametrize(
+    "method, cls, evaluations",
+    [
+        ("gsam", "GSAM", [8, 16]),
+        ("friendly_sam", "FriendlySAM", [8, 16]),
+        # 4 steps per epoch, a two-pass step at steps 0 and 3 (k=3), then 6: 4 + 2, 8 + 3.
+        ("looksam", "LookSAM", [6, 11]),
+        ("periodic_sam", "PeriodicSAM", [6, 11]),
+        ("aesam", "AESAM", None),
+    ],
+)
+def test_variants_train_and_count_the_passes_they_take(rng, method, cls, evaluations):
+    import keras_sam
+    from keras_sam.training import build_optimizer
+
+    config = RunConfig(
+        method=method, k=3, epochs=2, batch_size=50, train_size=200, sharpness_examples=50
+    )
+    assert type(build_optimizer(config, steps=8)) is getattr(keras_sam, cls)
+    _, history = train(config, prepare_data(config, arrays=_arrays(rng)), verbose=0)
+    skips = getattr(keras_sam, cls).skips_second_pass
+    assert (history["second_pass_rate"][0] is None) == (not skips)
+    if evaluations is not None:
+        assert history["gradient_evaluations"] == evaluations
+    else:  # AESAM: whatever it chose, between one and two passes a step
+        assert 8 < history["gradient_evaluations"][-1] < 16
+
+
 def test_eval_every_evaluates_every_k_epochs_and_the_last(rng):
     config = RunConfig(
         method="sgd", epochs=5, eval_every=2, batch_size=100, train_size=200, sharpness_examples=50
@@ -104,6 +132,8 @@ def test_report_table_and_plots(rng, tmp_path):
         {"label_noise": 1.5},
         {"schedule": "step"},
         {"optimizer": "lbfgs"},
+        {"alpha": -0.5},
+        {"k": 0},
     ],
 )
 def test_run_config_validation_names_the_argument(kwargs):

@@ -1,5 +1,6 @@
 """`SAM`: Sharpness-Aware Minimization (and ASAM) as a Keras optimizer wrapper."""
 
+import copy
 import math
 import numbers
 import re
@@ -205,6 +206,23 @@ class SAM(keras.optimizers.Optimizer):
             return f"({_class_names(self.perturb)})"
         return repr(self.perturb)
 
+    def every_k_steps(self, k):
+        """A boolean: whether `iterations` is a multiple of `k` (Python True for k=1)."""
+        if k == 1:
+            return True
+        return keras.ops.equal(keras.ops.mod(self.iterations, k), 0)
+
+    def count_second_pass(self, decision):
+        """Adds this step's decision to the `second_passes` state variable."""
+        counter = self._second_passes
+        counter.assign(counter.value + keras.ops.cast(decision, "float32"))
+        return decision
+
+    @property
+    def second_passes(self):
+        """The number of steps that took the perturbed pass (methods that skip it)."""
+        return self._second_passes
+
     @property
     def state_variables(self):
         """The method's own per-step state (empty for SAM), in the optimizer's variables."""
@@ -241,6 +259,9 @@ class SAM(keras.optimizers.Optimizer):
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+        if self.skips_second_pass:
+            # Fractional under m-sharpness, where each part decides for itself.
+            self._second_passes = self.add_state_variable(name="second_passes")
 
     @property
     def variables(self):
@@ -298,7 +319,7 @@ class SAM(keras.optimizers.Optimizer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
+        config = copy.deepcopy(config)  # Keras's deserialization edits nested configs
         optimizer = keras.saving.deserialize_keras_object(
             config.pop("optimizer"), custom_objects=custom_objects
         )

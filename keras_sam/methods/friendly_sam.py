@@ -1,0 +1,94 @@
+"""`FriendlySAM`: Friendly Sharpness-Aware Minimization (Li et al., CVPR 2024)."""
+
+import keras
+
+from keras_sam.methods.sam import SAM, _check_number
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class FriendlySAM(SAM):
+    """Friendly-SAM (F-SAM): perturb along the batch's gradient noise only.
+
+    The mini-batch gradient is a full-gradient component plus batch-specific noise;
+    F-SAM estimates the full gradient by an exponential moving average of past
+    gradients and removes it from the ascent direction. In the paper's order:
+
+    ```
+    g   = grad L_B(w)                          # clean pass
+    m   = lmbda * m + (1 - lmbda) * g          # the EMA is fed the raw gradient first,
+    d   = g - sigma * m                        # then the updated EMA is removed
+    e   = rho * d / (||d|| + epsilon)          # ASAM's T scaling with adaptive=True
+    w   = optimizer.update(w, grad L_B(w + e)) # perturbed pass
+    ```
+
+    `m` starts at zero and is state of this optimizer (one slot per variable, in
+    checkpoints). It is updated on every step that takes the perturbed pass.
+
+    When to use it: in place of SAM, at the same cost (two passes per step, plus one
+    slot of memory per weight); the paper reports consistent small gains over SAM on
+    CIFAR and ImageNet. Recommended: `sigma=1`, `lmbda=0.95` (the authors' scripts),
+    `rho` as for SAM or somewhat larger (the authors use 0.2 on CIFAR-100).
+
+    Args:
+        optimizer: the wrapped `keras.optimizers.Optimizer`.
+        rho: float >= 0 or a schedule of the step, the radius. Defaults to `0.05`.
+        sigma: float >= 0, how much of the moving average is removed. Defaults to `1.0`.
+        lmbda: float in [0, 1), the moving average's decay. Defaults to `0.95`.
+        adaptive, eta, epsilon, perturb, name: as for `keras_sam.SAM`.
+
+    Reference:
+        Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024.
+        https://arxiv.org/abs/2403.12350
+    """
+
+    def __init__(
+        self,
+        optimizer,
+        rho=0.05,
+        sigma=1.0,
+        lmbda=0.95,
+        adaptive=False,
+        eta=0.01,
+        epsilon=1e-12,
+        perturb=None,
+        name=None,
+        **kwargs,
+    ):
+        sigma = _check_number("sigma", sigma, minimum=0.0)
+        lmbda = _check_number("lmbda", lmbda, minimum=0.0)
+        if lmbda >= 1:
+            raise ValueError(f"`lmbda` must be in [0, 1). Received: lmbda={lmbda!r}")
+        super().__init__(
+            optimizer,
+            rho=rho,
+            adaptive=adaptive,
+            eta=eta,
+            epsilon=epsilon,
+            perturb=perturb,
+            name=name,
+            **kwargs,
+        )
+        self.sigma = sigma
+        self.lmbda = lmbda
+
+    def build(self, var_list):
+        super().build(var_list)
+        self._averages = {
+            id(v): self.add_state_variable(reference=v, name="gradient_average") for v in var_list
+        }
+
+    def perturbation(self, gradients, variables):
+        directions = []
+        for g, v in zip(gradients, variables):
+            if g is None:
+                directions.append(None)
+                continue
+            average = self._averages[id(v)]
+            new = self.lmbda * average.value + (1.0 - self.lmbda) * keras.ops.cast(g, average.dtype)
+            average.assign(new)
+            direction = keras.ops.cast(g, new.dtype) - self.sigma * new
+            directions.append(keras.ops.cast(direction, g.dtype))
+        return self.perturbation_along(directions, variables)
+
+    def get_config(self):
+        return super().get_config() | {"sigma": self.sigma, "lmbda": self.lmbda}
