@@ -58,7 +58,7 @@ def run_grid(args):
                 "plain_equal_compute": dataclasses.replace(base, epochs=2 * args.epochs),
             }
             if noise in args.variant_noise:
-                configs |= {v: dataclasses.replace(base, method=v) for v in args.variants}
+                configs |= {_label(v): _variant(base, v) for v in args.variants}
             data = None
             for label, config in configs.items():
                 folder = Path(args.runs) / f"noise{int(round(100 * noise)):02d}_seed{seed}" / label
@@ -78,6 +78,21 @@ def run_grid(args):
                     flush=True,
                 )
     return results
+
+
+def _variant(base, spec):
+    """`gsam` or `gsam:alpha=0.1,k=3`: the method, with RunConfig fields overridden."""
+    method, _, overrides = spec.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    changes = {"method": method}
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        changes[key] = int(value) if fields[key].type in (int, "int") else float(value)
+    return dataclasses.replace(base, **changes)
+
+
+def _label(spec):
+    return spec.replace(":", "_").replace(",", "_").replace("=", "")
 
 
 def _load_finished(folder, config):
@@ -182,6 +197,7 @@ VARIANT_NAMES = {
     "sam": "SAM",
     "plain_equal_compute": "plain SGD, 2E epochs",
     "gsam": "GSAM (alpha 0.4)",
+    "gsam_alpha0.1": "GSAM (alpha 0.1)",
     "friendly_sam": "Friendly-SAM (sigma 1, lambda 0.95)",
     "looksam": "LookSAM (k 5, alpha 0.7)",
     "periodic_sam": "SAM every 5 steps",
@@ -200,7 +216,7 @@ def _variants_section(results, args):
             "| best clean test acc. | measured sharpness | seconds |",
             "|---|---|---|---|---|---|---|",
         ]
-        for run in (*RUNS, *args.variants):
+        for run in (*RUNS, *map(_label, args.variants)):
             rows = [results[(noise, s, run)][1] for s in args.seeds]
             base = [results[(noise, s, "plain")][1] for s in args.seeds]
             cost = statistics.mean(
@@ -218,8 +234,9 @@ def _variants_section(results, args):
             best = _stats([100 * max(h["test_accuracy"]) for h in rows])
             sharp = _stats([h["measured_sharpness"][-1] for h in rows])
             seconds = statistics.mean(h["seconds"][-1] for h in rows)
+            name = VARIANT_NAMES.get(run, run.replace("_alpha", ", alpha "))
             lines.append(
-                f"| {VARIANT_NAMES.get(run, run)} | {cost:.2f} | {rate} "
+                f"| {name} | {cost:.2f} | {rate} "
                 f"| {final[0]:.2f} ± {final[1]:.2f} | {best[0]:.2f} ± {best[1]:.2f} "
                 f"| {sharp[0]:.4f} ± {sharp[1]:.4f} | {seconds:.0f} |"
             )
@@ -330,8 +347,9 @@ def main():
     parser.add_argument(
         "--variants",
         nargs="*",
-        default=["gsam", "friendly_sam", "looksam", "periodic_sam", "aesam"],
-        help="SAM variants to add (default: all five)",
+        default=["gsam", "gsam:alpha=0.1", "friendly_sam", "looksam", "periodic_sam", "aesam"],
+        help="SAM variants to add, as method[:field=value,...] (default: all five, and "
+        "GSAM with alpha 0.1)",
     )
     parser.add_argument(
         "--variant-noise", type=float, nargs="*", default=[0.4], help="their noise rates (0.4)"
