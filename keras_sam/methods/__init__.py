@@ -1,8 +1,17 @@
 """SAM and its variants: Keras optimizer wrappers that hold hyperparameters and state.
 
-A method answers three questions per step, and never runs a model itself:
-`needs_second_pass()`, `perturbation(gradients, variables)` and
-`descent_gradients(gradients, perturbed_gradients, variables)`.
+A method never runs a model. The trainer asks it, per step (per part under m-sharpness):
+
+- `needs_second_pass(gradients, variables)`: a Python bool, or a boolean tensor decided
+  inside the compiled step;
+- `perturbation(gradients, variables)`: the `e(w)` of the perturbed pass;
+- `descent_gradients(gradients, perturbed_gradients, variables)`: what the wrapped
+  optimizer descends with after two passes;
+- `one_pass_gradients(gradients, variables)`: what it descends with after one.
+
+Persistent state lives in optimizer variables (`add_state_variable` in `build`). Hooks
+read and assign them freely: the trainer records the assignments and writes them once
+the whole step has succeeded. A new variant is one class overriding the hooks it needs.
 """
 
 # Importing any method registers them all, so that a saved model compiled with any of
