@@ -54,9 +54,24 @@ def test_a_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     assert "keras-sam train: error:" in err and "nowhere" in err
 
 
+@needs_data
+def test_train_a_variant_with_its_own_options(tmp_path):
+    out = tmp_path / "looksam"
+    argv = ["train", *TINY, "--method", "looksam", "--k", "3", "--alpha", "0.5"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["method"], config["k"], config["alpha"]) == ("looksam", 3, 0.5)
+    history = json.loads((out / "history.json").read_text())
+    # 4 steps per epoch; two-pass steps at iterations 0, 3 and 6.
+    assert history["gradient_evaluations"] == [6, 11]
+    assert history["second_pass_rate"] == [0.5, 0.25]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["train", "--method", "looksam", "--k", "0"],
+        ["train", "--method", "lookahead"],
         ["train", "--label-noise", "1.5"],
         ["compare", "--method", "sgd"],
         ["train", "--epochs", "0"],
