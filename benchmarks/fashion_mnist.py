@@ -198,6 +198,7 @@ VARIANT_NAMES = {
     "plain_equal_compute": "plain SGD, 2E epochs",
     "gsam": "GSAM (alpha 0.4)",
     "gsam_alpha0.1": "GSAM (alpha 0.1)",
+    "looksam_alpha0.2": "LookSAM (k 5, alpha 0.2)",
     "friendly_sam": "Friendly-SAM (sigma 1, lambda 0.95)",
     "looksam": "LookSAM (k 5, alpha 0.7)",
     "periodic_sam": "SAM every 5 steps",
@@ -347,9 +348,17 @@ def main():
     parser.add_argument(
         "--variants",
         nargs="*",
-        default=["gsam", "gsam:alpha=0.1", "friendly_sam", "looksam", "periodic_sam", "aesam"],
+        default=[
+            "gsam",
+            "gsam:alpha=0.1",
+            "friendly_sam",
+            "looksam",
+            "looksam:alpha=0.2",
+            "periodic_sam",
+            "aesam",
+        ],
         help="SAM variants to add, as method[:field=value,...] (default: all five, and "
-        "GSAM with alpha 0.1)",
+        "GSAM and LookSAM with smaller alphas)",
     )
     parser.add_argument(
         "--variant-noise", type=float, nargs="*", default=[0.4], help="their noise rates (0.4)"
