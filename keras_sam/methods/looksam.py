@@ -27,11 +27,13 @@ class LookSAM(SAM):
     Cost: `1 + 1/k` gradient evaluations per step (1.2 for `k=5`), plus one slot of
     memory per weight. When to use it: when SAM helps but its 2x cost is too much;
     the paper reaches SAM's ImageNet accuracy on ViTs with `k=5`. The defaults are the
-    paper's (`k=5`, `alpha=0.7`); `rho` as for SAM. The added component always has
-    norm `alpha * ||g||`, however small the stored one was, so `alpha` matters: on
-    keras_sam's Fashion-MNIST CNN with SGD at 40 % label noise, `alpha=0.7` stalled at
-    chance level while `alpha=0.2` matched SAM's accuracy at 1.2 passes per step
-    (docs/RESULTS.md). `SAMModel` logs `second_pass_rate`; `second_passes` counts the
+    paper's (`k=5`, `alpha=0.7`, with very large batches); `rho` as for SAM. The added
+    component always has norm `alpha * ||g||`, however small the stored one was; under
+    m-sharpness `g` is a part's gradient, noisier and larger for small parts. On
+    keras_sam's Fashion-MNIST CNN with SGD at 40 % label noise and parts of 32
+    examples, `alpha=0.7` stalled at chance level while `alpha=0.2` matched SAM's
+    accuracy at 1.2 passes per step (docs/RESULTS.md): scale `alpha` down with the
+    part size. `SAMModel` logs `second_pass_rate`; `second_passes` counts the
     two-pass steps.
 
     Args:
