@@ -82,14 +82,9 @@ class SAMModel(keras.Model):
 
     def train_step(self, data):
         optimizer = self.optimizer
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and isinstance(
-            optimizer.inner_optimizer, SAM
-        ):
-            raise ValueError(
-                "SAM with loss scaling (the `mixed_float16` dtype policy wraps the optimizer "
-                "in a `LossScaleOptimizer`) is not supported yet. Train in float32, or with "
-                "the `mixed_bfloat16` policy, which needs no loss scaling."
-            )
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # `compile` wraps the optimizer so under the `mixed_float16` policy.
+            optimizer = optimizer.inner_optimizer
         if not isinstance(optimizer, SAM):
             logs = super().train_step(data)
             logs.pop("sharpness", None)
