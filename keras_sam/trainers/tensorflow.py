@@ -316,6 +316,13 @@ def _build(roles, variables):
     # The optimizers' variables are created here, outside any control-flow block.
     outer = roles.outer
     if not outer.built:
+        if tf.distribute.has_strategy():
+            raise ValueError(
+                f"Build `{type(outer).__name__}` in the strategy's scope before the first "
+                "step: `with strategy.scope(): optimizer.build(model.trainable_variables)` "
+                "(variables cannot be created inside `strategy.run`). `SAMModel.fit` "
+                "does it by itself."
+            )
         with keras.name_scope(outer.name, caller=outer):
             outer.build(variables)
         outer.built = True

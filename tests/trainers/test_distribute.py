@@ -182,3 +182,10 @@ def test_custom_loop_outside_strategy_run_is_refused(strategy):
 
         with pytest.raises(ValueError, match=r"inside `strategy.run\(...\)`"):
             optimizer.optimize(grad_func, [variable])
+
+    @tf.function
+    def step():
+        return strategy.run(lambda: optimizer.optimize(grad_func, [variable])[1])
+
+    with pytest.raises(ValueError, match=r"Build `SAM` in the strategy's scope"):
+        step()
