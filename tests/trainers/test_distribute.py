@@ -189,3 +189,38 @@ def test_custom_loop_outside_strategy_run_is_refused(strategy):
 
     with pytest.raises(ValueError, match=r"Build `SAM` in the strategy's scope"):
         step()
+
+
+def test_a_nan_on_one_replica_skips_the_step_on_both(strategy, rng):
+    params = reference.mlp_init(rng)
+    x, t = _data(rng, n=8)
+    with strategy.scope():
+        sam_model = keras_sam.SAMModel(_mlp(params))
+        sam_model.compile(optimizer=_sam("per_replica")(), loss="mse")
+    sam_model.fit(x, t, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)  # a good step first
+    before = [np.array(v.numpy(), copy=True) for v in sam_model.weights]
+    slots = sam_model.optimizer.inner_optimizer.variables
+    slot_values = [np.array(v.numpy(), copy=True) for v in slots]
+    bad_t = t.copy()
+    bad_t[-1, 0] = np.nan  # in the second replica's half only
+    sam_model.fit(x, bad_t, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+    for a, b in zip(before, sam_model.weights, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+    for a, b in zip(slot_values, slots, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+    _assert_replicas_identical(strategy, sam_model.weights + sam_model.optimizer.variables)
+    assert int(sam_model.optimizer.skipped_steps.numpy()) == 1
+    assert int(sam_model.optimizer.iterations.numpy()) == 1
+
+
+def test_mixed_float16_on_two_replicas_equals_splitting_the_batch_on_one_device(strategy, rng):
+    params = reference.mlp_init(rng)
+    x, t = _data(rng)
+    keras.config.set_dtype_policy("mixed_float16")
+    distributed, logs = _fit(params, x, t, _sam("per_replica"), strategy)
+    single, single_logs = _fit(params, x, t, _sam("per_replica"), splits=2)
+    assert isinstance(distributed.optimizer, keras.optimizers.LossScaleOptimizer)
+    _assert_close(distributed.get_weights(), single.get_weights())
+    np.testing.assert_allclose(logs["loss"], single_logs["loss"], rtol=1e-5)
+    _assert_replicas_identical(strategy, distributed.weights + distributed.optimizer.variables)
+    assert int(distributed.optimizer.step_counter.numpy()) == 4

@@ -124,6 +124,9 @@ class BlowsUpWhenPerturbed(keras.layers.Layer):
         self.reference.assign(self.scale)
         self.armed.assign(1.0)
 
+    def disarm(self):
+        self.armed.assign(0.0)
+
 
 def fragile_model(seed=3):
     keras.utils.set_random_seed(seed)
