@@ -224,3 +224,18 @@ def test_mixed_float16_on_two_replicas_equals_splitting_the_batch_on_one_device(
     np.testing.assert_allclose(logs["loss"], single_logs["loss"], rtol=1e-5)
     _assert_replicas_identical(strategy, distributed.weights + distributed.optimizer.variables)
     assert int(distributed.optimizer.step_counter.numpy()) == 4
+
+
+def test_accumulation_on_two_replicas_equals_four_parts_on_one_device(strategy, rng):
+    params = reference.mlp_init(rng)
+    x, t = _data(rng)
+    # Two micro-batches of 8 on two replicas: four parts of 4, in batch order.
+    distributed, _ = _fit(
+        params, x, t, _sam("per_replica", gradient_accumulation_steps=2), strategy, epochs=1
+    )
+    single = keras_sam.SAMModel(_mlp(params), num_batch_splits=4)
+    single.compile(optimizer=_sam("per_replica")(), loss="mse")
+    single.fit(x, t, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    _assert_close(distributed.get_weights(), single.get_weights())
+    _assert_replicas_identical(strategy, distributed.weights + distributed.optimizer.variables)
+    assert int(distributed.optimizer.iterations.numpy()) == 1
