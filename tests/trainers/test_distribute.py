@@ -239,3 +239,39 @@ def test_accumulation_on_two_replicas_equals_four_parts_on_one_device(strategy, 
     _assert_close(distributed.get_weights(), single.get_weights())
     _assert_replicas_identical(strategy, distributed.weights + distributed.optimizer.variables)
     assert int(distributed.optimizer.iterations.numpy()) == 1
+
+
+@pytest.mark.parametrize(
+    "clipping", [{"clipnorm": 0.05}, {"global_clipnorm": 0.08}], ids=lambda c: next(iter(c))
+)
+def test_clipping_on_two_replicas_is_keras_per_replica_clipping(strategy, rng, clipping):
+    # Keras's TensorFlow optimizer clips each replica's gradient (that of its loss over
+    # the number of replicas) before it all-reduces them; SAM keeps that placement.
+    params = reference.mlp_init(rng)
+    x, t = _data(rng, n=8)
+    distributed, _ = _fit(params, x, t, _sam("per_replica", inner=clipping), strategy, epochs=3)
+    want, velocities = params, [np.zeros_like(p) for p in params]
+    for _ in range(3):
+        total = None
+        for half in (slice(0, 4), slice(4, 8)):
+            _, _, g_sam = reference.mlp_sam_gradient(want, x[half], t[half], 0.1)
+            clipped = reference.clip([g / 2 for g in g_sam], **clipping)
+            total = clipped if total is None else [a + b for a, b in zip(total, clipped)]
+        want, velocities = reference.sgd_momentum(want, total, velocities, 0.1, 0.9)
+    for got, expected in zip(distributed.get_weights(), want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    _assert_replicas_identical(strategy, distributed.weights)
+
+    # With rho=0 the step is plain Keras's, clipping included.
+    with strategy.scope():
+        sam_zero = keras_sam.SAMModel(_mlp(params))
+        sam_zero.compile(
+            optimizer=keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9, **clipping), rho=0),
+            loss="mse",
+        )
+        plain = _mlp(params)
+        plain.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, **clipping), loss="mse")
+    for model in (sam_zero, plain):
+        model.fit(x, t, batch_size=GLOBAL_BATCH, epochs=3, shuffle=False, verbose=0)
+    for a, b in zip(sam_zero.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
