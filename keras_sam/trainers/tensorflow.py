@@ -150,7 +150,7 @@ def _part(roles, compute, variables, weights, pending, factor):
             compute, variables, perturbed, pending, scale
         )
         perturbed_gradients = [
-            None if g is None else _prepare(pg, factor, sparse_ok, coalesce=False)
+            None if g is None else _prepare(pg, factor, sparse_ok)
             for g, pg in zip(gradients, perturbed_gradients)
         ]
         descent, values = _hook(
@@ -213,25 +213,31 @@ def _run_pass(compute, variables, values, pending, scale):
     return outputs, loss, tape.gradient(scaled, values), scope
 
 
-def _prepare(gradient, factor, sparse_ok, coalesce=True):
+def _prepare(gradient, factor, sparse_ok):
     """Rescales a raw gradient by `factor`; a sparse one stays sparse when allowed.
 
     A sparse gradient (an Embedding's `tf.IndexedSlices`) is coalesced, its duplicate
-    indices summed, so that the norm is the true one; or made dense when the method
-    needs dense gradients.
+    indices summed: the norm is then the true one, and so is the wrapped optimizer's
+    step (Keras's Adam squares the rows it is given, so duplicates would add squares
+    instead of squaring the sum). Or it is made dense when the method needs that.
     """
     if gradient is None:
         return None
     if isinstance(gradient, tf.IndexedSlices):
         if not sparse_ok:
             gradient = tf.convert_to_tensor(gradient)
-        elif coalesce:
-            unique, positions = tf.unique(gradient.indices)
-            summed = tf.math.unsorted_segment_sum(gradient.values, positions, tf.size(unique))
-            gradient = tf.IndexedSlices(summed, unique, gradient.dense_shape)
+        else:
+            gradient = _coalesce(gradient)
     if factor is None:
         return gradient
     return _scaled(gradient, factor)
+
+
+def _coalesce(gradient):
+    """The same `tf.IndexedSlices` with each index once (its rows summed)."""
+    unique, positions = tf.unique(gradient.indices)
+    summed = tf.math.unsorted_segment_sum(gradient.values, positions, tf.size(unique))
+    return tf.IndexedSlices(summed, unique, gradient.dense_shape)
 
 
 def _scaled(gradient, factor):
@@ -531,9 +537,11 @@ def _split_batch(batch, num_splits):
 
 def _weighted_sum(tensors, weights):
     if isinstance(tensors[0], tf.IndexedSlices):
-        return tf.IndexedSlices(
-            tf.concat([_scaled(t, w).values for t, w in zip(tensors, weights)], axis=0),
-            tf.concat([t.indices for t in tensors], axis=0),
-            tensors[0].dense_shape,
+        return _coalesce(
+            tf.IndexedSlices(
+                tf.concat([_scaled(t, w).values for t, w in zip(tensors, weights)], axis=0),
+                tf.concat([t.indices for t in tensors], axis=0),
+                tensors[0].dense_shape,
+            )
         )
     return tf.add_n([tf.cast(w, t.dtype) * t for t, w in zip(tensors, weights)])
