@@ -279,6 +279,15 @@ class SAM(keras.optimizers.Optimizer):
             )
         return variable
 
+    def add_state_slots(self, var_list, name):
+        """One state variable shaped like each of `var_list`, looked up by variable.
+
+        `slots[variable]` gives the slot. (A dict keyed by `id` would stop
+        `tf.train.Checkpoint`, which cannot save a dict with non-string keys; the
+        slots are saved as `state_variables`.)
+        """
+        return _Slots({id(v): self.add_state_variable(reference=v, name=name) for v in var_list})
+
     @property
     def sparse_gradients_supported(self):
         """Whether the trainer may keep an Embedding's sparse gradient sparse.
@@ -402,6 +411,17 @@ class SAM(keras.optimizers.Optimizer):
         if "perturb" in config:
             config["perturb"] = _deserialize_perturb(config["perturb"], custom_objects)
         return cls(optimizer, **config)
+
+
+class _Slots:
+    """Model variable -> state variable, kept out of TensorFlow's tracking."""
+
+    def __init__(self, by_id):
+        self._by_id = by_id
+
+    def __getitem__(self, variable):
+        # A variable, or its `id` (as the dicts these replace were keyed).
+        return self._by_id[variable if isinstance(variable, int) else id(variable)]
 
 
 def adaptive_scales(variables, eta):

@@ -453,6 +453,13 @@ def _check_variables(variables):
     return variables
 
 
+def checkpointable(variables):
+    """A `tf.Module` holding `variables`, so that `tf.train.Checkpoint` saves them."""
+    module = tf.Module(name="rng_states")
+    module.states = [v.value for v in variables]
+    return module
+
+
 def train_step(sam_model, data):
     """`SAMModel.train_step` with a SAM optimizer: the m-sharpness loop around the passes."""
     method = resolve(sam_model.optimizer).method
