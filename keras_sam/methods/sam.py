@@ -58,6 +58,13 @@ class SAM(keras.optimizers.Optimizer):
     use it through `keras_sam.SAMModel(model).compile(optimizer=sam)` or through the
     custom-loop call `sam.optimize(grad_func, variables)`.
 
+    A step whose loss or gradients are NaN or infinite, in either pass, is skipped:
+    nothing changes but `skipped_steps` (and the loss scale under mixed precision, where
+    Keras's `LossScaleOptimizer` wraps `SAM`, or `SAM` wraps it in a custom loop). Under
+    `tf.distribute`, `distributed_perturbation` says whether each replica perturbs with
+    its own gradient; `gradient_accumulation_steps` accumulates SAM gradients over
+    micro-batches.
+
     Args:
         optimizer: the `keras.optimizers.Optimizer` instance that takes the steps
             (a string identifier such as `"sgd"` is accepted too).

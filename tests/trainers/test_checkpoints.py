@@ -238,3 +238,44 @@ def test_resume_in_a_fresh_process_is_bitwise(tmp_path):
     for form in ("keras", "tf_checkpoint"):
         saved = np.load(tmp_path / f"{form}.npz")
         _assert_bitwise([saved[f"arr_{i}"] for i in range(len(saved.files))], want)
+
+
+def test_custom_loop_resume_with_the_seed_states_in_the_checkpoint(tmp_path):
+    # The README's recipe for a custom loop: add the seed states to the checkpoint.
+    x, y = _data()
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def setup(seed):
+        model = _model(seed)
+        optimizer = keras_sam.SAM(keras.optimizers.Adam(0.01), rho=0.1)
+        optimizer.build(model.trainable_variables)
+        seeds = [v.value for v in model.variables if "seed_generator" in v.path]
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, seeds=seeds)
+
+        @tf.function
+        def step(x_batch, y_batch):
+            def grad_func():
+                with tf.GradientTape() as tape:
+                    pred = model(x_batch, training=True)
+                    loss = loss_fn(y_batch, pred)
+                return pred, loss, tape
+
+            return optimizer.optimize(grad_func, model.trainable_variables)[1]
+
+        def train(epochs):
+            for _ in range(epochs):
+                for start in range(0, len(x), 8):
+                    step(x[start : start + 8], y[start : start + 8])
+
+        return model, optimizer, checkpoint, train
+
+    model, optimizer, _, train = setup(7)
+    train(FIRST_EPOCHS + MORE_EPOCHS)
+    first_model, _, first_checkpoint, first_train = setup(7)
+    first_train(FIRST_EPOCHS)
+    path = first_checkpoint.save(str(tmp_path / "loop"))
+    resumed, resumed_optimizer, checkpoint, resumed_train = setup(99)
+    checkpoint.restore(path).assert_consumed()
+    resumed_train(MORE_EPOCHS)
+    want = [v.numpy() for v in model.variables + optimizer.variables]
+    _assert_bitwise([v.numpy() for v in resumed.variables + resumed_optimizer.variables], want)

@@ -143,3 +143,15 @@ def test_sparse_gradients_under_mixed_float16():
     for a, b in zip(sparse_model.get_weights(), dense_model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4)
     assert sparse_optimizer.seen[0] == "IndexedSlices"
+
+
+def test_a_method_that_skips_the_second_pass_keeps_sparse_gradients():
+    # PeriodicSAM takes one pass on every other step: both branches stay sparse.
+    def method(inner):
+        return keras_sam.PeriodicSAM(inner, rho=0.5, k=2)
+
+    sparse_model, sparse_optimizer = _train(method, False, steps=4)
+    dense_model, _ = _train(method, True, steps=4)
+    for a, b in zip(sparse_model.get_weights(), dense_model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert sparse_optimizer.seen[0] == "IndexedSlices"
