@@ -15,7 +15,19 @@ plain step, all interleaved in each round: SAM, GSAM, Friendly-SAM, LookSAM (k=5
 SAM every 5 steps and AESAM (whose cost depends on the fraction of two-pass steps it
 chooses, reported alongside).
 
+With `--distributed`, the custom-loop steps run under `tf.distribute.MirroredStrategy`
+on two logical CPU devices (one global batch split between them): plain, SAM with
+per-replica perturbation (the default) and SAM with synchronized perturbation. It also
+counts the collective ops of each traced step (one `CollectiveReduceV2` per device for
+each all-reduce): per-replica SAM all-reduces once, as the plain step does. On one
+machine the two replicas share its cores, so the times show the overhead, not a speed-up.
+
+With `--mixed-precision`, `fit` runs under `mixed_float16` (Keras wraps both
+optimizers in a `LossScaleOptimizer`) and under float32: SAM over plain in each, and
+mixed over float32 for each. On a CPU float16 is emulated and slower than float32.
+
     python benchmarks/step_time.py [--rounds 15] [--steps 20] [--jit] [--methods]
+                                   [--distributed] [--mixed-precision]
 """
 
 import argparse
@@ -224,6 +236,130 @@ def compare_fit(x, y, rounds, batch_size):
     return plain_times, sam_times, ratios
 
 
+def count_collectives(concrete_function):
+    """Collective ops in a traced function, its nested functions (cond branches) included."""
+    graph_def = concrete_function.graph.as_graph_def()
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes.extend(function.node_def)
+    return sum(node.op.startswith("Collective") for node in nodes)
+
+
+def distributed_steps(strategy, batch):
+    """Plain, per-replica SAM and synchronized SAM steps under `strategy`."""
+    x, y = batch
+    global_batch = int(x.shape[0])
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    dataset = tf.data.Dataset.from_tensors((x, y))
+    distributed = next(iter(strategy.experimental_distribute_dataset(dataset)))
+
+    def average_loss(model, x_part, y_part):
+        per_example = loss_fn(y_part, model(x_part, training=True))
+        return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+
+    with strategy.scope():
+        plain_model, plain_opt = cnn(), keras.optimizers.SGD(0.01, momentum=0.9)
+        plain_opt.build(plain_model.trainable_variables)
+
+    @tf.function
+    def plain_step(x_batch, y_batch):
+        def replica(x_part, y_part):
+            with tf.GradientTape() as tape:
+                loss = average_loss(plain_model, x_part, y_part)
+            variables = plain_model.trainable_variables
+            plain_opt.apply(tape.gradient(loss, variables), variables)
+            return loss
+
+        return strategy.reduce("SUM", strategy.run(replica, args=(x_batch, y_batch)), axis=None)
+
+    steps = {"plain": plain_step}
+    for mode in ("per_replica", "synchronized"):
+        with strategy.scope():
+            model = cnn()
+            optimizer = keras_sam.SAM(
+                keras.optimizers.SGD(0.01, momentum=0.9), rho=0.05, distributed_perturbation=mode
+            )
+            optimizer.build(model.trainable_variables)
+
+        def sam_step(x_batch, y_batch, model=model, optimizer=optimizer):
+            def replica(x_part, y_part):
+                def grad_func():
+                    with tf.GradientTape() as tape:
+                        pred = model(x_part, training=True)
+                        loss = average_loss(model, x_part, y_part)
+                    return pred, loss, tape
+
+                return optimizer.optimize(grad_func, model.trainable_variables)[1]
+
+            losses = strategy.run(replica, args=(x_batch, y_batch))
+            return strategy.reduce("SUM", losses, axis=None)
+
+        steps[f"SAM, {mode}"] = tf.function(sam_step)
+    collectives = {
+        name: count_collectives(step.get_concrete_function(*distributed))
+        for name, step in steps.items()
+    }
+    return {name: (lambda s=step: s(*distributed)) for name, step in steps.items()}, collectives
+
+
+def compare_distributed(batch, rounds, steps):
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+    strategy = tf.distribute.MirroredStrategy(devices)
+    functions, collectives = distributed_steps(strategy, batch)
+    for _ in range(3):
+        for step in functions.values():
+            step()
+    times = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, step in functions.items():
+            times[name].append(timed(step, steps))
+    return times, collectives
+
+
+def report_distributed(times, collectives, batch_size):
+    median = statistics.median
+    plain = times["plain"]
+    print(
+        f"\nMirroredStrategy on 2 logical CPU devices, custom loop, global batch {batch_size}:"
+        " time per step over the plain 2-replica step\n"
+    )
+    print("| step | ms/step | over plain | range | collective ops in the traced step |")
+    print("|---|---|---|---|---|")
+    for name, values in times.items():
+        ratios = [v / p for v, p in zip(values, plain)]
+        print(
+            f"| {name} | {median(values) * 1e3:.1f} | **{median(ratios):.3f}** | "
+            f"{min(ratios):.2f} - {max(ratios):.2f} | {collectives[name]} |"
+        )
+
+
+def compare_mixed_precision(x, y, rounds, batch_size):
+    results = {}
+    for policy in ("float32", "mixed_float16"):
+        keras.config.set_dtype_policy(policy)
+        try:
+            results[policy] = compare_fit(x, y, rounds, batch_size)
+        finally:
+            keras.config.set_dtype_policy("float32")
+    return results
+
+
+def report_mixed_precision(results, fit_batches):
+    median = statistics.median
+    print(f"\n`fit`, one epoch of {fit_batches} batches, float32 and mixed_float16\n")
+    print("| policy | plain | SAM | SAM / plain | range |")
+    print("|---|---|---|---|---|")
+    for policy, (plain_times, sam_times, ratios) in results.items():
+        print(
+            f"| {policy} | {median(plain_times) * 1e3:.1f} ms | {median(sam_times) * 1e3:.1f} ms "
+            f"| **{median(ratios):.3f}** | {min(ratios):.3f} - {max(ratios):.3f} |"
+        )
+    mixed, single = results["mixed_float16"], results["float32"]
+    plain_ratio = median(mixed[0]) / median(single[0])
+    sam_ratio = median(mixed[1]) / median(single[1])
+    print(f"\nmixed_float16 over float32 (medians): plain {plain_ratio:.3f}, SAM {sam_ratio:.3f}")
+
+
 def report(name, plain_times, sam_times, ratios, unit):
     median = statistics.median
     print(
@@ -243,7 +379,20 @@ def main():
     parser.add_argument(
         "--only-methods", action="store_true", help="time only the variants (with --methods)"
     )
+    parser.add_argument(
+        "--distributed", action="store_true", help="2-replica SAM against 2-replica plain"
+    )
+    parser.add_argument(
+        "--mixed-precision", action="store_true", help="fit under mixed_float16 and float32"
+    )
+    parser.add_argument(
+        "--only", action="store_true", help="with --distributed or --mixed-precision: only those"
+    )
     args = parser.parse_args()
+    if args.distributed:  # before TensorFlow initializes its devices
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+        )
 
     rng = np.random.default_rng(0)
     n = args.batch_size * args.fit_batches
@@ -255,6 +404,16 @@ def main():
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores; "
         f"CNN on 28x28x1, batch {args.batch_size}; median of {args.rounds} interleaved rounds\n"
     )
+    if args.distributed:
+        report_distributed(
+            *compare_distributed(batch, args.rounds, args.steps), batch_size=args.batch_size
+        )
+    if args.mixed_precision:
+        report_mixed_precision(
+            compare_mixed_precision(x, y, args.rounds, args.batch_size), args.fit_batches
+        )
+    if args.only and (args.distributed or args.mixed_precision):
+        return
     if args.methods:
         batches = [
             (tf.constant(x[i : i + args.batch_size]), tf.constant(y[i : i + args.batch_size]))

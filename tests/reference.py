@@ -158,3 +158,17 @@ def cosine_decay(step, initial, decay_steps, alpha=0.0):
     """Keras's CosineDecay without warm-up."""
     fraction = min(step, decay_steps) / decay_steps
     return initial * ((1 - alpha) * 0.5 * (1 + np.cos(np.pi * fraction)) + alpha)
+
+
+# -------------------------------------------------------------------- clipping
+def clip(grads, clipnorm=None, global_clipnorm=None, clipvalue=None):
+    """Keras's gradient clipping: per tensor by norm, all by the global norm, or by value."""
+    grads = [np.asarray(g, np.float64) for g in grads]
+    if clipnorm:
+        return [g * clipnorm / max(np.sqrt(np.sum(g * g)), clipnorm) for g in grads]
+    if global_clipnorm:
+        norm = np.sqrt(sum(np.sum(g * g) for g in grads))
+        return [g * global_clipnorm / max(norm, global_clipnorm) for g in grads]
+    if clipvalue:
+        return [np.clip(g, -clipvalue, clipvalue) for g in grads]
+    return grads

@@ -73,9 +73,7 @@ class FriendlySAM(SAM):
 
     def build(self, var_list):
         super().build(var_list)
-        self._averages = {
-            id(v): self.add_state_variable(reference=v, name="gradient_average") for v in var_list
-        }
+        self._averages = self.add_state_slots(var_list, "gradient_average")
 
     def perturbation(self, gradients, variables):
         directions = []
@@ -83,7 +81,7 @@ class FriendlySAM(SAM):
             if g is None:
                 directions.append(None)
                 continue
-            average = self._averages[id(v)]
+            average = self._averages[v]
             new = self.lmbda * average.value + (1.0 - self.lmbda) * keras.ops.cast(g, average.dtype)
             average.assign(new)
             direction = keras.ops.cast(g, new.dtype) - self.sigma * new

@@ -80,10 +80,7 @@ class LookSAM(SAM):
 
     def build(self, var_list):
         super().build(var_list)
-        self._orthogonal = {
-            id(v): self.add_state_variable(reference=v, name="orthogonal_gradient")
-            for v in var_list
-        }
+        self._orthogonal = self.add_state_slots(var_list, "orthogonal_gradient")
 
     def needs_second_pass(self, gradients, variables):
         if not super().needs_second_pass(gradients, variables):
@@ -94,14 +91,13 @@ class LookSAM(SAM):
         orthogonal = maths.orthogonal_component(perturbed_gradients, gradients)
         for v, g_v in zip(variables, orthogonal):
             if g_v is not None:
-                slot = self._orthogonal[id(v)]
+                slot = self._orthogonal[v]
                 slot.assign(keras.ops.cast(g_v, slot.dtype))
         return perturbed_gradients
 
     def one_pass_gradients(self, gradients, variables):
         stored = [
-            None if g is None else self._orthogonal[id(v)].value
-            for g, v in zip(gradients, variables)
+            None if g is None else self._orthogonal[v].value for g, v in zip(gradients, variables)
         ]
         return maths.looksam_gradients(gradients, stored, self.alpha)
 

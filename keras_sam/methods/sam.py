@@ -21,8 +21,12 @@ _INNER_OPTIMIZER_ARGUMENTS = {
     "ema_momentum": 0.99,
     "ema_overwrite_frequency": None,
     "loss_scale_factor": None,
-    "gradient_accumulation_steps": None,
 }
+
+# How the trainers perturb under `tf.distribute` (see `SAM`'s `distributed_perturbation`).
+PER_REPLICA = "per_replica"
+SYNCHRONIZED = "synchronized"
+DISTRIBUTED_PERTURBATIONS = (PER_REPLICA, SYNCHRONIZED)
 
 # ASAM leaves these at T = 1, as the official implementation does for every parameter
 # whose name does not contain "weight": biases and normalization offsets.
@@ -54,6 +58,13 @@ class SAM(keras.optimizers.Optimizer):
     use it through `keras_sam.SAMModel(model).compile(optimizer=sam)` or through the
     custom-loop call `sam.optimize(grad_func, variables)`.
 
+    A step whose loss or gradients are NaN or infinite, in either pass, is skipped:
+    nothing changes but `skipped_steps` (and the loss scale under mixed precision, where
+    Keras's `LossScaleOptimizer` wraps `SAM`, or `SAM` wraps it in a custom loop). Under
+    `tf.distribute`, `distributed_perturbation` says whether each replica perturbs with
+    its own gradient; `gradient_accumulation_steps` accumulates SAM gradients over
+    micro-batches.
+
     Args:
         optimizer: the `keras.optimizers.Optimizer` instance that takes the steps
             (a string identifier such as `"sgd"` is accepted too).
@@ -72,6 +83,23 @@ class SAM(keras.optimizers.Optimizer):
             classes (the variables of those layers; `keras_sam.NORMALIZATION_LAYERS`
             gives SAM-ON; needs `bind(model)`, which `SAMModel` does), or a callable
             `variable -> bool`. Defaults to `None`.
+        distributed_perturbation: how the replicas of a `tf.distribute` strategy
+            perturb. `"per_replica"`: each replica perturbs the weights with its own
+            clean gradient and no gradient is all-reduced before the perturbed pass
+            (m-sharpness with m = the per-replica batch, as in the paper; one
+            all-reduce per step, as for plain training). `"synchronized"`: the clean
+            gradient is all-reduced first, so every replica takes the same
+            perturbation, that of the global batch (two all-reduces per step; for SAM
+            and ASAM the same step as on one device). Ignored without a strategy.
+            Defaults to `"per_replica"`.
+        gradient_accumulation_steps: int >= 1 or `None`. With `k > 1`, each call
+            (each `fit` batch, or each `optimize` call) is one micro-batch: it takes
+            its own perturbation, and its SAM gradient is added to an accumulator;
+            every k-th call, the wrapped optimizer steps with the average of the k
+            SAM gradients. That is m-sharpness with k parts over the k micro-batches
+            (`SAMModel(num_batch_splits=k)` on their concatenation); the weights do
+            not move on the other k-1 calls, and `iterations` counts the steps
+            taken. Set it here, not on the wrapped optimizer. Defaults to `None`.
         name: string, the optimizer's name. Defaults to `None` (automatic).
 
     Example:
@@ -102,11 +130,20 @@ class SAM(keras.optimizers.Optimizer):
         eta=0.01,
         epsilon=1e-12,
         perturb=None,
+        distributed_perturbation=PER_REPLICA,
+        gradient_accumulation_steps=None,
         name=None,
         **kwargs,
     ):
         _refuse_inner_optimizer_arguments(type(self).__name__, kwargs)
         optimizer = _check_optimizer(type(self).__name__, optimizer)
+        if distributed_perturbation not in DISTRIBUTED_PERTURBATIONS:
+            raise ValueError(
+                "`distributed_perturbation` must be one of "
+                f"{', '.join(repr(m) for m in DISTRIBUTED_PERTURBATIONS)}. "
+                f"Received: distributed_perturbation={distributed_perturbation!r}"
+            )
+        gradient_accumulation_steps = _check_accumulation_steps(gradient_accumulation_steps)
         rho = check_rate("rho", rho)
         adaptive = _check_bool("adaptive", adaptive)
         eta = _check_number("eta", eta, minimum=0.0)
@@ -118,9 +155,13 @@ class SAM(keras.optimizers.Optimizer):
         self.eta = eta
         self.epsilon = epsilon
         self.perturb = perturb
+        self.distributed_perturbation = distributed_perturbation
+        # Not `gradient_accumulation_steps`: the base class would accumulate by itself.
+        self.accumulation_steps = gradient_accumulation_steps or 1
         self.inner_optimizer = optimizer
         self._bound_variables = None
         self._state_variables = []
+        self._state_sums = []
 
     # ----------------------------------------------------------------- the method
     # The trainer asks these per step (per part under m-sharpness). They may read and
@@ -229,13 +270,61 @@ class SAM(keras.optimizers.Optimizer):
         return list(self._state_variables)
 
     def add_state_variable(self, shape=(), name=None, reference=None):
-        """Creates a float32 state variable (shaped like `reference` when given)."""
+        """Creates a float32 state variable (shaped like `reference` when given).
+
+        Under gradient accumulation, the trainer also gets a companion variable in
+        which it sums the state's new values over the micro-batches of a step.
+        """
         if reference is not None:
             variable = self.add_variable_from_reference(reference, name=name)
         else:
             variable = self.add_variable(shape=shape, name=name, dtype="float32")
         self._state_variables.append(variable)
+        if self.accumulation_steps > 1:
+            self._state_sums.append(
+                self.add_variable(shape=variable.shape, name=f"{name}_sum", dtype=variable.dtype)
+            )
         return variable
+
+    def add_state_slots(self, var_list, name):
+        """One state variable shaped like each of `var_list`, looked up by variable.
+
+        `slots[variable]` gives the slot. (A dict keyed by `id` would stop
+        `tf.train.Checkpoint`, which cannot save a dict with non-string keys; the
+        slots are saved as `state_variables`.)
+        """
+        return _Slots({id(v): self.add_state_variable(reference=v, name=name) for v in var_list})
+
+    @property
+    def sparse_gradients_supported(self):
+        """Whether the trainer may keep an Embedding's sparse gradient sparse.
+
+        True when the perturbation scales each gradient entry by one global factor
+        (SAM, not ASAM, whose factor depends on the weight) and the final gradient is
+        the perturbed one: then only the looked-up rows are perturbed and descended.
+        Variants that combine gradients get dense ones.
+        """
+        own = SAM.__dict__
+        return not self.adaptive and all(
+            getattr(type(self), hook) is own[hook]
+            for hook in ("perturbation", "descent_gradients", "one_pass_gradients")
+        )
+
+    # ------------------------------------------------- trainer state (not the method's)
+    @property
+    def skipped_steps(self):
+        """The number of steps skipped because a loss or gradient was NaN or infinite.
+
+        A skipped step changes nothing but this count (and, under loss scaling, the
+        loss scale): weights, optimizer slots, `iterations`, BatchNorm statistics and
+        the method's state are left exactly as they were.
+        """
+        return self._skipped_steps
+
+    @property
+    def accumulation_variables(self):
+        """`(micro_steps, gradient_sums, state_sums)` under gradient accumulation."""
+        return self._micro_steps, list(self._gradient_sums), list(self._state_sums)
 
     # ------------------------------------------------------------ the custom loop
     def optimize(self, grad_func, variables):
@@ -259,6 +348,12 @@ class SAM(keras.optimizers.Optimizer):
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+        self._skipped_steps = self.add_variable(shape=(), dtype="int64", name="skipped_steps")
+        if self.accumulation_steps > 1:
+            self._micro_steps = self.add_variable(shape=(), dtype="int64", name="micro_steps")
+            self._gradient_sums = [
+                self.add_variable_from_reference(v, name="gradient_sum") for v in var_list
+            ]
         if self.skips_second_pass:
             # Fractional under m-sharpness, where each part decides for itself.
             self._second_passes = self.add_state_variable(name="second_passes")
@@ -275,18 +370,6 @@ class SAM(keras.optimizers.Optimizer):
             "`keras_sam.SAMModel(model).compile(optimizer=...)`, or in a custom loop "
             "call `optimizer.optimize(grad_func, variables)`."
         )
-
-    def build_once(self, variables):
-        """Builds the optimizer for these variables, unless it is built already."""
-        if not self.built:
-            with keras.name_scope(self.name, caller=self):
-                self.build(variables)
-            self.built = True
-
-    def apply_descent_gradients(self, gradients, variables):
-        """Hands the final gradients to the wrapped optimizer (used by the trainers)."""
-        self.build_once(variables)
-        self.inner_optimizer.apply(gradients, variables)
 
     @property
     def learning_rate(self):
@@ -315,6 +398,10 @@ class SAM(keras.optimizers.Optimizer):
             "eta": self.eta,
             "epsilon": self.epsilon,
             "perturb": _serialize_perturb(self.perturb),
+            "distributed_perturbation": self.distributed_perturbation,
+            "gradient_accumulation_steps": (
+                None if self.accumulation_steps == 1 else self.accumulation_steps
+            ),
         }
 
     @classmethod
@@ -331,6 +418,17 @@ class SAM(keras.optimizers.Optimizer):
         if "perturb" in config:
             config["perturb"] = _deserialize_perturb(config["perturb"], custom_objects)
         return cls(optimizer, **config)
+
+
+class _Slots:
+    """Model variable -> state variable, kept out of TensorFlow's tracking."""
+
+    def __init__(self, by_id):
+        self._by_id = by_id
+
+    def __getitem__(self, variable):
+        # A variable, or its `id` (as the dicts these replace were keyed).
+        return self._by_id[variable if isinstance(variable, int) else id(variable)]
 
 
 def adaptive_scales(variables, eta):
@@ -450,7 +548,29 @@ def _check_optimizer(class_name, optimizer):
             f"`optimizer` must be a plain Keras optimizer: `{class_name}` cannot wrap "
             f"another SAM method. Received: optimizer={optimizer!r}"
         )
+    steps_owner = optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        steps_owner = optimizer.inner_optimizer
+    if steps_owner.gradient_accumulation_steps:
+        raise ValueError(
+            f"Set `gradient_accumulation_steps` on `{class_name}`, not on the wrapped "
+            f"optimizer: `{class_name}(optimizer, gradient_accumulation_steps="
+            f"{steps_owner.gradient_accumulation_steps})` gives each micro-batch its own "
+            "perturbation and steps with the average SAM gradient. Received: "
+            f"optimizer.gradient_accumulation_steps={steps_owner.gradient_accumulation_steps}"
+        )
     return optimizer
+
+
+def _check_accumulation_steps(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            "`gradient_accumulation_steps` must be None or an integer >= 1. "
+            f"Received: gradient_accumulation_steps={value!r}"
+        )
+    return int(value)
 
 
 def _check_number(name, value, minimum, strict=False):

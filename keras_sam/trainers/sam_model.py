@@ -1,6 +1,7 @@
 """`SAMModel`: trains any Keras model with SAM through `fit`."""
 
 import numbers
+import warnings
 
 import keras
 
@@ -23,6 +24,17 @@ class SAMModel(keras.Model):
     Compiled with a plain Keras optimizer it trains exactly as the unwrapped model
     would. `evaluate` and `predict` are the inner model's, and `sam_model.model` is the
     plain inner model, for export without keras_sam.
+
+    Mixed precision: under the `mixed_float16` policy `compile` wraps the SAM optimizer
+    in a `keras.optimizers.LossScaleOptimizer`; both passes are then loss-scaled, and a
+    step with a non-finite value in either pass is skipped and lowers the scale. Under
+    `tf.distribute` strategies, build and compile the `SAMModel` in `strategy.scope()`;
+    the SAM optimizer's `distributed_perturbation` says how the replicas perturb.
+
+    Checkpoints: besides the weights, a `SAMModel` saves the inner model's random-seed
+    state (dropout masks), in `.keras` files and in `tf.train.Checkpoint`s, which Keras
+    leaves out (keras-team/keras#19796): training resumed from a checkpoint continues
+    bitwise as the uninterrupted run.
 
     Args:
         model: a built `keras.Model` (Sequential, functional or subclassed; several
@@ -75,6 +87,11 @@ class SAMModel(keras.Model):
         self.num_batch_splits = None if num_batch_splits is None else int(num_batch_splits)
         self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
         self.second_pass_tracker = keras.metrics.Mean(name="second_pass_rate")
+        if keras.backend.backend() == "tensorflow":
+            from keras_sam.trainers import tensorflow as tf_trainer
+
+            # Tracked by `tf.train.Checkpoint`, which does not follow seed generators.
+            self.rng_checkpoint = tf_trainer.checkpointable(self._rng_states())
         self.built = True
 
     def call(self, inputs, training=None):
@@ -82,14 +99,9 @@ class SAMModel(keras.Model):
 
     def train_step(self, data):
         optimizer = self.optimizer
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and isinstance(
-            optimizer.inner_optimizer, SAM
-        ):
-            raise ValueError(
-                "SAM with loss scaling (the `mixed_float16` dtype policy wraps the optimizer "
-                "in a `LossScaleOptimizer`) is not supported yet. Train in float32, or with "
-                "the `mixed_bfloat16` policy, which needs no loss scaling."
-            )
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # `compile` wraps the optimizer so under the `mixed_float16` policy.
+            optimizer = optimizer.inner_optimizer
         if not isinstance(optimizer, SAM):
             logs = super().train_step(data)
             logs.pop("sharpness", None)
@@ -108,6 +120,32 @@ class SAMModel(keras.Model):
         logs.pop("second_pass_rate", None)
         return logs
 
+    # ------------------------------------------------------------- checkpoints
+    def _rng_states(self):
+        """The inner model's seed-generator states: its variables that are not weights."""
+        weights = {id(w) for w in self.model.weights}
+        return [v for v in self.model.variables if id(v) not in weights]
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        for i, state in enumerate(self._rng_states()):
+            store[f"{_RNG_KEY}{i}"] = state
+
+    def load_own_variables(self, store):
+        rng_keys = [k for k in store.keys() if k.startswith(_RNG_KEY)]
+        super().load_own_variables(_Without(store, rng_keys))
+        states = self._rng_states()
+        if len(rng_keys) != len(states):  # a file written by another version
+            warnings.warn(
+                f"The file holds {len(rng_keys)} random-seed states for the "
+                f"{len(states)} of this model's layers: they are not restored, so dropout "
+                "masks will differ from those of the run that saved it.",
+                stacklevel=2,
+            )
+            return
+        for i, state in enumerate(states):
+            state.assign(store[f"{_RNG_KEY}{i}"])
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -125,3 +163,23 @@ class SAMModel(keras.Model):
             config.pop("model"), custom_objects=custom_objects
         )
         return cls(model, **config)
+
+
+_RNG_KEY = "rng_state_"
+
+
+class _Without:
+    """A read-only view of a Keras weights store without some of its keys."""
+
+    def __init__(self, store, keys):
+        self._store = store
+        self._keys = [k for k in store.keys() if k not in set(keys)]
+
+    def keys(self):
+        return list(self._keys)
+
+    def __getitem__(self, key):
+        return self._store[key]
+
+    def __len__(self):
+        return len(self._keys)

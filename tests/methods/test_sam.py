@@ -99,8 +99,9 @@ def test_variables_are_own_plus_inner():
     _train(_model(), sam, steps=1, sam=True)
     inner_ids = {id(v) for v in sam.inner_optimizer.variables}
     assert inner_ids <= {id(v) for v in sam.variables}
-    # SAM keeps no per-weight state of its own: only the base class's two scalars.
-    assert len(sam.variables) - len(sam.inner_optimizer.variables) == 2
+    # SAM keeps no per-weight state of its own: the base class's two scalars and the
+    # count of skipped (non-finite) steps.
+    assert len(sam.variables) - len(sam.inner_optimizer.variables) == 3
 
 
 # ----------------------------------------------------------- misuse is refused
@@ -164,9 +165,28 @@ def test_ints_are_accepted_for_floats_and_string_optimizers_resolve():
 # ------------------------------------------------------------ serialization
 def test_config_round_trip_keeps_every_argument():
     inner = keras.optimizers.SGD(0.03, momentum=0.8, clipnorm=2.0)
-    sam = keras_sam.SAM(inner, rho=0.2, adaptive=True, eta=0.03, epsilon=1e-9, name="my_sam")
+    sam = keras_sam.SAM(
+        inner,
+        rho=0.2,
+        adaptive=True,
+        eta=0.03,
+        epsilon=1e-9,
+        distributed_perturbation="synchronized",
+        gradient_accumulation_steps=3,
+        name="my_sam",
+    )
     config = sam.get_config()
-    assert set(config) == {"name", "optimizer", "rho", "adaptive", "eta", "epsilon", "perturb"}
+    assert set(config) == {
+        "name",
+        "optimizer",
+        "rho",
+        "adaptive",
+        "eta",
+        "epsilon",
+        "perturb",
+        "distributed_perturbation",
+        "gradient_accumulation_steps",
+    }
     revived = keras_sam.SAM.from_config(json.loads(json.dumps(config)))
     assert json.dumps(revived.get_config(), sort_keys=True) == json.dumps(config, sort_keys=True)
     assert revived.inner_optimizer.get_config() == inner.get_config()
@@ -215,7 +235,8 @@ def test_checkpoint_holds_no_copy_of_the_weights(tmp_path):
     sam_size = sum(int(np.prod(v.shape)) for v in sam.variables)
     plain_size = sum(int(np.prod(v.shape)) for v in plain.variables)
     assert plain_size == n_weights + 2  # momentum slots + iterations + learning rate
-    assert sam_size == plain_size + 2  # SAM's own two base-class scalars, nothing per weight
+    # SAM's own two base-class scalars and its skipped-step count, nothing per weight.
+    assert sam_size == plain_size + 3
 
 
 # ------------------------------------------------------------------- ASAM scope

@@ -350,7 +350,8 @@ def test_saved_model_keeps_the_variant_and_its_state(rng, tmp_path):
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert isinstance(loaded.optimizer, keras_sam.LookSAM) and loaded.optimizer.k == 3
     saved, restored = sam_model.optimizer.variables, loaded.optimizer.variables
-    assert len(saved) == len(restored) == 2 + 1 + 4 + 2  # own, counter, g_v slots, SGD's
+    # own, skipped steps, pass counter, g_v slots, SGD's
+    assert len(saved) == len(restored) == 2 + 1 + 1 + 4 + 2
     assert float(loaded.optimizer.second_passes.numpy()) == 2  # steps 0 and 3 of 4
     assert np.any(loaded.optimizer.state_variables[1].numpy())
     for a, b in zip(saved, restored, strict=True):

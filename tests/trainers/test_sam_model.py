@@ -400,12 +400,3 @@ def test_fit_compiled_with_xla_or_several_steps_per_execution_agrees(rng, compil
         results.append(model.get_weights())
     for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_mixed_float16_loss_scaling_is_refused_clearly():
-    keras.config.set_dtype_policy("mixed_float16")
-    model = _bn_dropout_model()
-    sam_model = keras_sam.SAMModel(model)
-    sam_model.compile(optimizer=keras_sam.SAM(keras.optimizers.SGD(0.1)), loss="mse")
-    with pytest.raises(ValueError, match="loss scaling .* not supported yet"):
-        sam_model.fit(np.zeros((4, 4)), np.zeros((4, 3)), verbose=0)
