@@ -36,6 +36,7 @@ def __getattr__(name):
         import importlib
 
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        _register()
         globals()[name] = value
         return value
     raise AttributeError(f"module 'keras_sam' has no attribute {name!r}")
@@ -43,3 +44,18 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(__all__)
+
+
+def _register():
+    """Imports the modules whose classes `keras.saving.load_model` must find by name."""
+    import keras_sam.methods  # noqa: F401
+    import keras_sam.trainers.sam_model  # noqa: F401
+
+
+# When Keras is already loaded (`import keras` above `import keras_sam`, the usual order),
+# registering costs nothing: do it now, so that `.keras` files load without touching a
+# keras_sam name first. Otherwise the first public name accessed registers everything.
+import sys as _sys  # noqa: E402
+
+if "keras" in _sys.modules:
+    _register()
