@@ -11,6 +11,7 @@ several reports side by side on the same axes and scales: `landscape_1d.png`,
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -124,20 +125,25 @@ def inspect_model(model, x, y, loss, settings=None, verbose=1, log=print):
         "ascent_steps": s.ascent_steps,
         "multi_step": multi["sharpness"],
     }
-    eigenvalues = timed(
-        "Hessian eigenvalues",
-        lambda: diagnostics.hessian_eigenvalues(
-            model,
-            x,
-            y,
-            k=s.k,
-            max_iterations=s.max_iterations,
-            tol=s.tol,
-            seed=s.seed,
-            verbose=quiet,
-            **common,
-        ),
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        eigenvalues = timed(
+            "Hessian eigenvalues",
+            lambda: diagnostics.hessian_eigenvalues(
+                model,
+                x,
+                y,
+                k=s.k,
+                max_iterations=s.max_iterations,
+                tol=s.tol,
+                seed=s.seed,
+                verbose=quiet,
+                **common,
+            ),
+        )
+    converged = not any("did not reach" in str(w.message) for w in caught)
+    if not converged:
+        log(f"  note: Lanczos did not reach tol={s.tol:g} in {s.max_iterations} iterations")
     trace = timed(
         "Hessian trace",
         lambda: diagnostics.hessian_trace(
@@ -146,6 +152,7 @@ def inspect_model(model, x, y, loss, settings=None, verbose=1, log=print):
     )
     report["hessian"] = {
         "top_eigenvalues": [float(v) for v in eigenvalues],
+        "eigenvalues_converged": converged,
         "trace": trace["trace"],
         "trace_standard_error": trace["standard_error"],
         "probes": s.probes,

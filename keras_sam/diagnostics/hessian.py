@@ -262,7 +262,7 @@ def _lanczos(matvec, dim, k, iterations, tol, rng, verbose):
             break
         if j + 1 == iterations:
             break
-        if beta <= 1e-7 * scale:
+        if beta <= 1e-6 * scale:
             # The Krylov space is exhausted: H maps it into itself. Go on from a new
             # random direction orthogonal to it (T gets a zero off-diagonal there).
             r = _orthogonalize(rng.standard_normal(dim), basis[: j + 1])
