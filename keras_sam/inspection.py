@@ -263,32 +263,39 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
         ax.set_xlabel("direction 1")
         ax.set_aspect("equal")
     axes[0][0].set_ylabel("direction 2")
-    fig.colorbar(filled, ax=axes[0].tolist(), label="loss (log scale)")
+    bar = fig.colorbar(filled, ax=axes[0].tolist(), label="loss (log scale)", ticks=levels[::3])
+    bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    bar.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     if title:
         fig.suptitle(title)
     paths.append(_save(fig, out_dir / f"{prefix}landscape_2d.png", plt))
 
     # The spectrum: top-k eigenvalues, and the trace in the legend.
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    everything = []
     for label in labels:
         hessian = reports[label]["hessian"]
         values = np.asarray(hessian["top_eigenvalues"])
+        everything.extend(values)
         ax.plot(
             np.arange(1, len(values) + 1),
             values,
             marker="o",
             label=f"{label}: trace {hessian['trace']:.1f} ± {hessian['trace_standard_error']:.1f}",
         )
-    ax.set_yscale("symlog", linthresh=1e-2)
+    if min(everything) > 0:
+        ax.set_yscale("log")
+    else:  # negative eigenvalues (away from a minimum): linear near zero
+        ax.set_yscale("symlog", linthresh=1e-2)
     ax.set_xlabel("rank")
     ax.set_ylabel("Hessian eigenvalue")
     ax.set_xticks(
         np.arange(1, max(len(reports[k]["hessian"]["top_eigenvalues"]) for k in labels) + 1)
     )
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     if title:
-        ax.set_title(title)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     paths.append(_save(fig, out_dir / f"{prefix}spectrum.png", plt))
     return paths
