@@ -84,7 +84,7 @@ def hessian_eigenvalues(
     they come last.
 
     Cost: one Hessian-vector product over all of `(x, y)` per iteration, usually 10 to
-    40 iterations for `k=1`; memory: `max_iterations` float32 copies of the weights.
+    40 iterations for `k=1`; memory: one float32 copy of the weights per iteration.
 
     Args:
         model: a Keras model.
@@ -235,20 +235,20 @@ def hessian_trace(
 
 def _lanczos(matvec, dim, k, iterations, tol, rng, verbose):
     """Lanczos with full re-orthogonalization; returns (values, vectors, converged)."""
-    basis = np.empty((iterations, dim), np.float32)
+    basis = []  # float32 rows, one per iteration: memory grows only as far as it runs
     alphas, betas = [], []
     start = rng.standard_normal(dim)
-    basis[0] = start / np.linalg.norm(start)
+    q = start / np.linalg.norm(start)
     bar = _engine.progress(iterations, verbose, "iteration", shown=["largest"])
     converged = False
     for j in range(iterations):
-        q = basis[j].astype(np.float64)
+        basis.append(q.astype(np.float32))
         r = matvec(q)
         alpha = float(q @ r)
         r -= alpha * q
         if j > 0:
             r -= betas[-1] * basis[j - 1]
-        r = _orthogonalize(r, basis[: j + 1])
+        r = _orthogonalize(r, basis)
         beta = float(np.linalg.norm(r))
         alphas.append(alpha)
         theta, s = np.linalg.eigh(_tridiagonal(alphas, betas))
@@ -265,28 +265,32 @@ def _lanczos(matvec, dim, k, iterations, tol, rng, verbose):
         if beta <= 1e-6 * scale:
             # The Krylov space is exhausted: H maps it into itself. Go on from a new
             # random direction orthogonal to it (T gets a zero off-diagonal there).
-            r = _orthogonalize(rng.standard_normal(dim), basis[: j + 1])
+            r = _orthogonalize(rng.standard_normal(dim), basis)
             betas.append(0.0)
-            basis[j + 1] = r / np.linalg.norm(r)
+            q = r / np.linalg.norm(r)
         else:
             betas.append(beta)
-            basis[j + 1] = r / beta
+            q = r / beta
     if bar is not None:
         bar.update(len(alphas), finalize=True)
     size = len(alphas)
-    if size < k:  # pragma: no cover - iterations >= k is checked by the caller
-        raise RuntimeError("Lanczos ran fewer iterations than the eigenvalues asked for.")
     values = theta[order]
-    vectors = [s[:, i] @ basis[:size].astype(np.float64) for i in order]
-    vectors = [v / np.linalg.norm(v) for v in vectors]
+    vectors = []
+    for i in order:
+        vector = np.zeros(dim)
+        for coefficient, row in zip(s[:, i], basis):
+            vector += coefficient * row
+        vectors.append(vector / np.linalg.norm(vector))
     return values.astype(np.float64), vectors, converged or size == dim
 
 
 def _orthogonalize(r, basis):
-    """`r` minus its projection on the rows of `basis`, twice ("twice is enough")."""
+    """`r` minus its projections on `basis`, by modified Gram-Schmidt, twice ("twice is
+    enough": one pass leaves errors of the order of rounding times the condition)."""
     for _ in range(2):
-        r = r - (basis.T @ (basis @ r.astype(np.float32))).astype(np.float64)
-    return r
+        for row in basis:
+            r = r - float(row @ r.astype(np.float32)) * row
+    return r.astype(np.float64)
 
 
 def _tridiagonal(alphas, betas):
