@@ -308,8 +308,9 @@ m-sharpness do not vanish and agree with the Hessian, which is why the library o
 The plain models trained twice as long (80 epochs, equal compute) are a warning. They fit
 every label, the noisy ones included, their training loss is about 0.005, and by the top
 eigenvalue, the trace and m-sharpness they are the flattest models here, although at 20 %
-and 40 % noise they generalize worst (on clean labels the three runs are within 0.2 points). The Hessian of the cross-entropy shrinks as the predictions saturate (its
-Gauss-Newton part is weighted by p(1 - p)), so curvature at minima of very different training
+and 40 % noise they generalize worst (on clean labels the three runs are within 0.2 points).
+The Hessian of the cross-entropy shrinks as the predictions saturate (its Gauss-Newton part is
+weighted by p(1 - p)), so curvature at minima of very different training
 loss is not comparable, and flatness alone does not rank generalization (the general point of
 Dinh et al., 2017). What does separate them is the width of the basin at a larger scale:
 along the same filter-normalized random directions their loss rises more than anyone's (last
