@@ -18,7 +18,7 @@ def hessian_vector_product(model, x, y, vector, *, loss=None, batch_size=256):
 
     No finite differences: the product is exact up to floating-point rounding. Each batch
     costs a forward pass, a backward pass, and the backward pass of that backward pass
-    (about 2.5 gradient evaluations; see `benchmarks/diagnostics.py`). The model runs in
+    (about 2.8 gradient evaluations; see `benchmarks/diagnostics.py`). The model runs in
     inference mode (`training=False`), on the data loss without regularization losses,
     and its weights are never written.
 
