@@ -46,5 +46,14 @@ bench: $(STAMP)
 results: $(STAMP) data
 	$(BIN)/python benchmarks/fashion_mnist.py
 
+# Diagnostics: what a Hessian-vector product and a 21x21 landscape cost; and the Hessian,
+# sharpness and landscapes of the models `make results` saved (a section of docs/RESULTS.md).
+.PHONY: bench-diagnostics inspect-results
+bench-diagnostics: $(STAMP) data
+	$(BIN)/python benchmarks/diagnostics.py
+
+inspect-results: $(STAMP) data
+	$(BIN)/python benchmarks/inspect_results.py --runs runs/results
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

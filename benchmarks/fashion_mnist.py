@@ -187,7 +187,7 @@ def write_report(results, args):
         minutes=seconds / 60,
     )
     text += _variants_section(results, args)
-    (docs / "RESULTS.md").write_text(text)
+    (docs / "RESULTS.md").write_text(text + _kept_sections(docs / "RESULTS.md"))
     print(table)
     print(f"Written: {docs / 'RESULTS.md'} and plots in {figures}/")
 
@@ -250,6 +250,20 @@ the fraction of steps that took the perturbed pass. Wall-clock time is not compa
 these runs shared the machine with other jobs. Step times measured side by side are in the
 README (`python benchmarks/step_time.py --methods`).
 """
+
+
+# Sections that other scripts append to RESULTS.md (benchmarks/inspect_results.py) start
+# with such a marker; rewriting the file keeps them.
+_KEPT_MARKER = "<!-- inspect_results: start"
+
+
+def _kept_sections(path):
+    try:
+        old = path.read_text()
+    except FileNotFoundError:
+        return ""
+    start = old.find(_KEPT_MARKER)
+    return "" if start < 0 else "\n" + old[start:]
 
 
 def _plot_summary(summary, args, path):

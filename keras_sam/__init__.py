@@ -32,6 +32,10 @@ _PUBLIC = {
 
 
 def __getattr__(name):
+    if name in ("datasets", "diagnostics", "models"):  # subpackages, imported on first use
+        import importlib
+
+        return importlib.import_module(f"keras_sam.{name}")
     if name in _PUBLIC:
         import importlib
 

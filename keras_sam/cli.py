@@ -55,6 +55,8 @@ def main(argv=None):
         help=f"the SAM method: {', '.join(METHODS[1:])} (sam)",
     )
     compare.add_argument("--out", default="runs/compare", help="output folder (runs/compare)")
+    _add_compare_inspect_argument(compare)
+    _add_inspect_parser(commands)
 
     args = parser.parse_args(argv)
     if args.command is None:
@@ -66,6 +68,8 @@ def main(argv=None):
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "inspect":
+            return _inspect(args)
         return _compare(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"keras-sam {args.command}: error: {error}", file=sys.stderr)
@@ -188,11 +192,12 @@ def _compare(args):
     ]
     data = prepare_data(plans[0][1], args.data_dir)
     _describe_data(plans[0][1], data)
-    runs = {}
+    runs, models = {}, {}
     for label, config in plans:
         print(f"\n== {label}: {config.method}, {config.epochs} epochs ==")
-        _, history = train(config, data, out_dir=out / label, verbose=2 if args.quiet else 1)
+        model, history = train(config, data, out_dir=out / label, verbose=2 if args.quiet else 1)
         runs[label] = (config, history)
+        models[label] = model
     table = report.comparison_table(runs)
     title = (
         f"{args.model} on {len(data.x_train):,} Fashion-MNIST examples, "
@@ -203,7 +208,238 @@ def _compare(args):
     (out / "results.md").write_text(text)
     print("\n" + table)
     print(f"Written: {out}/results.md, {out}/test_accuracy.png, {out}/sharpness.png")
+    if args.inspect:
+        _compare_inspection(args, {k: models[k] for k, _ in plans[:2]}, data, out, title)
     return 0
+
+
+def _add_compare_inspect_argument(compare):
+    compare.add_argument(
+        "--inspect",
+        action="store_true",
+        help="also inspect the plain and the SAM model on their training data (Hessian "
+        "eigenvalues and trace, sharpness, landscapes; a few minutes more) and draw them side "
+        "by side: inspect.json, inspect_landscape_1d.png, inspect_landscape_2d.png, "
+        "inspect_spectrum.png",
+    )
+
+
+def _add_inspect_parser(commands):
+    from keras_sam.inspection import InspectSettings
+
+    defaults = InspectSettings()
+    inspect = commands.add_parser(
+        "inspect",
+        help="measure a saved model: sharpness, Hessian eigenvalues and trace, loss landscape",
+        description="Loads MODEL (a .keras file, e.g. a run's model.keras) and measures it on "
+        "Fashion-MNIST: loss and accuracy, sharpness (first-order, m-sharpness, multi-step), "
+        "the top Hessian eigenvalues (Lanczos), the Hessian trace (Hutchinson) and the loss "
+        "landscape along filter-normalized random directions. Writes report.json, "
+        "landscape_1d.png, landscape_2d.png and spectrum.png. When a keras-sam run's "
+        "config.json lies next to MODEL, --split train rebuilds that run's training set "
+        "with the labels it was trained on (noisy ones included).",
+    )
+    inspect.add_argument("model", help="the .keras model file")
+    inspect.add_argument(
+        "--dataset",
+        type=lambda text: text.replace("-", "_"),
+        choices=["fashion_mnist"],
+        default="fashion_mnist",
+        help="fashion_mnist (or fashion-mnist)",
+    )
+    inspect.add_argument(
+        "--data-dir", default=None, help="folder with the four IDX files (default: search)"
+    )
+    inspect.add_argument(
+        "--split", choices=["train", "test"], default="train", help="data to measure on (train)"
+    )
+    inspect.add_argument(
+        "--examples",
+        type=int,
+        default=2000,
+        help="examples measured on, a seeded random subset; 0 for all (2000)",
+    )
+    inspect.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    inspect.add_argument(
+        "--rho", type=_non_negative, default=defaults.rho, help=f"sharpness radius ({defaults.rho})"
+    )
+    inspect.add_argument(
+        "--m", type=_positive_int, default=defaults.m, help=f"m-sharpness sub-batch ({defaults.m})"
+    )
+    inspect.add_argument(
+        "--ascent-steps",
+        type=_positive_int,
+        default=defaults.ascent_steps,
+        help=f"steps of the multi-step sharpness ({defaults.ascent_steps})",
+    )
+    inspect.add_argument(
+        "--k", type=_positive_int, default=defaults.k, help=f"top eigenvalues ({defaults.k})"
+    )
+    inspect.add_argument(
+        "--max-iterations",
+        type=_positive_int,
+        default=defaults.max_iterations,
+        help=f"Lanczos iterations at most ({defaults.max_iterations})",
+    )
+    inspect.add_argument(
+        "--probes",
+        type=_positive_int,
+        default=defaults.probes,
+        help=f"Hutchinson probes for the trace ({defaults.probes})",
+    )
+    inspect.add_argument(
+        "--grid",
+        type=_positive_int,
+        default=defaults.grid,
+        help=f"points per axis of the 2-D landscape ({defaults.grid})",
+    )
+    inspect.add_argument(
+        "--line-points",
+        type=_positive_int,
+        default=defaults.line_points,
+        help=f"points of the 1-D landscape ({defaults.line_points})",
+    )
+    inspect.add_argument(
+        "--span",
+        type=_non_negative,
+        default=defaults.span,
+        help=f"landscape coordinates in [-span, span] ({defaults.span})",
+    )
+    inspect.add_argument("--seed", type=int, default=defaults.seed, help="seed (0)")
+    inspect.add_argument("--out", default="runs/inspect", help="output folder (runs/inspect)")
+    inspect.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _inspect_settings(args):
+    from keras_sam.inspection import InspectSettings
+
+    return InspectSettings(
+        batch_size=args.batch_size,
+        rho=args.rho,
+        m=args.m,
+        ascent_steps=args.ascent_steps,
+        k=args.k,
+        max_iterations=max(args.max_iterations, args.k),
+        probes=max(args.probes, 2),
+        line_points=args.line_points,
+        grid=args.grid,
+        span=args.span,
+        seed=args.seed,
+    )
+
+
+def _inspect(args):
+    from pathlib import Path
+
+    from keras_sam import inspection
+
+    if args.examples < 0:
+        raise ValueError(f"--examples must be >= 0 (0: all). Received: {args.examples}")
+    model_path = Path(args.model)
+    model = inspection.load_model(model_path)
+    x, y, description = _inspect_data(args, model_path)
+    loss = inspection.default_loss(model)
+    print(f"{model_path}: {model.name}; {description}")
+    report = inspection.inspect_model(
+        model, x, y, loss, _inspect_settings(args), verbose=0 if args.quiet else 1
+    )
+    report = {
+        "model": str(model_path),
+        "data": {"dataset": args.dataset, "split": args.split, "examples": len(y)}
+        | {"description": description},
+        "loss_function": type(loss).__name__,
+        **report,
+    }
+    out = Path(args.out)
+    inspection.write_json(report, out / "report.json")
+    inspection.plot_reports({model_path.parent.name or model.name: report}, out, title=description)
+    print("\n".join(inspection.summary_lines(model.name, report)))
+    print(f"Written: {out}/report.json, landscape_1d.png, landscape_2d.png, spectrum.png")
+    return 0
+
+
+def _inspect_data(args, model_path):
+    """The examples to measure on, and a sentence saying what they are."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from keras_sam.training import RunConfig, prepare_data
+
+    config_path = model_path.parent / "config.json"
+    run = None
+    if args.split == "train" and config_path.is_file():
+        try:
+            saved = json.loads(config_path.read_text())
+            fields = {f.name for f in dataclasses.fields(RunConfig)}
+            run = RunConfig(**{k: v for k, v in saved.items() if k in fields})
+        except (json.JSONDecodeError, TypeError, ValueError):
+            run = None
+    if run is not None:
+        data = prepare_data(run, args.data_dir)
+        x, y = data.x_train, data.y_train
+        where = (
+            f"the run's training set ({len(y):,} examples, seed {run.seed}, "
+            f"{100 * data.noise_fraction:.0f} % labels flipped as trained)"
+        )
+    else:
+        data = prepare_data(RunConfig(train_size=0, seed=args.seed), args.data_dir)
+        x, y = (data.x_train, data.y_train) if args.split == "train" else (data.x_test, data.y_test)
+        where = f"Fashion-MNIST {args.split} set (clean labels)"
+    count = len(y) if args.examples == 0 else min(args.examples, len(y))
+    if count < len(y):
+        keep = np.random.default_rng(args.seed).permutation(len(y))[:count]
+        x, y = x[keep], y[keep]
+        where += f", a random subset of {count:,} (seed {args.seed})"
+    return x, y, f"measured on {where}"
+
+
+def _compare_inspection(args, models, data, out, title):
+    from keras_sam import inspection
+    from keras_sam.diagnostics import loss_landscape
+
+    settings = inspection.InspectSettings()
+    reports = {}
+    for label, model in models.items():
+        print(f"\n== inspecting {label} on its {len(data.y_train):,} training examples ==")
+        loss = inspection.default_loss(model)
+        reports[label] = inspection.inspect_model(
+            model, data.x_train, data.y_train, loss, settings, verbose=2 if args.quiet else 1
+        )
+        print("\n".join(inspection.summary_lines(label, reports[label])))
+    (first, model_a), (second, model_b) = models.items()
+    print(f"\n== the line from {first} to {second} ==")
+    line = loss_landscape(
+        model_a,
+        data.x_train,
+        data.y_train,
+        loss=inspection.default_loss(model_a),
+        batch_size=settings.batch_size,
+        to_model=model_b,
+        verbose=2 if args.quiet else 1,
+    )
+    inspection.write_json(
+        {
+            "data": f"the {len(data.y_train):,} training examples, with the labels trained on",
+            "models": reports,
+            "interpolation": {
+                "from": first,
+                "to": second,
+                "coordinates": line["coordinates"].tolist(),
+                "loss": line["loss"].tolist(),
+                "accuracy": None if line["accuracy"] is None else line["accuracy"].tolist(),
+            },
+        },
+        out / "inspect.json",
+    )
+    inspection.plot_reports(
+        reports, out, title=title, prefix="inspect_", interpolation=((first, second), line)
+    )
+    print(
+        f"Written: {out}/inspect.json, inspect_landscape_1d.png, inspect_landscape_2d.png, "
+        "inspect_spectrum.png"
+    )
 
 
 def _playground(args):

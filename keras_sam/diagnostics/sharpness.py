@@ -1,66 +1,184 @@
-"""First-order sharpness: `L(w + e) - L(w)` with SAM's `e = rho g / ||g||`."""
+"""Sharpness: how much the loss rises in the worst direction within a radius `rho`."""
+
+import numbers
 
 import keras
 import tensorflow as tf
 
 from keras_sam import maths
+from keras_sam.diagnostics import _engine
 from keras_sam.methods.sam import adaptive_scales
 
 
-def sharpness(model, x, y, *, loss=None, batch_size=256, rho=0.05, adaptive=False, eta=0.01):
-    """The loss increase at SAM's worst-case point of radius `rho`, over the whole data.
+def sharpness(
+    model,
+    x,
+    y=None,
+    *,
+    loss=None,
+    batch_size=256,
+    rho=0.05,
+    m=None,
+    ascent_steps=1,
+    ascent_step_size=None,
+    adaptive=False,
+    eta=0.01,
+    verbose=0,
+):
+    """The loss increase at the worst point of radius `rho` that gradient ascent finds.
+
+    First-order (the default, SAM's own estimate), over all of `(x, y)`:
 
     ```
-    g = grad L(w)                  # L: mean loss over all of (x, y), in batches
-    e = rho * g / ||g||            # ASAM: rho * T^2 g / ||T g||
+    g = grad L(w)                  # L: the mean loss over all of (x, y), in batches
+    e = rho * g / ||g||            # ASAM: rho * T^2 g / ||T g||, T = |w| + eta
     sharpness = L(w + e) - L(w)
     ```
 
+    m-sharpness (`m=...`, Foret et al., Section 4.1): the data, in the order given, are
+    cut into consecutive sub-batches `B_1, B_2, ...` of `m` examples (the last may be
+    smaller), each gets its own perturbation from its own gradient, and the increases are
+    averaged, weighted by sub-batch size:
+
+    ```
+    e_k = rho * grad L_Bk(w) / ||grad L_Bk(w)||
+    sharpness = sum_k |B_k| / n * (L_Bk(w + e_k) - L_Bk(w))
+    ```
+
+    Multi-step ascent (`ascent_steps=K > 1`): projected, normalized gradient ascent in
+    the ball `||e|| <= rho` (`||e / T|| <= rho` for ASAM), starting from `e_0 = 0`, and the
+    largest loss met on the way. The first step of size `rho` is SAM's point, so the
+    estimate is never below the first-order one:
+
+    ```
+    e_t = P(e_{t-1} + a * g_{t-1} / ||g_{t-1}||),  g_t = grad L(w + e_t),  t = 1..K
+    sharpness = max_t L(w + e_t) - L(w)    # P: projection onto the ball, a: step size
+    ```
+
+    The model runs in inference mode (`training=False`: BatchNorm uses its moving
+    statistics, dropout is off) and the loss is the data loss, without the model's
+    regularization losses. The weights are never written: perturbed weights are read
+    through a `keras.StatelessScope`.
+
+    Cost: `K` gradient passes and one forward pass over the data (first-order: one of
+    each), in batches of `batch_size`; with `m`, the same per sub-batch.
+
     Args:
-        model: a Keras model (run in inference mode, so BatchNorm uses its statistics).
-        x, y: arrays of inputs and integer or one-hot targets.
-        loss: a Keras loss; defaults to the model's compiled loss.
+        model: a Keras model.
+        x: inputs (array, tensor or a structure of them), or a `tf.data.Dataset` yielding
+            `(x, y)` batches (read into memory once; then `y` is `None`).
+        y: targets (integer labels or one-hot, or regression targets).
+        loss: a Keras loss (name, function or `keras.losses.Loss`) averaging over
+            examples; defaults to the model's compiled loss.
         batch_size: int, examples per forward pass. Defaults to 256.
-        rho: float, the radius. Defaults to 0.05.
-        adaptive: bool, ASAM's scaled neighbourhood. Defaults to `False`.
+        rho: float >= 0, the radius. Defaults to 0.05.
+        m: int or `None`, the sub-batch size of m-sharpness; `None` for one perturbation
+            over the whole data. Defaults to `None`.
+        ascent_steps: int >= 1, gradient-ascent steps. Defaults to 1 (first-order).
+        ascent_step_size: float > 0, the length `a` of each ascent step (before the
+            projection). Defaults to `rho`.
+        adaptive: bool, ASAM's scale-invariant neighbourhood. Defaults to `False`.
         eta: float, ASAM's offset. Defaults to 0.01.
+        verbose: 0 (silent), 1 (progress bar) or 2 (one line at the end). Defaults to 0.
 
     Returns:
-        A dict: `loss` L(w), `perturbed_loss` L(w + e) and `sharpness`, Python floats.
+        A dict: `loss` L(w), `perturbed_loss` (L(w + e), or the average of the sub-batch
+        values with `m`), `sharpness` (their difference), Python floats, and the settings
+        `rho`, `m` and `ascent_steps`.
+
+    Example:
+
+    ```python
+    keras_sam.diagnostics.sharpness(model, x, y, rho=0.05)["sharpness"]
+    keras_sam.diagnostics.sharpness(model, x, y, rho=0.05, m=32)         # m-sharpness
+    keras_sam.diagnostics.sharpness(model, x, y, rho=0.05, ascent_steps=5)
+    ```
+
+    References:
+        - Foret et al., Sharpness-Aware Minimization for Efficiently Improving
+          Generalization, ICLR 2021 (m-sharpness: Section 4.1).
+          https://arxiv.org/abs/2010.01412
+        - Keskar et al., On Large-Batch Training for Deep Learning: Generalization Gap
+          and Sharp Minima, ICLR 2017. https://arxiv.org/abs/1609.04836
     """
-    loss_fn = _loss(model, loss)
-    variables = model.trainable_variables
-    n = len(x)
-    gradients = [tf.zeros_like(v.value) for v in variables]
-    clean = 0.0
-    for start in range(0, n, batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        with tf.GradientTape() as tape:
-            batch_loss = keras.ops.mean(loss_fn(yb, model(xb, training=False)))
-        weight = len(xb) / n
-        clean += float(batch_loss) * weight
-        for i, g in enumerate(tape.gradient(batch_loss, variables)):
-            if g is not None:
-                gradients[i] += tf.convert_to_tensor(g) * weight
-    scales = adaptive_scales(variables, eta) if adaptive else None
-    perturbation = maths.sam_perturbation(gradients, rho, scales=scales)
-    mapping = [(v, v.value + e) for v, e in zip(variables, perturbation)]
-    perturbed = 0.0
-    with keras.StatelessScope(state_mapping=mapping):
-        for start in range(0, n, batch_size):
-            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            batch_loss = keras.ops.mean(loss_fn(yb, model(xb, training=False)))
-            perturbed += float(batch_loss) * len(xb) / n
-    return {"loss": clean, "perturbed_loss": perturbed, "sharpness": perturbed - clean}
+    batch_size = _engine.check_positive_int("batch_size", batch_size)
+    rho = _engine.check_non_negative("rho", rho)
+    if m is not None:
+        m = _engine.check_positive_int("m", m)
+    ascent_steps = _engine.check_positive_int("ascent_steps", ascent_steps)
+    step_size = rho if ascent_step_size is None else _check_step_size(ascent_step_size)
+    eta = _engine.check_non_negative("eta", eta)
+    verbose = _engine.check_verbose(verbose)
+    loss_fn = _engine.loss_function(model, loss)
+    x, y = _engine.data_arrays(x, y)
+    passes = _engine.Passes(model, loss_fn, x, y, batch_size)
+    weights = _engine.snapshot(passes.variables)
+    scales = adaptive_scales(passes.variables, eta) if adaptive else None
 
-
-def _loss(model, loss):
-    if loss is not None:
-        return keras.losses.get(loss)
-    compiled = getattr(model, "loss", None)
-    if compiled is None:
-        raise ValueError(
-            "`loss` is required when the model is not compiled with a loss. "
-            f"Received: loss=None for the uncompiled model {model.name!r}"
+    n = _engine.num_examples(x)
+    size = n if m is None else m
+    parts = [(start, min(start + size, n)) for start in range(0, n, size)]
+    bar = _engine.progress(len(parts), verbose, "sub-batch" if m else "pass")
+    clean = perturbed = 0.0
+    for i, (start, stop) in enumerate(parts):
+        part_x, part_y = _engine.take(x, start, stop), y[start:stop]
+        part_clean, part_perturbed = _ascent(
+            passes, weights, scales, part_x, part_y, rho, ascent_steps, step_size
         )
-    return keras.losses.get(compiled)
+        weight = (stop - start) / n
+        clean += part_clean * weight
+        perturbed += part_perturbed * weight
+        if bar is not None:
+            bar.update(i + 1)
+    return {
+        "loss": clean,
+        "perturbed_loss": perturbed,
+        "sharpness": perturbed - clean,
+        "rho": rho,
+        "m": m,
+        "ascent_steps": ascent_steps,
+    }
+
+
+def _ascent(passes, weights, scales, x, y, rho, steps, step_size):
+    """`(L(w), max_t L(w + e_t))` on `(x, y)`, by `steps` projected ascent steps."""
+    clean, gradient = passes.loss_and_gradient(weights, x, y)
+    perturbation = [tf.zeros_like(w) for w in weights]
+    largest = -float("inf")
+    for t in range(steps):
+        step = maths.sam_perturbation(gradient, step_size, scales=scales)
+        perturbation = _project([e + s for e, s in zip(perturbation, step)], rho, scales)
+        point = [w + e for w, e in zip(weights, perturbation)]
+        if t + 1 < steps:
+            value, gradient = passes.loss_and_gradient(point, x, y)
+        else:
+            value, _ = passes.loss(point, x, y)
+        largest = max(largest, value)
+    return clean, largest
+
+
+def _project(perturbation, rho, scales):
+    """Scales `e` back onto the ball `||e / T|| <= rho` when it left it."""
+    if scales is None:
+        scales = [None] * len(perturbation)
+    scaled = [
+        e if s is None else e / keras.ops.cast(s, e.dtype) for e, s in zip(perturbation, scales)
+    ]
+    norm = float(maths.global_norm(scaled))
+    if norm <= rho or norm == 0.0:
+        return perturbation
+    return [e * keras.ops.cast(rho / norm, e.dtype) for e in perturbation]
+
+
+def _check_step_size(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not value > 0
+        or value == float("inf")
+    ):
+        raise ValueError(
+            "`ascent_step_size` must be a number > 0 (or None for rho). "
+            f"Received: ascent_step_size={value!r}"
+        )
+    return float(value)

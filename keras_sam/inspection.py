@@ -1,0 +1,322 @@
+"""Inspecting trained models: the engine behind `keras-sam inspect` and `compare --inspect`.
+
+`inspect_model` runs every diagnostic on one model and returns a JSON-ready report:
+loss and accuracy, sharpness (first-order, m-sharpness, multi-step ascent), the top
+Hessian eigenvalues, the Hessian trace with its standard error, and the loss landscape
+along one and two filter-normalized random directions. `plot_reports` draws one or
+several reports side by side on the same axes and scales: `landscape_1d.png`,
+`landscape_2d.png` and `spectrum.png`.
+"""
+
+import dataclasses
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class InspectSettings:
+    """What `inspect_model` measures, and how much it spends on it."""
+
+    batch_size: int = 500
+    rho: float = 0.05  # sharpness radius
+    m: int = 32  # m-sharpness sub-batch size
+    ascent_steps: int = 5  # multi-step sharpness
+    k: int = 5  # top Hessian eigenvalues
+    max_iterations: int = 100  # Lanczos iterations at most
+    tol: float = 1e-3  # Lanczos relative residual
+    probes: int = 50  # Hutchinson probes for the trace
+    line_points: int = 41  # points of the 1-D landscape
+    grid: int = 21  # points per axis of the 2-D landscape (grid x grid)
+    span: float = 1.0  # landscape coordinates in [-span, span]
+    seed: int = 0  # directions, probes and the Lanczos start
+
+
+def load_model(path):
+    """Loads a `.keras` model (keras_sam's classes registered); clear errors otherwise.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: `path` is not a readable `.keras` model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    if path.suffix != ".keras":
+        raise ValueError(f"{path} is not a .keras file (save models with model.save('x.keras'))")
+    import keras
+
+    import keras_sam.methods.sam  # noqa: F401  (registers SAM)
+    import keras_sam.trainers.sam_model  # noqa: F401  (registers SAMModel)
+
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as error:  # Keras raises many types for a damaged archive
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"could not load {path} as a Keras model ({reason[:200]})") from None
+    return model
+
+
+def default_loss(model):
+    """The model's compiled loss, else sparse categorical cross-entropy (on logits,
+    unless the last layer applies a softmax)."""
+    import keras
+
+    compiled = getattr(model, "loss", None)
+    if compiled is not None and not isinstance(compiled, (list, tuple, dict)):
+        return keras.losses.get(compiled)
+    activation = getattr(model.layers[-1], "activation", None) if model.layers else None
+    from_logits = getattr(activation, "__name__", "") != "softmax"
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+
+
+def inspect_model(model, x, y, loss, settings=None, verbose=1, log=print):
+    """Runs every diagnostic on `model` over `(x, y)`; returns a JSON-ready dict."""
+    from keras_sam import diagnostics
+
+    s = settings or InspectSettings()
+    common = {"loss": loss, "batch_size": s.batch_size}
+    quiet = 0 if verbose == 0 else 2 if verbose == 2 else 1
+    report = {"parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
+    seconds = {}
+
+    def timed(name, function):
+        log(f"  {name} ...")
+        start = time.perf_counter()
+        result = function()
+        seconds[name] = round(time.perf_counter() - start, 2)
+        return result
+
+    at_weights = diagnostics.loss_landscape(model, x, y, coordinates=[0.0], verbose=0, **common)
+    report["loss"] = float(at_weights["loss"][0])
+    report["accuracy"] = (
+        None if at_weights["accuracy"] is None else float(at_weights["accuracy"][0])
+    )
+    first = timed("sharpness", lambda: diagnostics.sharpness(model, x, y, rho=s.rho, **common))
+    m_sharp = timed(
+        "m-sharpness", lambda: diagnostics.sharpness(model, x, y, rho=s.rho, m=s.m, **common)
+    )
+    multi = timed(
+        "multi-step sharpness",
+        lambda: diagnostics.sharpness(
+            model, x, y, rho=s.rho, ascent_steps=s.ascent_steps, **common
+        ),
+    )
+    line = timed(
+        "landscape (1-D)",
+        lambda: diagnostics.loss_landscape(
+            model,
+            x,
+            y,
+            coordinates=np.linspace(-s.span, s.span, s.line_points),
+            seed=s.seed,
+            verbose=quiet,
+            **common,
+        ),
+    )
+    report["sharpness"] = {
+        "rho": s.rho,
+        "first_order": first["sharpness"],
+        "m": s.m,
+        "m_sharpness": m_sharp["sharpness"],
+        "ascent_steps": s.ascent_steps,
+        "multi_step": multi["sharpness"],
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        eigenvalues = timed(
+            "Hessian eigenvalues",
+            lambda: diagnostics.hessian_eigenvalues(
+                model,
+                x,
+                y,
+                k=s.k,
+                max_iterations=s.max_iterations,
+                tol=s.tol,
+                seed=s.seed,
+                verbose=quiet,
+                **common,
+            ),
+        )
+    converged = not any("did not reach" in str(w.message) for w in caught)
+    if not converged:
+        log(f"  note: Lanczos did not reach tol={s.tol:g} in {s.max_iterations} iterations")
+    trace = timed(
+        "Hessian trace",
+        lambda: diagnostics.hessian_trace(
+            model, x, y, num_probes=s.probes, seed=s.seed, verbose=quiet, **common
+        ),
+    )
+    report["hessian"] = {
+        "top_eigenvalues": [float(v) for v in eigenvalues],
+        "eigenvalues_converged": converged,
+        "trace": trace["trace"],
+        "trace_standard_error": trace["standard_error"],
+        "probes": s.probes,
+    }
+    plane = timed(
+        "landscape (2-D)",
+        lambda: diagnostics.loss_landscape(
+            model,
+            x,
+            y,
+            dimensions=2,
+            coordinates=np.linspace(-s.span, s.span, s.grid),
+            seed=s.seed,
+            verbose=quiet,
+            **common,
+        ),
+    )
+    report["landscape"] = {
+        "normalization": "filter",
+        "seed": s.seed,
+        "line": _landscape_json(line),
+        "plane": _landscape_json(plane),
+    }
+    report["seconds"] = seconds
+    return report
+
+
+def _landscape_json(result):
+    coordinates = result["coordinates"]
+    if isinstance(coordinates, tuple):
+        coordinates = [np.asarray(c).tolist() for c in coordinates]
+    else:
+        coordinates = np.asarray(coordinates).tolist()
+    accuracy = result["accuracy"]
+    return {
+        "coordinates": coordinates,
+        "loss": np.asarray(result["loss"]).tolist(),
+        "accuracy": None if accuracy is None else np.asarray(accuracy).tolist(),
+    }
+
+
+def write_json(report, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
+    """Draws the reports (`label -> report`) side by side on shared axes and scales.
+
+    Writes `{prefix}landscape_1d.png` (every model's curve on one axes; with
+    `interpolation`, a second panel with the loss on the line between two models),
+    `{prefix}landscape_2d.png` (one contour panel per model, same levels) and
+    `{prefix}spectrum.png` (top eigenvalues, log scale). Returns the paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = list(reports)
+    paths = []
+
+    # 1-D: loss (and accuracy) along the first direction.
+    panels = 2 if interpolation is None else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4))
+    for label in labels:
+        line = reports[label]["landscape"]["line"]
+        axes[0].plot(line["coordinates"], line["loss"], label=label)
+        if line["accuracy"] is not None:
+            axes[1].plot(line["coordinates"], 100 * np.asarray(line["accuracy"]), label=label)
+    axes[0].set_ylabel("loss")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("accuracy (%)")
+    for ax in axes[:2]:
+        ax.set_xlabel("step along a filter-normalized random direction")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if interpolation is not None:
+        names, result = interpolation
+        axes[2].plot(result["coordinates"], result["loss"], color="black")
+        axes[2].set_yscale("log")
+        axes[2].axvline(0, color="grey", lw=0.8)
+        axes[2].axvline(1, color="grey", lw=0.8)
+        axes[2].set_xlabel(f"t: (1 - t) {names[0]} + t {names[1]}")
+        axes[2].set_ylabel("loss")
+        axes[2].grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir / f"{prefix}landscape_1d.png", plt))
+
+    # 2-D: contours on shared log-spaced levels.
+    planes = [reports[label]["landscape"]["plane"] for label in labels]
+    low = max(min(float(np.min(p["loss"])) for p in planes), 1e-4)
+    high = max(float(np.max(p["loss"])) for p in planes)
+    levels = np.geomspace(low, max(high, low * 1.01), 16)
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.6 * len(labels) + 1, 4.2), squeeze=False)
+    norm = matplotlib.colors.LogNorm(vmin=levels[0], vmax=levels[-1])
+    for ax, label, plane in zip(axes[0], labels, planes):
+        a, b = (np.asarray(c) for c in plane["coordinates"])
+        loss = np.clip(np.asarray(plane["loss"]).T, levels[0], levels[-1])
+        filled = ax.contourf(a, b, loss, levels=levels, norm=norm, cmap="viridis")
+        ax.contour(a, b, loss, levels=levels, colors="white", linewidths=0.4)
+        ax.plot([0], [0], marker="+", color="red")
+        ax.set_title(label)
+        ax.set_xlabel("direction 1")
+        ax.set_aspect("equal")
+    axes[0][0].set_ylabel("direction 2")
+    bar = fig.colorbar(filled, ax=axes[0].tolist(), label="loss (log scale)", ticks=levels[::3])
+    bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    bar.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if title:
+        fig.suptitle(title)
+    paths.append(_save(fig, out_dir / f"{prefix}landscape_2d.png", plt))
+
+    # The spectrum: top-k eigenvalues, and the trace in the legend.
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    everything = []
+    for label in labels:
+        hessian = reports[label]["hessian"]
+        values = np.asarray(hessian["top_eigenvalues"])
+        everything.extend(values)
+        ax.plot(
+            np.arange(1, len(values) + 1),
+            values,
+            marker="o",
+            label=f"{label}: trace {hessian['trace']:.1f} ± {hessian['trace_standard_error']:.1f}",
+        )
+    if min(everything) > 0:
+        ax.set_yscale("log")
+    else:  # negative eigenvalues (away from a minimum): linear near zero
+        ax.set_yscale("symlog", linthresh=1e-2)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("Hessian eigenvalue")
+    ax.set_xticks(
+        np.arange(1, max(len(reports[k]["hessian"]["top_eigenvalues"]) for k in labels) + 1)
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir / f"{prefix}spectrum.png", plt))
+    return paths
+
+
+def _save(fig, path, plt):
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summary_lines(label, report):
+    """A few human-readable lines for the terminal."""
+    h, s = report["hessian"], report["sharpness"]
+    accuracy = report["accuracy"]
+    acc = "n/a" if accuracy is None else f"{100 * accuracy:.2f} %"
+    return [
+        f"{label}: loss {report['loss']:.4f}, accuracy {acc}",
+        f"  sharpness (rho={s['rho']:g}): first-order {s['first_order']:.4f}, "
+        f"m={s['m']} {s['m_sharpness']:.4f}, {s['ascent_steps']}-step {s['multi_step']:.4f}",
+        "  top Hessian eigenvalues: " + ", ".join(f"{v:.3g}" for v in h["top_eigenvalues"]),
+        f"  Hessian trace: {h['trace']:.4g} ± {h['trace_standard_error']:.2g} "
+        f"({h['probes']} probes)",
+    ]

@@ -1,0 +1,141 @@
+"""`keras-sam inspect` on tiny saved models, and `compare --inspect`."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_sam import cli, inspection
+from keras_sam.datasets import fashion_mnist
+
+DATA = fashion_mnist.find_data_dir()
+needs_data = pytest.mark.skipif(
+    not os.path.exists(os.path.join(DATA, "train-images-idx3-ubyte.gz"))
+    and not os.path.exists(os.path.join(DATA, "train-images-idx3-ubyte")),
+    reason="Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist`",
+)
+FAST = [
+    "--examples", "64", "--batch-size", "32", "--k", "2", "--max-iterations", "8",
+    "--probes", "3", "--grid", "3", "--line-points", "3", "--m", "16", "--ascent-steps", "2",
+    "--quiet",
+]  # fmt: skip
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny_classifier():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.AveragePooling2D(4),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+@needs_data
+def test_inspect_writes_a_report_and_three_pictures(tmp_path, capsys):
+    path = tmp_path / "model.keras"
+    _tiny_classifier().save(path)
+    out = tmp_path / "inspect"
+    assert cli.main(["inspect", str(path), *FAST, "--split", "test", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["examples"] == 64 and report["data"]["split"] == "test"
+    assert report["loss_function"] == "SparseCategoricalCrossentropy"
+    # The loss and accuracy are the model's own on the same 64 test images.
+    (_, _), (x_test, y_test) = fashion_mnist.load_data()
+    keep = np.random.default_rng(0).permutation(len(y_test))[:64]
+    x = (x_test[keep].astype("float32") / 255.0)[..., None]
+    logits = keras.saving.load_model(path).predict(x, verbose=0)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y_test[keep], logits)
+    assert report["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert report["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == y_test[keep]))
+    values = report["hessian"]["top_eigenvalues"]
+    assert len(values) == 2 and values[0] >= values[1]
+    assert np.isfinite(report["hessian"]["trace"]) and report["hessian"]["probes"] == 3
+    assert report["sharpness"]["m"] == 16 and report["sharpness"]["ascent_steps"] == 2
+    assert report["sharpness"]["multi_step"] >= report["sharpness"]["first_order"] - 1e-6
+    assert np.asarray(report["landscape"]["plane"]["loss"]).shape == (3, 3)
+    assert report["landscape"]["line"]["loss"][1] == pytest.approx(report["loss"], rel=1e-5)
+    for name in ("landscape_1d.png", "landscape_2d.png", "spectrum.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    printed = capsys.readouterr().out
+    assert "top Hessian eigenvalues" in printed and "Fashion-MNIST test set" in printed
+
+
+@needs_data
+def test_inspect_rebuilds_a_runs_training_set_and_loads_a_sam_model(tmp_path, capsys):
+    import keras_sam
+
+    inner = _tiny_classifier()
+    wrapped = keras_sam.SAMModel(inner)
+    wrapped.compile(
+        optimizer=keras_sam.SAM(keras.optimizers.SGD(0.1), rho=0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    wrapped.save(run / "model.keras")
+    config = {"train_size": 300, "label_noise": 0.4, "seed": 2, "method": "sam"}
+    (run / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "inspect"
+    argv = ["inspect", str(run / "model.keras"), *FAST, "--examples", "0", "--out", str(out)]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["examples"] == 300
+    assert "40 % labels flipped as trained" in report["data"]["description"]
+
+
+def test_a_missing_model_file_is_a_one_line_error(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "absent.keras"), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"keras-sam inspect: error: no model file at {tmp_path / 'absent.keras'}"
+
+
+def test_a_corrupt_model_file_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "broken.keras"
+    path.write_bytes(b"this is not a zip archive")
+    assert cli.main(["inspect", str(path), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"keras-sam inspect: error: could not load {path} as a Keras model")
+    assert "\n" not in err
+
+
+def test_a_file_that_is_not_a_keras_archive_is_refused(tmp_path, capsys):
+    path = tmp_path / "weights.h5"
+    path.write_bytes(b"\x89HDF")
+    assert cli.main(["inspect", str(path), "--out", str(tmp_path)]) == 1
+    assert "is not a .keras file" in capsys.readouterr().err
+
+
+def test_the_dataset_may_be_spelled_with_a_hyphen(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "a.keras"), "--dataset", "fashion-mnist"]) == 1
+    assert "no model file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["inspect", "a.keras", "--dataset", "mnist"])
+
+
+@pytest.mark.slow
+@needs_data
+def test_compare_inspect_draws_both_models_side_by_side(tmp_path, capsys, monkeypatch):
+    small = inspection.InspectSettings(
+        batch_size=100, k=2, max_iterations=6, probes=2, line_points=3, grid=3, m=50,
+        ascent_steps=2,
+    )  # fmt: skip
+    monkeypatch.setattr(inspection, "InspectSettings", lambda: small)
+    out = tmp_path / "cmp"
+    argv = ["compare", "--train-size", "200", "--epochs", "1", "--batch-size", "50", "--quiet"]
+    assert cli.main([*argv, "--inspect", "--out", str(out)]) == 0
+    combined = json.loads((out / "inspect.json").read_text())
+    assert list(combined["models"]) == ["plain", "sam"]
+    assert combined["interpolation"]["from"] == "plain" and combined["interpolation"]["to"] == "sam"
+    losses = combined["interpolation"]["loss"]
+    coordinates = combined["interpolation"]["coordinates"]
+    at = {round(t, 6): v for t, v in zip(coordinates, losses)}
+    assert at[0.0] == pytest.approx(combined["models"]["plain"]["loss"], rel=1e-5)
+    assert at[1.0] == pytest.approx(combined["models"]["sam"]["loss"], rel=1e-5)
+    for name in ("inspect_landscape_1d.png", "inspect_landscape_2d.png", "inspect_spectrum.png"):
+        assert (out / name).read_bytes()[:8] == PNG
