@@ -150,6 +150,9 @@ class SAM(keras.optimizers.Optimizer):
         epsilon = _check_number("epsilon", epsilon, minimum=0.0, strict=True)
         perturb = _check_perturb(perturb)
         super().__init__(learning_rate=0.0, name=name)
+        # Created with `iterations`, not in `build`: a compiled but untrained model then
+        # saves as many optimizer variables as it loads (as a plain SGD model does).
+        self._skipped_steps = self.add_variable(shape=(), dtype="int64", name="skipped_steps")
         self.rho = rho
         self.adaptive = adaptive
         self.eta = eta
@@ -348,7 +351,6 @@ class SAM(keras.optimizers.Optimizer):
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
-        self._skipped_steps = self.add_variable(shape=(), dtype="int64", name="skipped_steps")
         if self.accumulation_steps > 1:
             self._micro_steps = self.add_variable(shape=(), dtype="int64", name="micro_steps")
             self._gradient_sums = [
