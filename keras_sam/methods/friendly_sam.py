@@ -34,7 +34,9 @@ class FriendlySAM(SAM):
         rho: float >= 0 or a schedule of the step, the radius. Defaults to `0.05`.
         sigma: float >= 0, how much of the moving average is removed. Defaults to `1.0`.
         lmbda: float in [0, 1), the moving average's decay. Defaults to `0.95`.
-        adaptive, eta, epsilon, perturb, name: as for `keras_sam.SAM`.
+        **kwargs: the other arguments of `keras_sam.SAM` (`adaptive`, `eta`,
+            `epsilon`, `perturb`, `distributed_perturbation`,
+            `gradient_accumulation_steps`, `name`).
 
     Reference:
         Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024.
@@ -47,27 +49,13 @@ class FriendlySAM(SAM):
         rho=0.05,
         sigma=1.0,
         lmbda=0.95,
-        adaptive=False,
-        eta=0.01,
-        epsilon=1e-12,
-        perturb=None,
-        name=None,
         **kwargs,
     ):
         sigma = _check_number("sigma", sigma, minimum=0.0)
         lmbda = _check_number("lmbda", lmbda, minimum=0.0)
         if lmbda >= 1:
             raise ValueError(f"`lmbda` must be in [0, 1). Received: lmbda={lmbda!r}")
-        super().__init__(
-            optimizer,
-            rho=rho,
-            adaptive=adaptive,
-            eta=eta,
-            epsilon=epsilon,
-            perturb=perturb,
-            name=name,
-            **kwargs,
-        )
+        super().__init__(optimizer, rho=rho, **kwargs)
         self.sigma = sigma
         self.lmbda = lmbda
 

@@ -36,7 +36,9 @@ class GSAM(SAM):
         optimizer: the wrapped `keras.optimizers.Optimizer`.
         rho: float >= 0 or a schedule of the step, the radius. Defaults to `0.05`.
         alpha: float >= 0, the weight of the orthogonal correction. Defaults to `0.4`.
-        adaptive, eta, epsilon, perturb, name: as for `keras_sam.SAM`.
+        **kwargs: the other arguments of `keras_sam.SAM` (`adaptive`, `eta`,
+            `epsilon`, `perturb`, `distributed_perturbation`,
+            `gradient_accumulation_steps`, `name`).
 
     Reference:
         Zhuang et al., Surrogate Gap Minimization Improves Sharpness-Aware Training,
@@ -48,24 +50,10 @@ class GSAM(SAM):
         optimizer,
         rho=0.05,
         alpha=0.4,
-        adaptive=False,
-        eta=0.01,
-        epsilon=1e-12,
-        perturb=None,
-        name=None,
         **kwargs,
     ):
         alpha = _check_number("alpha", alpha, minimum=0.0)
-        super().__init__(
-            optimizer,
-            rho=rho,
-            adaptive=adaptive,
-            eta=eta,
-            epsilon=epsilon,
-            perturb=perturb,
-            name=name,
-            **kwargs,
-        )
+        super().__init__(optimizer, rho=rho, **kwargs)
         self.alpha = alpha
 
     def descent_gradients(self, gradients, perturbed_gradients, variables):

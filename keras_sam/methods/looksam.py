@@ -41,7 +41,9 @@ class LookSAM(SAM):
         rho: float >= 0 or a schedule of the step, the radius. Defaults to `0.05`.
         k: int >= 1, the period of the two-pass steps (`k=1` is SAM). Defaults to `5`.
         alpha: float >= 0, the weight of the reused component. Defaults to `0.7`.
-        adaptive, eta, epsilon, perturb, name: as for `keras_sam.SAM`.
+        **kwargs: the other arguments of `keras_sam.SAM` (`adaptive`, `eta`,
+            `epsilon`, `perturb`, `distributed_perturbation`,
+            `gradient_accumulation_steps`, `name`).
 
     Reference:
         Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization,
@@ -56,25 +58,11 @@ class LookSAM(SAM):
         rho=0.05,
         k=5,
         alpha=0.7,
-        adaptive=False,
-        eta=0.01,
-        epsilon=1e-12,
-        perturb=None,
-        name=None,
         **kwargs,
     ):
         k = check_period("k", k)
         alpha = _check_number("alpha", alpha, minimum=0.0)
-        super().__init__(
-            optimizer,
-            rho=rho,
-            adaptive=adaptive,
-            eta=eta,
-            epsilon=epsilon,
-            perturb=perturb,
-            name=name,
-            **kwargs,
-        )
+        super().__init__(optimizer, rho=rho, **kwargs)
         self.k = k
         self.alpha = alpha
 

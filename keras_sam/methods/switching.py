@@ -28,7 +28,9 @@ class PeriodicSAM(SAM):
         optimizer: the wrapped `keras.optimizers.Optimizer`.
         rho: float >= 0 or a schedule of the step, the radius. Defaults to `0.05`.
         k: int >= 1, the period. Defaults to `5`.
-        adaptive, eta, epsilon, perturb, name: as for `keras_sam.SAM`.
+        **kwargs: the other arguments of `keras_sam.SAM` (`adaptive`, `eta`,
+            `epsilon`, `perturb`, `distributed_perturbation`,
+            `gradient_accumulation_steps`, `name`).
     """
 
     skips_second_pass = True
@@ -38,24 +40,10 @@ class PeriodicSAM(SAM):
         optimizer,
         rho=0.05,
         k=5,
-        adaptive=False,
-        eta=0.01,
-        epsilon=1e-12,
-        perturb=None,
-        name=None,
         **kwargs,
     ):
         k = check_period("k", k)
-        super().__init__(
-            optimizer,
-            rho=rho,
-            adaptive=adaptive,
-            eta=eta,
-            epsilon=epsilon,
-            perturb=perturb,
-            name=name,
-            **kwargs,
-        )
+        super().__init__(optimizer, rho=rho, **kwargs)
         self.k = k
 
     def needs_second_pass(self, gradients, variables):
@@ -101,7 +89,9 @@ class AESAM(SAM):
             the running standard deviation. Defaults to `0.0`.
         decay: float in [0, 1), the decay of the running statistics. Defaults to
             `0.9`.
-        adaptive, eta, epsilon, perturb, name: as for `keras_sam.SAM`.
+        **kwargs: the other arguments of `keras_sam.SAM` (`adaptive`, `eta`,
+            `epsilon`, `perturb`, `distributed_perturbation`,
+            `gradient_accumulation_steps`, `name`).
 
     Reference:
         Jiang et al., An Adaptive Policy to Employ Sharpness-Aware Minimization,
@@ -116,27 +106,13 @@ class AESAM(SAM):
         rho=0.05,
         margin=0.0,
         decay=0.9,
-        adaptive=False,
-        eta=0.01,
-        epsilon=1e-12,
-        perturb=None,
-        name=None,
         **kwargs,
     ):
         margin = _check_margin(margin)
         decay = _check_number("decay", decay, minimum=0.0)
         if decay >= 1:
             raise ValueError(f"`decay` must be in [0, 1). Received: decay={decay!r}")
-        super().__init__(
-            optimizer,
-            rho=rho,
-            adaptive=adaptive,
-            eta=eta,
-            epsilon=epsilon,
-            perturb=perturb,
-            name=name,
-            **kwargs,
-        )
+        super().__init__(optimizer, rho=rho, **kwargs)
         self.margin = margin
         self.decay = decay
 
