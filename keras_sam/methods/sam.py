@@ -198,9 +198,13 @@ class SAM(keras.optimizers.Optimizer):
     # ------------------------------------------------------------- method helpers
     def current_rho(self):
         """`rho` at this step: the number, or the schedule at `iterations` (float32)."""
-        if isinstance(self.rho, keras.optimizers.schedules.LearningRateSchedule):
-            return keras.ops.cast(self.rho(self.iterations), "float32")
-        return self.rho
+        return self.at_step(self.rho)
+
+    def at_step(self, value):
+        """A hyperparameter at this step: a number as is, a schedule at `iterations`."""
+        if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+            return keras.ops.cast(value(self.iterations), "float32")
+        return value
 
     def perturbation_along(self, directions, variables):
         """`rho * T**2 d / ||T d||` restricted to the perturbed variables (`perturb`)."""

@@ -122,11 +122,6 @@ class AESAM(SAM):
         self._variance = self.add_state_variable(name="squared_norm_variance")
         self._observations = self.add_state_variable(name="observations")
 
-    def current_margin(self):
-        if isinstance(self.margin, keras.optimizers.schedules.LearningRateSchedule):
-            return keras.ops.cast(self.margin(self.iterations), "float32")
-        return self.margin
-
     def needs_second_pass(self, gradients, variables):
         if not super().needs_second_pass(gradients, variables):
             return False
@@ -144,7 +139,7 @@ class AESAM(SAM):
         self._mean.assign(mean)
         self._variance.assign(variance)
         self._observations.assign(self._observations.value + 1.0)
-        decision = ops.greater_equal(squared, mean + self.current_margin() * ops.sqrt(variance))
+        decision = ops.greater_equal(squared, mean + self.at_step(self.margin) * ops.sqrt(variance))
         return self.count_second_pass(decision)
 
     def get_config(self):
