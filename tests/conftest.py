@@ -1,16 +1,57 @@
+"""One pytest session per Keras backend: `KERAS_BACKEND=jax pytest` runs the JAX session.
+
+Keras picks its backend once, at import, so a session tests one backend. The battery is
+shared: a test module runs on every backend unless it is listed below as written for one
+backend (the TensorFlow custom loop, `tf.distribute`, `tf.IndexedSlices`, ...).
+"""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+BACKEND = os.environ["KERAS_BACKEND"]
 
-import tensorflow as tf  # noqa: E402
+# Test modules that exercise one backend's own API; the other sessions do not collect them.
+ONLY = {
+    "tensorflow": [
+        "methods/test_sam.py",
+        "methods/test_variants.py",
+        "trainers/test_accumulation.py",
+        "trainers/test_bad_input.py",
+        "trainers/test_checkpoints.py",
+        "trainers/test_clipping.py",
+        "trainers/test_distribute.py",
+        "trainers/test_mixed_precision.py",
+        "trainers/test_multi_worker.py",
+        "trainers/test_optimize.py",
+        "trainers/test_sam_model.py",
+        "trainers/test_sparse.py",
+        "diagnostics/test_sharpness.py",
+        "diagnostics/test_landscape.py",
+        "diagnostics/test_hessian.py",
+        "diagnostics/test_cli_inspect.py",
+        "diagnostics/test_weights_unchanged.py",
+        "datasets/test_fashion_mnist.py",
+        "datasets/test_label_noise.py",
+        "test_cli.py",
+        "test_models.py",
+        "test_playground.py",
+        "test_registration.py",
+        "test_training.py",
+        "test_maths.py",
+    ],
+}
+collect_ignore = [path for backend, paths in ONLY.items() if backend != BACKEND for path in paths]
 
-# Two logical CPU devices for the tf.distribute tests (tests/trainers/test_distribute.py).
-# They must be configured before TensorFlow initializes its devices, so here, once for the
-# session; tests without a strategy run on the first one, as before.
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
-)
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    # Two logical CPU devices for the tf.distribute tests (tests/trainers/test_distribute.py).
+    # They must be configured before TensorFlow initializes its devices, so here, once for
+    # the session; tests without a strategy run on the first one, as before.
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
