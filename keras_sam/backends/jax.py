@@ -1,0 +1,7 @@
+"""The JAX adapter: what keras_sam needs of jax and cannot write with `keras.ops`."""
+
+# ------------------------------------------------------------------ autodiff primitives
+# (used by the diagnostics; the SAM step may share them)
+
+
+# ------------------------------------------------------------------------- the SAM step

@@ -1,0 +1,7 @@
+"""The TensorFlow adapter: what keras_sam needs of tensorflow and cannot write with `keras.ops`."""
+
+# ------------------------------------------------------------------ autodiff primitives
+# (used by the diagnostics; the SAM step may share them)
+
+
+# ------------------------------------------------------------------------- the SAM step
