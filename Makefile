@@ -30,11 +30,20 @@ demo: $(STAMP) data
 playground: $(STAMP)
 	$(BIN)/keras-sam playground
 
+# One pytest session per Keras backend (Keras picks its backend at import).
+BACKENDS := tensorflow jax
+
 test: $(STAMP) data
-	$(BIN)/python -m pytest -q
+	@set -e; for backend in $(BACKENDS); do \
+		echo "== KERAS_BACKEND=$$backend"; \
+		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q; \
+	done
 
 test-quick: $(STAMP) data
-	$(BIN)/python -m pytest -q -m "not slow"
+	@set -e; for backend in $(BACKENDS); do \
+		echo "== KERAS_BACKEND=$$backend"; \
+		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q -m "not slow"; \
+	done
 
 lint: $(STAMP)
 	$(BIN)/ruff check keras_sam tests benchmarks

@@ -257,9 +257,7 @@ def _part(backend, roles, compute, variables, weights, pending, factor):
     """
     method = roles.method
     state = method.state_variables
-    synchronized = backend.num_replicas() > 1 and (
-        method.distributed_perturbation == SYNCHRONIZED
-    )
+    synchronized = backend.num_replicas() > 1 and (method.distributed_perturbation == SYNCHRONIZED)
     sparse_ok = method.sparse_gradients_supported and not synchronized
     scale = None if roles.scaler is None else roles.scaler.dynamic_scale
 
@@ -276,10 +274,14 @@ def _part(backend, roles, compute, variables, weights, pending, factor):
     rows = [backend.rows(g) for g in gradients]
     values = [v.value for v in state]
 
-    decision, values = stateless_run(state, values, lambda: method.needs_second_pass(rows, variables))
+    decision, values = stateless_run(
+        state, values, lambda: method.needs_second_pass(rows, variables)
+    )
 
     def two_passes(values=values):
-        perturbation, values = stateless_run(state, values, lambda: method.perturbation(rows, variables))
+        perturbation, values = stateless_run(
+            state, values, lambda: method.perturbation(rows, variables)
+        )
         perturbed = [backend.perturb(w, e, g) for w, e, g in zip(weights, perturbation, gradients)]
         _, loss_sam, perturbed_gradients, _ = backend.gradients(
             compute, variables, perturbed, pending, scale
@@ -525,7 +527,9 @@ def split_batch(backend, batch, num_splits):
     starts = [0] + ends[:-1]
 
     flat = keras.tree.flatten(batch)
-    pieces = [[None] * num_splits if t is None else [t[a:b] for a, b in zip(starts, ends)] for t in flat]
+    pieces = [
+        [None] * num_splits if t is None else [t[a:b] for a, b in zip(starts, ends)] for t in flat
+    ]
     parts = [keras.tree.pack_sequence_as(batch, [p[i] for p in pieces]) for i in range(num_splits)]
     return parts, weights
 

@@ -41,6 +41,7 @@ ONLY = {
         "test_maths.py",
     ],
 }
+ONLY["jax"] = ["backends/test_jax.py"]
 collect_ignore = [path for backend, paths in ONLY.items() if backend != BACKEND for path in paths]
 
 if BACKEND == "tensorflow":

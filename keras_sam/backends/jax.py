@@ -3,7 +3,6 @@
 import sys
 
 import jax
-import keras
 from keras import ops
 
 from keras_sam import step
@@ -122,8 +121,7 @@ def stateless_optimize(method, state, compute, trainable_variables, non_trainabl
             result = compute()
             if not (isinstance(result, (tuple, list)) and len(result) == 2):
                 raise ValueError(
-                    "`compute` must return `(predictions, loss)`. "
-                    f"Received: {result!r}"
+                    f"`compute` must return `(predictions, loss)`. Received: {result!r}"
                 )
             return result[0], result[1], None
 

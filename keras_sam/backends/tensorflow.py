@@ -8,7 +8,6 @@ import tensorflow as tf
 from keras_sam import step
 from keras_sam.methods import sam
 
-
 # ------------------------------------------------------------------ autodiff primitives
 # (used by the diagnostics; the SAM step may share them)
 
@@ -28,7 +27,6 @@ from keras_sam.methods import sam
 # loss (`loss = tf.debugging.check_numerics(loss, ...)`). TensorFlow does not order an
 # assertion whose result feeds nothing before other ops, so such an assertion can fail
 # after the step was applied: make the loss depend on it.
-
 
 
 class TensorFlow(step.Backend):
@@ -86,9 +84,7 @@ class TensorFlow(step.Backend):
         return tf.add_n([tf.cast(w, t.dtype) * t for t, w in zip(tensors, weights)])
 
     def all_finite(self, tensors):
-        checks = [
-            tf.reduce_all(tf.math.is_finite(self.rows(t))) for t in tensors if t is not None
-        ]
+        checks = [tf.reduce_all(tf.math.is_finite(self.rows(t))) for t in tensors if t is not None]
         return tf.reduce_all(tf.stack(checks))
 
     def dense(self, gradient):
