@@ -208,6 +208,16 @@ class Backend:
                 optimizer.build(variables)
             optimizer.built = True
 
+    def per_replica(self, replica_step, data, method, variables):
+        """Runs `replica_step(data)` (a `StepResult`) per replica, reduced over them.
+
+        `variables` are all those the passes may read. The default runs it once:
+        replicas, if any, are the backend's own (TensorFlow's `strategy.run` calls the
+        whole step per replica).
+        """
+        del method, variables
+        return replica_step(data)
+
     def run_in_replicas(self, fn, *args):
         """Runs `fn(*args)` in each replica (from the decision's context)."""
         return fn(*args)
@@ -333,9 +343,29 @@ def run_step(backend, optimizer, computes, part_weights, variables):
     Returns:
         The parts' `Part` results, and the step's final gradients.
     """
+    roles = prepare_step(backend, optimizer, variables)
+    parts, gradients, state, updates, finite = compute_step(
+        backend, roles, computes, part_weights, variables
+    )
+    _finish(backend, roles, variables, gradients, state, updates, finite)
+    return parts, gradients
+
+
+def prepare_step(backend, optimizer, variables):
+    """Checks where the step runs and builds the optimizers; returns the `Roles`."""
     roles = resolve(optimizer)
     backend.check_context()
     backend.build(roles.outer, variables)
+    return roles
+
+
+def compute_step(backend, roles, computes, part_weights, variables):
+    """Runs the passes of every part; writes nothing.
+
+    Returns the parts' `Part` results, the step's final gradients, the method's new
+    state, the clean passes' state updates (`(variable, value)` pairs) and whether
+    everything was finite.
+    """
     replicas = backend.num_replicas()
     factor = None
     if roles.scaler is not None:
@@ -361,8 +391,7 @@ def run_step(backend, optimizer, computes, part_weights, variables):
             state = backend.all_reduce_mean(state)
         # The wrapped optimizer sums the replicas' gradients.
         gradients = [None if g is None else backend.scaled(g, 1.0 / replicas) for g in gradients]
-    _finish(backend, roles, variables, gradients, state, list(pending.values()), finite)
-    return parts, gradients
+    return parts, gradients, state, list(pending.values()), finite
 
 
 def _finish(backend, roles, variables, gradients, state, updates, finite):
@@ -456,51 +485,85 @@ def model_step(backend, sam_model, data):
     Stateful: reads and assigns Keras variables (the JAX trainer runs it inside a
     stateless scope holding the step's state). Returns the logs.
     """
-    method = resolve(sam_model.optimizer).method
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     variables = sam_model.trainable_variables
-    parts, weights = split_batch(backend, (x, y, sample_weight), sam_model.num_batch_splits)
-
+    roles = prepare_step(backend, sam_model.optimizer, variables)
+    method = roles.method
     if isinstance(method.perturb, tuple):
         method.bind(sam_model)
-    computes = []
-    for x_part, y_part, weight_part in parts:
 
-        def compute(x_part=x_part, y_part=y_part, weight_part=weight_part):
-            y_pred = sam_model(x_part, training=True)
-            loss = sam_model.compute_loss(
-                x=x_part, y=y_part, y_pred=y_pred, sample_weight=weight_part, training=True
-            )
-            return y_pred, loss, None
+    def replica_step(data):
+        """The passes over this replica's batch; writes nothing."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        parts, weights = split_batch(backend, (x, y, sample_weight), sam_model.num_batch_splits)
+        computes = []
+        for x_part, y_part, weight_part in parts:
 
-        computes.append(compute)
+            def compute(x_part=x_part, y_part=y_part, weight_part=weight_part):
+                y_pred = sam_model(x_part, training=True)
+                loss = sam_model.compute_loss(
+                    x=x_part, y=y_part, y_pred=y_pred, sample_weight=weight_part, training=True
+                )
+                return y_pred, loss, None
 
-    results, _ = run_step(backend, sam_model.optimizer, computes, weights, variables)
-
-    if len(results) == 1:
-        result = results[0]
-        y_pred, loss, second_pass = result.outputs, result.loss, result.second_pass
-        sharpness = result.loss_sam - loss
-    else:
-        y_pred = keras.tree.map_structure(
-            lambda *p: backend.concatenate(p), *[r.outputs for r in results]
+            computes.append(compute)
+        results, gradients, state, updates, finite = compute_step(
+            backend, roles, computes, weights, variables
         )
-        loss = backend.weighted_sum([r.loss for r in results], weights)
-        second_pass = backend.weighted_sum(
-            [ops.cast(r.second_pass, "float32") for r in results], weights
-        )
-        # Sharpness is averaged over the parts that took the perturbed pass (one-pass
-        # parts have loss_sam == loss, so they add nothing to the sum).
-        sharpness = backend.weighted_sum([r.loss_sam - r.loss for r in results], weights)
-        sharpness = sharpness / ops.cast(ops.maximum(second_pass, 1e-12), sharpness.dtype)
+        return StepResult(gradients, state, updates, finite, *_summary(backend, results, weights))
 
+    readable = _unique(
+        sam_model.trainable_variables
+        + sam_model.non_trainable_variables
+        + list(roles.outer.variables)
+    )
+    result = backend.per_replica(replica_step, data, method, readable)
+    _finish(
+        backend, roles, variables, result.gradients, result.state, result.updates, result.finite
+    )
+
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     replicas = backend.num_replicas()
     batch_size = ops.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
     # `compute_loss` divides by the replica count under tf.distribute; report per replica.
-    sam_model._loss_tracker.update_state(loss * replicas, sample_weight=batch_size)
-    sam_model.sharpness_tracker.update_state(sharpness * replicas, sample_weight=second_pass)
-    sam_model.second_pass_tracker.update_state(second_pass)
-    return sam_model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    sam_model._loss_tracker.update_state(result.loss * replicas, sample_weight=batch_size)
+    sam_model.sharpness_tracker.update_state(
+        result.sharpness * replicas, sample_weight=result.second_pass
+    )
+    sam_model.second_pass_tracker.update_state(result.second_pass)
+    return sam_model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
+
+
+class StepResult(typing.NamedTuple):
+    """What a replica's passes produced, for the commit-or-skip decision and the logs."""
+
+    gradients: list
+    state: list
+    updates: list  # (variable, value) pairs
+    finite: object
+    outputs: object
+    loss: object
+    second_pass: object
+    sharpness: object
+
+
+def _summary(backend, results, weights):
+    """The predictions, clean loss, two-pass fraction and sharpness of a step's parts."""
+    if len(results) == 1:
+        result = results[0]
+        second_pass = ops.cast(result.second_pass, "float32")
+        return result.outputs, result.loss, second_pass, result.loss_sam - result.loss
+    outputs = keras.tree.map_structure(
+        lambda *p: backend.concatenate(p), *[r.outputs for r in results]
+    )
+    loss = backend.weighted_sum([r.loss for r in results], weights)
+    second_pass = backend.weighted_sum(
+        [ops.cast(r.second_pass, "float32") for r in results], weights
+    )
+    # Sharpness is averaged over the parts that took the perturbed pass (one-pass parts
+    # have loss_sam == loss, so they add nothing to the sum).
+    sharpness = backend.weighted_sum([r.loss_sam - r.loss for r in results], weights)
+    sharpness = sharpness / ops.cast(ops.maximum(second_pass, 1e-12), sharpness.dtype)
+    return outputs, loss, second_pass, sharpness
 
 
 def split_batch(backend, batch, num_splits):

@@ -41,8 +41,8 @@ ONLY = {
         "test_maths.py",
     ],
 }
-ONLY["jax"] = ["backends/test_jax.py"]
-collect_ignore = [path for backend, paths in ONLY.items() if backend != BACKEND for path in paths]
+ONLY["jax"] = ["backends/test_jax.py", "backends/test_jax_distribution.py"]
+collect_ignore = ["backends/jax_distribution.py"] + [path for backend, paths in ONLY.items() if backend != BACKEND for path in paths]
 
 if BACKEND == "tensorflow":
     import tensorflow as tf

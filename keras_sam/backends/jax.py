@@ -3,6 +3,7 @@
 import sys
 
 import jax
+import keras
 from keras import ops
 
 from keras_sam import step
@@ -40,6 +41,25 @@ class JAX(step.Backend):
         gradients, (outputs, loss, update_values) = jax.grad(loss_of, has_aux=True)(list(values))
         return outputs, loss, list(gradients), list(zip(assigned, update_values))
 
+    def per_replica(self, replica_step, data, method, variables):
+        """Under `keras.distribution.DataParallel` with `distributed_perturbation=
+        "per_replica"`, each device runs the passes on its own shard of the batch (a
+        `shard_map`): it perturbs with its own gradient, and the devices' results are
+        averaged once, at the end (one gradient all-reduce, as in plain training).
+
+        Otherwise the step is one global computation (XLA partitions it over the
+        devices): every device perturbs with the gradient of the global batch, which
+        is the synchronized mode.
+        """
+        distribution = keras.distribution.distribution()
+        if (
+            method.distributed_perturbation != sam.PER_REPLICA
+            or not isinstance(distribution, keras.distribution.DataParallel)
+            or len(distribution.device_mesh.devices.flatten()) < 2
+        ):
+            return replica_step(data)
+        return _shard_map_step(replica_step, data, distribution, variables)
+
     def build(self, optimizer, variables):
         if not optimizer.built and isinstance(variables[0].value, jax.core.Tracer):
             raise ValueError(
@@ -51,6 +71,62 @@ class JAX(step.Backend):
 
 
 BACKEND = JAX()
+
+
+def _shard_map_step(replica_step, data, distribution, variables):
+    """Runs `replica_step` on each device's shard of `data`; averages the results."""
+    from jax.sharding import PartitionSpec
+
+    mesh = distribution.device_mesh.backend_mesh
+    axis = distribution.batch_dim_name
+    # Every variable the passes read, handed in whole (replicated) to each device.
+    values = [v.value for v in variables]
+    structure = {}
+
+    def local(values, data):
+        result, _ = step.stateless_run(variables, values, lambda: replica_step(data))
+        structure["updates"] = [v for v, _ in result.updates]
+        structure["present"] = [g is not None for g in result.gradients]
+        gradients = [jax.lax.pmean(g, axis) for g in result.gradients if g is not None]
+        state = [jax.lax.pmean(v, axis) for v in result.state]
+        updates = [_replica_mean(value, axis) for _, value in result.updates]
+        finite = jax.lax.pmin(ops.cast(result.finite, "int32"), axis) > 0
+        loss, second_pass, sharpness = (
+            jax.lax.pmean(ops.cast(t, "float32"), axis)
+            for t in (result.loss, result.second_pass, result.sharpness)
+        )
+        return gradients, state, updates, finite, result.outputs, loss, second_pass, sharpness
+
+    batch = PartitionSpec(axis)
+    replicated = PartitionSpec()
+    outputs = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(replicated, batch),
+        out_specs=(replicated,) * 4 + (batch,) + (replicated,) * 3,
+        check_vma=False,
+    )(values, data)
+    gradients, state, updates, finite, predictions, loss, second_pass, sharpness = outputs
+    present = iter(gradients)
+    gradients = [next(present) if p else None for p in structure["present"]]
+    return step.StepResult(
+        gradients,
+        state,
+        list(zip(structure["updates"], updates)),
+        finite,
+        predictions,
+        loss,
+        second_pass,
+        sharpness,
+    )
+
+
+def _replica_mean(value, axis):
+    """Floating state (BatchNorm statistics) averaged over the devices; the rest (seed
+    states, counters) is the same on every device."""
+    if jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
+        return jax.lax.pmean(value, axis)
+    return value
 
 
 def train_step(sam_model, state, data):
