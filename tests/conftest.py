@@ -39,6 +39,7 @@ ONLY = {
         "test_registration.py",
         "test_training.py",
         "test_maths.py",
+        "test_wheel.py",  # installs the `tensorflow-cpu` extra; other backends can follow
     ],
 }
 collect_ignore = [path for backend, paths in ONLY.items() if backend != BACKEND for path in paths]

@@ -1,9 +1,13 @@
 """`SAM`: Sharpness-Aware Minimization (and ASAM) as a Keras optimizer wrapper."""
 
+from __future__ import annotations
+
 import copy
 import math
 import numbers
 import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 
@@ -124,17 +128,17 @@ class SAM(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        optimizer,
-        rho=0.05,
-        adaptive=False,
-        eta=0.01,
-        epsilon=1e-12,
-        perturb=None,
-        distributed_perturbation=PER_REPLICA,
-        gradient_accumulation_steps=None,
-        name=None,
-        **kwargs,
-    ):
+        optimizer: keras.optimizers.Optimizer | str,
+        rho: float | keras.optimizers.schedules.LearningRateSchedule = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        epsilon: float = 1e-12,
+        perturb: str | tuple[type, ...] | Callable[[keras.Variable], bool] | None = None,
+        distributed_perturbation: str = PER_REPLICA,
+        gradient_accumulation_steps: int | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         _refuse_inner_optimizer_arguments(type(self).__name__, kwargs)
         optimizer = _check_optimizer(type(self).__name__, optimizer)
         if distributed_perturbation not in DISTRIBUTED_PERTURBATIONS:
@@ -240,7 +244,7 @@ class SAM(keras.optimizers.Optimizer):
             )
         return mask
 
-    def bind(self, model):
+    def bind(self, model: keras.Model) -> SAM:
         """Resolves a `perturb` given as layer classes against `model`'s layers."""
         if isinstance(self.perturb, tuple):
             layers = model._flatten_layers(include_self=True, recursive=True)
@@ -334,7 +338,9 @@ class SAM(keras.optimizers.Optimizer):
         return self._micro_steps, list(self._gradient_sums), list(self._state_sums)
 
     # ------------------------------------------------------------ the custom loop
-    def optimize(self, grad_func, variables):
+    def optimize(
+        self, grad_func: Callable[[], tuple[Any, Any, Any]], variables: Sequence[keras.Variable]
+    ) -> tuple[Any, Any, Any]:
         """One SAM step in a custom training loop (TensorFlow backend).
 
         Args:
@@ -455,6 +461,13 @@ NORMALIZATION_LAYERS = (
     keras.layers.GroupNormalization,
     keras.layers.RMSNormalization,
 )
+"""The normalization layer classes, for SAM-ON: `SAM(..., perturb=NORMALIZATION_LAYERS)`.
+
+SAM-ON (Mueller et al., NeurIPS 2023) perturbs only the normalization layers' affine
+parameters (scales and offsets); every variable still descends with the perturbed
+gradient. It wants a much larger `rho` than SAM (the authors use about 1 to 10).
+https://arxiv.org/abs/2306.04226
+"""
 
 
 def check_rate(name, value):
