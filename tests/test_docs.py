@@ -21,6 +21,7 @@ A page runs once per backend it has blocks for, in that backend's pytest session
 """
 
 import dataclasses
+import linecache
 import os
 import re
 from pathlib import Path
@@ -132,9 +133,13 @@ def test_page_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__docs__"}
     for block in _runnable(RUNNABLE[page]):
-        # Padded so that a traceback names the Markdown file's own line numbers.
-        code = compile("\n" * (block.line - 1) + block.code, block.page, "exec")
-        exec(code, namespace)
+        # Padded so that a traceback names the Markdown file's own line numbers, and
+        # registered with linecache so that `inspect.getsource` (tf.function's autograph)
+        # finds the code of the functions a block defines.
+        source = "\n" * (block.line - 1) + block.code + "\n"
+        filename = f"<{block.page}, block at line {block.line}>"
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        exec(compile(source, filename, "exec"), namespace)
 
 
 def test_parse_reads_directives():
@@ -166,7 +171,7 @@ def test_parse_reads_directives():
     ]
     assert [b.setup for b in blocks] == [True] + [False] * 5
     assert [b.skip for b in blocks] == [False] * 4 + [True, False]
-    assert [b.line for b in blocks] == [2, 6, 10, 14, 18, 24]
+    assert [b.line for b in blocks] == [2, 6, 10, 14, 18, 25]
 
 
 def test_parse_refuses_unknown_backend():
