@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
 import keras_sam
+
+tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
