@@ -39,6 +39,7 @@ ONLY = {
         "test_registration.py",
         "test_training.py",
         "test_maths.py",
+        "test_wheel.py",  # installs the `tensorflow-cpu` extra; other backends can follow
     ],
 }
 ONLY["jax"] = ["backends/test_jax.py", "backends/test_jax_distribution.py"]

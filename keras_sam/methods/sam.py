@@ -1,10 +1,14 @@
 """`SAM`: Sharpness-Aware Minimization (and ASAM) as a Keras optimizer wrapper."""
 
+from __future__ import annotations
+
 import copy
 import importlib
 import math
 import numbers
 import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 
@@ -151,17 +155,17 @@ class SAM(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        optimizer,
-        rho=0.05,
-        adaptive=False,
-        eta=0.01,
-        epsilon=1e-12,
-        perturb=None,
-        distributed_perturbation=PER_REPLICA,
-        gradient_accumulation_steps=None,
-        name=None,
-        **kwargs,
-    ):
+        optimizer: keras.optimizers.Optimizer | str,
+        rho: float | keras.optimizers.schedules.LearningRateSchedule = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        epsilon: float = 1e-12,
+        perturb: str | tuple[type, ...] | Callable[[keras.Variable], bool] | None = None,
+        distributed_perturbation: str = PER_REPLICA,
+        gradient_accumulation_steps: int | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         _refuse_inner_optimizer_arguments(type(self).__name__, kwargs)
         optimizer = _check_optimizer(type(self).__name__, optimizer)
         if distributed_perturbation not in DISTRIBUTED_PERTURBATIONS:
@@ -267,7 +271,7 @@ class SAM(keras.optimizers.Optimizer):
             )
         return mask
 
-    def bind(self, model):
+    def bind(self, model: keras.Model) -> SAM:
         """Resolves a `perturb` given as layer classes against `model`'s layers."""
         if isinstance(self.perturb, tuple):
             layers = model._flatten_layers(include_self=True, recursive=True)
@@ -361,7 +365,7 @@ class SAM(keras.optimizers.Optimizer):
         return self._micro_steps, list(self._gradient_sums), list(self._state_sums)
 
     # ------------------------------------------------------------ the custom loop
-    def optimize(self, *args, **kwargs):
+    def optimize(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
         """One SAM step in a custom training loop, in the backend's own form.
 
         TensorFlow: `optimize(grad_func, variables)`, with `grad_func()` running the
@@ -372,11 +376,17 @@ class SAM(keras.optimizers.Optimizer):
         perturbed weights `w + e`.
 
         Other backends: see the custom-loop guide (JAX takes a pure function of the
-        state, `keras_sam.stateless_step`).
+        state: `stateless_optimize`).
         """
         return _custom_loop("optimize")(self, *args, **kwargs)
 
-    def stateless_optimize(self, state, compute, trainable_variables, non_trainable_variables=()):
+    def stateless_optimize(
+        self,
+        state: tuple[Sequence[Any], Sequence[Any], Sequence[Any]],
+        compute: Callable[[], tuple[Any, Any]],
+        trainable_variables: Sequence[keras.Variable],
+        non_trainable_variables: Sequence[keras.Variable] = (),
+    ) -> tuple[tuple[list, list, list], tuple[Any, Any, Any]]:
         """One SAM step as a pure function of the state (JAX), usable inside `jax.jit`.
 
         The form of Keras's JAX custom-loop guide:
@@ -524,6 +534,13 @@ NORMALIZATION_LAYERS = (
     keras.layers.GroupNormalization,
     keras.layers.RMSNormalization,
 )
+"""The normalization layer classes, for SAM-ON: `SAM(..., perturb=NORMALIZATION_LAYERS)`.
+
+SAM-ON (Mueller et al., NeurIPS 2023) perturbs only the normalization layers' affine
+parameters (scales and offsets); every variable still descends with the perturbed
+gradient. It wants a much larger `rho` than SAM (the authors use about 1 to 10).
+https://arxiv.org/abs/2306.04226
+"""
 
 
 def check_rate(name, value):

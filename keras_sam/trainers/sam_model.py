@@ -2,6 +2,7 @@
 
 import numbers
 import warnings
+from typing import Any
 
 import keras
 
@@ -63,7 +64,9 @@ class SAMModel(keras.Model):
     ```
     """
 
-    def __init__(self, model, num_batch_splits=None, **kwargs):
+    def __init__(
+        self, model: keras.Model, num_batch_splits: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if not isinstance(model, keras.Model):
             raise ValueError(f"`model` must be a `keras.Model` instance. Received: model={model!r}")
