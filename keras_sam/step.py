@@ -170,22 +170,28 @@ class Backend:
         """Runs `take_step(*args)` if `ok`, else `skip_step(*args)`; both assign variables.
 
         `ok` is this replica's verdict; under a distribution every replica must take
-        the same branch. The default is functional: each branch runs in a recording
-        scope over `tracked` (every variable either branch may assign) and returns
-        their new values, which are assigned after an `ops.cond`. Stateful backends
-        override it.
+        the same branch (TensorFlow overrides this with a cross-replica decision).
+        """
+        self.stateful_cond(ok, lambda: take_step(*args), lambda: skip_step(*args), tracked)
+
+    def stateful_cond(self, pred, true_fn, false_fn, tracked):
+        """Runs `true_fn()` if `pred`, else `false_fn()`; both may assign `tracked`.
+
+        Functional: each branch runs in a recording scope over `tracked` (every
+        variable either branch may assign) and returns their new values, which are
+        assigned after an `ops.cond`. Stateful backends override it.
         """
 
         def branch(fn):
             def run():
                 scope = RecordingScope(state_mapping=[(v, v.value) for v in tracked])
                 with scope:
-                    fn(*args)
+                    fn()
                 return [ops.cast(scope.get_current_value(v), v.dtype) for v in tracked]
 
             return run
 
-        values = ops.cond(ok, branch(take_step), branch(skip_step))
+        values = ops.cond(pred, branch(true_fn), branch(false_fn))
         for variable, value in zip(tracked, values):
             variable.assign(value)
 
@@ -386,6 +392,13 @@ def compute_step(backend, roles, computes, part_weights, variables):
         # A method's state update is the size-weighted average of the parts' updates.
         state = [backend.weighted_sum(vs, part_weights) for vs in zip(*[p.state for p in parts])]
     finite = ops.all(ops.stack([p.finite for p in parts]))
+    # What the step would commit must be finite too: an input of 1e20 can make a
+    # BatchNorm moving variance infinite while every loss and gradient is finite.
+    floating = [value for _, value in pending.values() if _is_floating(value)] + [
+        value for value in state if _is_floating(value)
+    ]
+    if floating:
+        finite = ops.logical_and(finite, backend.all_finite(floating))
     if replicas > 1:
         if state:  # the replicas keep one state: the average of their updates
             state = backend.all_reduce_mean(state)
@@ -460,6 +473,11 @@ def _finish(backend, roles, variables, gradients, state, updates, finite):
     backend.decide(finite, take_step, skip_step, tracked, args=args)
 
 
+def _is_floating(tensor):
+    dtype = keras.backend.standardize_dtype(tensor.dtype)
+    return "float" in dtype
+
+
 def _unique(variables):
     seen, result = set(), []
     for v in variables:
@@ -521,16 +539,28 @@ def model_step(backend, sam_model, data):
         backend, roles, variables, result.gradients, result.state, result.updates, result.finite
     )
 
+    # The logs average over the steps that were applied: a skipped step (a NaN batch)
+    # adds nothing to `loss`, the metrics or `sharpness`, and shows in `skipped_steps`.
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     replicas = backend.num_replicas()
     batch_size = ops.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
-    # `compute_loss` divides by the replica count under tf.distribute; report per replica.
-    sam_model._loss_tracker.update_state(result.loss * replicas, sample_weight=batch_size)
-    sam_model.sharpness_tracker.update_state(
-        result.sharpness * replicas, sample_weight=result.second_pass
+
+    def update_metrics():
+        # `compute_loss` divides by the replica count under tf.distribute; report per
+        # replica.
+        sam_model._loss_tracker.update_state(result.loss * replicas, sample_weight=batch_size)
+        sam_model.sharpness_tracker.update_state(
+            result.sharpness * replicas, sample_weight=result.second_pass
+        )
+        sam_model.second_pass_tracker.update_state(result.second_pass)
+        sam_model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
+
+    backend.stateful_cond(
+        result.finite, update_metrics, lambda: None, list(sam_model.metrics_variables)
     )
-    sam_model.second_pass_tracker.update_state(result.second_pass)
-    return sam_model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
+    logs = sam_model.get_metrics_result()
+    logs["skipped_steps"] = method.skipped_steps.value
+    return logs
 
 
 class StepResult(typing.NamedTuple):

@@ -93,6 +93,18 @@ class TensorFlow(step.Backend):
     def cond(self, pred, true_fn, false_fn):
         return tf.cond(pred, true_fn, false_fn)
 
+    def stateful_cond(self, pred, true_fn, false_fn, tracked):
+        del tracked  # the branches assign the variables themselves
+
+        def run(fn):
+            def branch():
+                fn()
+                return tf.constant(0)  # an output, so that the branch's updates run
+
+            return branch
+
+        tf.cond(pred, run(true_fn), run(false_fn))
+
     def decide(self, ok, take_step, skip_step, tracked, args=()):
         del tracked  # stateful: the branches assign the variables themselves
         context = tf.distribute.get_replica_context()
