@@ -302,7 +302,7 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
         ax.set_aspect("equal")
     axes[0][0].set_ylabel("direction 2")
     bar = fig.colorbar(filled, ax=axes[0].tolist(), label="loss (log scale)", ticks=levels[::3])
-    bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_plain_number))
     bar.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     _fit_title(fig, title)
     paths.append(_save(fig, out_dir / f"{prefix}landscape_2d.png", plt))
