@@ -309,12 +309,12 @@ def _compare(args):
     _describe_data(plans[0][1], data)
     runs, models = {}, {}
     for label, config in plans:
-        rho = f" (rho {config.rho:g})" if config.is_sam else ""
-        print(
-            f"\n== {label}: {config.method}{rho}, inner optimizer {config.optimizer}, "
-            f"{config.epochs} epochs ==",
-            flush=True,
+        what = (
+            f"{config.method} (rho {config.rho:g}) wrapping {config.optimizer}"
+            if config.is_sam
+            else f"{config.optimizer} alone"
         )
+        print(f"\n== {label}: {what}, {config.epochs} epochs ==", flush=True)
         model, history = train(config, data, out_dir=out / label, verbose=_verbose(args))
         runs[label] = (config, history)
         models[label] = model
