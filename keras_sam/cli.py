@@ -345,7 +345,8 @@ def _table_note(args):
         "train s, train CPU s: wall-clock and process CPU seconds of training, evaluations "
         "excluded; eval s: seconds spent measuring test accuracy and sharpness (every "
         f"{args.eval_every} epochs and after the last). Clean test accuracy: on all 10,000 "
-        f"test images after the last epoch{subset} (the best column takes them all)."
+        f"test images after the last epoch{subset}; the best column is over every "
+        "evaluated epoch."
     )
 
 
