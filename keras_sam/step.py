@@ -559,7 +559,7 @@ def model_step(backend, sam_model, data):
         result.finite, update_metrics, lambda: None, list(sam_model.metrics_variables)
     )
     logs = sam_model.get_metrics_result()
-    logs["skipped_steps"] = method.skipped_steps.value
+    logs["skipped_steps"] = ops.copy(method.skipped_steps.value)  # a tensor, not the variable
     return logs
 
 
