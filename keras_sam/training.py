@@ -10,10 +10,14 @@ the number of gradient evaluations so far.
 import dataclasses
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+
+from keras_sam import files
 
 METHODS = ("sgd", "sam", "asam", "gsam", "friendly_sam", "looksam", "periodic_sam", "aesam")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -149,7 +153,7 @@ def build_optimizer(config, steps):
     return methods.switching.AESAM(inner, rho=rho)
 
 
-def train(config, data, out_dir=None, verbose=1, callbacks=()):
+def train(config, data, out_dir=None, verbose=1, callbacks=(), resume=False):
     """Trains one model; returns `(model, history)`.
 
     `history` maps each per-epoch quantity to a list: `loss`, `accuracy` (on the labels
@@ -160,13 +164,35 @@ def train(config, data, out_dir=None, verbose=1, callbacks=()):
     `gradient_evaluations` (forward-backward passes over a batch so far, counting the
     perturbed passes actually taken), and `seconds`;
     one entry per evaluated epoch (every `eval_every` epochs and the last).
-    With `out_dir`, writes `config.json`, `history.json` and `model.keras` there.
+
+    With `out_dir`, writes `config.json` there first, keeps the last two epochs'
+    checkpoints in `out_dir/checkpoint/` while training
+    (`keras.callbacks.BackupAndRestore(double_checkpoint=True)`, with the history so
+    far), then writes `history.json` and `model.keras` and deletes the checkpoints. Every
+    file is written atomically (`keras_sam.files`): a kill leaves the previous file whole.
+    A fresh run (`resume=False`) first deletes a previous run's files from `out_dir`.
+    `resume=True` continues the run in `out_dir` from its last epoch checkpoint, bitwise as
+    the uninterrupted run (the configuration must be the one saved there); a complete run
+    is loaded, not trained again.
     """
     import keras
 
     from keras_sam.models import build_model
     from keras_sam.trainers.sam_model import SAMModel
 
+    out = None if out_dir is None else Path(out_dir)
+    if resume and out is None:
+        raise ValueError("`resume=True` needs the run's folder: pass `out_dir`.")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _check_same_config(out, config)
+            if run_state(out) == "complete":
+                return load_run(out)
+        else:
+            delete_run(out)
+        record = dataclasses.asdict(config) | {"noise_fraction": data.noise_fraction}
+        files.write_json(out / "config.json", record)
     model = build_model(config.model, seed=config.seed)
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
     splits = config.num_batch_splits if config.is_sam else None
@@ -177,7 +203,18 @@ def train(config, data, out_dir=None, verbose=1, callbacks=()):
         loss=loss,
         metrics=["accuracy"],
     )
-    recorder = _EpochRecorder(config, data, model, loss, steps_per_epoch)
+    progress = None if out is None else out / CHECKPOINT / "progress.json"
+    recorder = _EpochRecorder(config, data, model, loss, steps_per_epoch, progress)
+    backup = []
+    if out is not None:
+        # After the recorder, so that the history saved is never behind the checkpoint.
+        backup = [
+            keras.callbacks.BackupAndRestore(
+                os.fspath(out / CHECKPOINT / "keras"),
+                double_checkpoint=True,
+                delete_checkpoint=False,  # deleted once model.keras is written
+            )
+        ]
     keras.utils.set_random_seed(config.seed)
     sam_model.fit(
         data.x_train,
@@ -185,23 +222,87 @@ def train(config, data, out_dir=None, verbose=1, callbacks=()):
         batch_size=config.batch_size,
         epochs=config.epochs,
         verbose=verbose,
-        callbacks=[recorder, *callbacks],
+        callbacks=[recorder, *backup, *callbacks],
     )
     history = recorder.history
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        record = dataclasses.asdict(config) | {"noise_fraction": data.noise_fraction}
-        (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-        model.save(out / "model.keras")
+    if out is not None:
+        files.write_json(out / "history.json", history)
+        files.save_model(model, out / "model.keras")
+        shutil.rmtree(out / CHECKPOINT)
     return model, history
 
 
-class _EpochRecorder:
-    """A Keras callback (built lazily, so importing this module does not import Keras)."""
+# The files of a run in its folder; `checkpoint/` exists while it trains.
+CHECKPOINT = "checkpoint"
+RUN_FILES = ("config.json", "history.json", "model.keras", CHECKPOINT)
 
-    def __new__(cls, config, data, model, loss, steps_per_epoch):
+
+def run_state(out_dir):
+    """What `out_dir` holds: `"empty"` (no run's files; the folder may not exist),
+    `"complete"` (`model.keras` and `history.json` written, no checkpoint left) or
+    `"partial"` (a run started there and has not finished: `train(..., resume=True)`
+    continues it)."""
+    out = Path(out_dir)
+    present = {name for name in RUN_FILES if (out / name).exists()}
+    if not present:
+        return "empty"
+    if {"model.keras", "history.json"} <= present and CHECKPOINT not in present:
+        return "complete"
+    return "partial"
+
+
+def load_run(out_dir):
+    """A complete run's `(model, history)`, read from `out_dir`."""
+    import keras
+
+    out = Path(out_dir)
+    history = json.loads((out / "history.json").read_text())
+    return keras.saving.load_model(out / "model.keras"), history
+
+
+def _check_same_config(out, config):
+    path = out / "config.json"
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}), so the run cannot be resumed."
+        ) from None
+    wanted = dataclasses.asdict(config)
+    differences = [
+        f"{name}={saved.get(name)!r} there, {value!r} here"
+        for name, value in wanted.items()
+        if saved.get(name, value) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"The run in {out} was started with another configuration "
+            f"({'; '.join(differences)}): resume it with the same arguments."
+        )
+
+
+def delete_run(out_dir):
+    """Deletes a run's files (only those: `RUN_FILES`) from `out_dir`."""
+    for name in RUN_FILES:
+        path = Path(out_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class _EpochRecorder:
+    """A Keras callback (built lazily, so importing this module does not import Keras).
+
+    With `progress` (a path), it saves after each epoch what a resumed run needs to go on
+    recording as the uninterrupted run would: the history, and the gradient evaluations
+    and seconds at the end of each epoch; a resumed run starts from the entries up to the
+    epoch it resumes at.
+    """
+
+    def __new__(cls, config, data, model, loss, steps_per_epoch, progress=None):
         import keras
 
         class Recorder(keras.callbacks.Callback):
@@ -213,11 +314,39 @@ class _EpochRecorder:
                 self.probe = rng.permutation(len(data.x_train))[:count]
                 self.started = time.perf_counter()
                 self.evaluations = 0.0
+                # Per epoch done: gradient evaluations and seconds at its end.
+                self.totals = {"evaluations": [], "seconds": []}
+                self.saved = None
+                if progress is not None and progress.exists():
+                    self.saved = json.loads(progress.read_text())
+                    self.history = self.saved["history"]
+                    self.totals = self.saved["totals"]
+
+            def on_epoch_begin(self, epoch, logs=None):
+                if self.saved is None:
+                    return
+                # The first epoch of a resumed run: keep what the epochs before it recorded.
+                self.saved = None
+                self.history = {
+                    k: [v for v, e in zip(values, self.history["epoch"]) if e <= epoch]
+                    for k, values in self.history.items()
+                }
+                self.totals = {k: v[:epoch] for k, v in self.totals.items()}
+                if epoch:
+                    self.evaluations = self.totals["evaluations"][-1]
+                    self.started -= self.totals["seconds"][-1]
 
             def on_epoch_end(self, epoch, logs=None):
+                self.record(epoch, logs or {})
+                self.totals["evaluations"].append(self.evaluations)
+                self.totals["seconds"].append(time.perf_counter() - self.started)
+                if progress is not None:
+                    progress.parent.mkdir(parents=True, exist_ok=True)
+                    files.write_json(progress, {"history": self.history, "totals": self.totals})
+
+            def record(self, epoch, logs):
                 from keras_sam.diagnostics import sharpness
 
-                logs = logs or {}
                 rate = logs.get("second_pass_rate", 1.0 if config.is_sam else 0.0)
                 self.evaluations += steps_per_epoch * (1.0 + float(rate))
                 last = epoch + 1 == config.epochs
