@@ -57,6 +57,9 @@ def replace_atomically(path):
             break
         except FileExistsError:
             continue
+        except OSError as error:
+            # Name the file asked for, not the temporary one.
+            raise type(error)(error.errno, error.strerror, path) from None
     try:
         yield temporary
         _flush_to_disk(temporary)
