@@ -145,16 +145,8 @@ def test_run_config_validation_names_the_argument(kwargs):
 
 # ------------------------------------------------------------------ resuming a run
 def _small(method="looksam", **changes):
-    return RunConfig(
-        method=method,
-        k=2,
-        epochs=3,
-        eval_every=2,
-        batch_size=50,
-        train_size=200,
-        sharpness_examples=50,
-        **changes,
-    )
+    fields = dict(k=2, epochs=3, eval_every=2, batch_size=50, train_size=200)
+    return RunConfig(method=method, sharpness_examples=50, **(fields | changes))
 
 
 class _Interrupt(Exception):
