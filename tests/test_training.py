@@ -179,11 +179,15 @@ def test_an_interrupted_run_resumes_bitwise(rng, tmp_path, monkeypatch):
     whole = train(config, data, out_dir=tmp_path / "whole", verbose=0)
     assert whole[1]["epoch"] == [2, 3] and training.run_state(tmp_path / "whole") == "complete"
 
-    # Stopped after epoch 1 (an epoch that records no history entry, with eval_every=2).
+    # Stopped after epoch 2, and killed while writing epoch 2's checkpoint (truncated):
+    # the run restarts from epoch 1's (an epoch with no history entry, eval_every=2).
     out = tmp_path / "stopped"
     with pytest.raises(_Interrupt):
-        train(config, data, out_dir=out, verbose=0, callbacks=[_stop_at(1)])
+        train(config, data, out_dir=out, verbose=0, callbacks=[_stop_at(2)])
     assert training.run_state(out) == "partial" and not (out / "model.keras").exists()
+    latest = out / "checkpoint" / "keras" / "latest.weights.h5"
+    assert latest.with_suffix(".h5.bkp").exists()
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
     _same(whole, train(config, data, out_dir=out, verbose=0, resume=True))
     assert training.run_state(out) == "complete" and not (out / "checkpoint").exists()
     # Resuming a complete run loads it.
