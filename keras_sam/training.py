@@ -207,6 +207,8 @@ def train(config, data, out_dir=None, verbose=1, callbacks=(), resume=False):
     recorder = _EpochRecorder(config, data, model, loss, steps_per_epoch, progress)
     backup = []
     if out is not None:
+        if resume:
+            _restorable(out / CHECKPOINT / "keras")
         # After the recorder, so that the history saved is never behind the checkpoint.
         backup = [
             keras.callbacks.BackupAndRestore(
@@ -258,6 +260,38 @@ def load_run(out_dir):
     out = Path(out_dir)
     history = json.loads((out / "history.json").read_text())
     return keras.saving.load_model(out / "model.keras"), history
+
+
+def _restorable(folder):
+    """Leaves `BackupAndRestore`'s folder in a state it restores from.
+
+    A kill while it writes its checkpoint can leave the weights file truncated or the
+    epoch file missing or cut. With `double_checkpoint=True` it falls back to the previous
+    checkpoint when the weights cannot be read, but not when the epoch file cannot, nor
+    when the checkpoint cut was the first (there is no previous one: the restart fails).
+    Here: a latest checkpoint that cannot be read is replaced by the previous one, or,
+    without a readable previous one, the folder is emptied, and the run starts over.
+    """
+    latest = (folder / "latest.weights.h5", folder / "training_metadata.json")
+    if not any(path.exists() for path in latest) or _readable(*latest):
+        return
+    previous = tuple(path.with_name(path.name + ".bkp") for path in latest)
+    if _readable(*previous):
+        for source, target in zip(previous, latest):
+            shutil.copyfile(source, target)
+    else:
+        shutil.rmtree(folder)
+
+
+def _readable(weights, metadata):
+    import h5py
+
+    try:
+        with h5py.File(weights, "r"):
+            pass
+        return isinstance(json.loads(metadata.read_text())["epoch"], int)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _check_same_config(out, config):

@@ -193,6 +193,15 @@ def test_an_interrupted_run_resumes_bitwise(rng, tmp_path, monkeypatch):
     # Resuming a complete run loads it.
     _same(whole, train(config, data, out_dir=out, verbose=0, resume=True))
 
+    # Killed while writing the first checkpoint (truncated; no previous one): starts over.
+    out = tmp_path / "first"
+    with pytest.raises(_Interrupt):
+        train(config, data, out_dir=out, verbose=0, callbacks=[_stop_at(1)])
+    latest = out / "checkpoint" / "keras" / "latest.weights.h5"
+    assert not latest.with_suffix(".h5.bkp").exists()
+    latest.write_bytes(latest.read_bytes()[:96])
+    _same(whole, train(config, data, out_dir=out, verbose=0, resume=True))
+
     # Stopped after the last epoch, while writing model.keras: nothing left to train.
     out = tmp_path / "saving"
     with monkeypatch.context() as patch:
