@@ -69,6 +69,14 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     if args.command == "playground":
         return _playground(args)
+    if args.command in ("compare", "inspect") and not _plots_available():
+        # Said before any training: the pictures are drawn at the end of the run.
+        print(
+            f"keras-sam {args.command}: error: its pictures need matplotlib, which is not "
+            "installed. Install it with: pip install 'keras-sam[plots]'",
+            file=sys.stderr,
+        )
+        return 1
     try:
         if args.command == "train":
             return _train(args)
@@ -134,6 +142,15 @@ def _output_folder(out, runs, own_files=(), overwrite=False, resume=False):
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def _plots_available():
+    """Whether matplotlib (the `plots` extra) can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _add_run_arguments(parser, label_noise=0.0):

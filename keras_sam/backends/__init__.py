@@ -1,2 +1,11 @@
 """One small adapter per Keras backend: the only modules that import TensorFlow, JAX or
 PyTorch. Everything else in keras_sam is written with `keras.ops`."""
+
+import importlib
+
+import keras
+
+
+def current():
+    """The adapter module of the backend Keras runs on (`keras.backend.backend()`)."""
+    return importlib.import_module(f"keras_sam.backends.{keras.backend.backend()}")
