@@ -82,8 +82,7 @@ def test_save_model_replaces_a_good_file_with_a_loadable_one(tmp_path):
 
 
 def test_save_figure_writes_a_png(tmp_path):
-    import matplotlib
-
+    matplotlib = pytest.importorskip("matplotlib")  # the `plots` extra
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
