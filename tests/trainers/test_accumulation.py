@@ -30,6 +30,7 @@ class _WeightRecorder(keras.callbacks.Callback):
         self.after_batch = []
 
     def on_train_batch_end(self, batch, logs=None):
+        self.model  # noqa: B018  (on JAX, reading `model` writes the step's state back)
         self.after_batch.append([np.array(v.numpy(), copy=True) for v in self.variables])
 
 

@@ -123,7 +123,8 @@ class BlowsUpWhenPerturbed(keras.layers.Layer):
         return scaled + keras.ops.cast(keras.ops.where(blow_up, float("inf"), 0.0), inputs.dtype)
 
     def arm(self):
-        self.reference.assign(self.scale)
+        # A copy: on JAX two variables must not share one buffer (`fit` donates them).
+        self.reference.assign(keras.ops.copy(self.scale))
         self.armed.assign(1.0)
 
     def disarm(self):
