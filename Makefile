@@ -56,8 +56,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check keras_sam tests benchmarks
 	$(BIN)/ruff format --check keras_sam tests benchmarks
 
+# --keras2 times Keras 2's SAM beside keras-sam's in the same rounds: tf_keras (the version
+# matching TensorFlow's) goes into .venv without its dependencies, which TensorFlow already is.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python -m pip install --quiet --no-deps "tf_keras~=$$($(BIN)/python -c 'from importlib.metadata import packages_distributions as p, version as v; print(v(p()["tensorflow"][0]).rsplit(".", 1)[0])').0"
+	$(BIN)/python benchmarks/step_time.py --jit --keras2
 
 results: $(STAMP) data
 	$(BIN)/python benchmarks/fashion_mnist.py

@@ -144,7 +144,7 @@ class SAM(keras.optimizers.Optimizer):
     Example:
 
     ```python
-    opt = keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.05)
+    opt = keras_sam.SAM(keras.optimizers.SGD(0.01, momentum=0.9), rho=0.05)
     sam_model = keras_sam.SAMModel(model)
     sam_model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     sam_model.fit(x, y, epochs=10)

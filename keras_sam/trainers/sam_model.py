@@ -55,12 +55,13 @@ class SAMModel(keras.Model):
     ```python
     sam_model = keras_sam.SAMModel(model)
     sam_model.compile(
-        optimizer=keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.05),
+        optimizer=keras_sam.SAM(keras.optimizers.SGD(0.01, momentum=0.9), rho=0.05),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
     sam_model.fit(x, y, epochs=10)  # logs loss, accuracy and sharpness
-    model.save("model.keras")       # the inner model, with no keras_sam dependency
+    model.save("model.keras")       # the inner model, with no keras_sam dependency,
+                                    # uncompiled: compile it again to `evaluate` it
     ```
     """
 
