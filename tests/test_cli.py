@@ -298,7 +298,7 @@ def _option_helps(text):
 @pytest.mark.parametrize("command", ["train", "compare", "inspect", "playground"])
 def test_help_states_every_options_default(command, capsys):
     helps = _option_helps(_help([command], capsys))
-    flags = {"-h", "--quiet", "--inspect"}
+    flags = {"-h", "--quiet", "--inspect", "--overwrite", "--resume"}
     assert len(helps) >= (4 if command == "playground" else 12)
     for name, text in helps.items():
         if name not in flags:
