@@ -3,7 +3,9 @@
 import argparse
 import math
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from keras_sam import __version__
 from keras_sam.models import MODELS
@@ -77,6 +79,7 @@ def main(argv=None):
         "(sgd, the old name of plain, is still accepted)",
     )
     train.add_argument("--out", default="runs/train", help="output folder")
+    _add_existing_run_arguments(train)
 
     compare = commands.add_parser(
         "compare",
@@ -97,6 +100,7 @@ def main(argv=None):
         help="the SAM method of the second run",
     )
     compare.add_argument("--out", default="runs/compare", help="output folder")
+    _add_existing_run_arguments(compare)
     _add_compare_inspect_argument(compare)
     _add_inspect_parser(commands)
 
@@ -121,9 +125,65 @@ def main(argv=None):
         if args.command == "inspect":
             return _inspect(args)
         return _compare(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"keras-sam {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        print(f"keras-sam {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 1
+
+
+def _one_line(error):
+    """The error as one line; an `OSError` as `PATH: what went wrong`."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        paths = " -> ".join(os.fspath(f) for f in (error.filename, error.filename2) if f)
+        text = f"{paths}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def _add_existing_run_arguments(parser):
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (its files are deleted first)",
+    )
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last epoch checkpoint, bitwise as if "
+        "uninterrupted (same arguments as the run; a finished run is not trained again)",
+    )
+
+
+def _output_folder(out, runs, own_files=(), overwrite=False, resume=False):
+    """Checks `out` before anything trains: creates it, proves it writable, and refuses
+    to overwrite the runs (sub-folders `runs` of `out`) and files already there unless
+    `overwrite` (then deletes them) or `resume`."""
+    from keras_sam import training
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / f".keras-sam-write-test-{os.getpid()}"
+    probe.touch()
+    probe.unlink()
+    existing = [out / name for name in own_files if (out / name).exists()]
+    for run in runs:
+        existing += [run / name for name in training.RUN_FILES if (run / name).exists()]
+    if not existing or resume:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{out} already holds a run ({', '.join(str(p) for p in existing[:3])}"
+            f"{', ...' if len(existing) > 3 else ''}): pass --resume to continue it from its "
+            "last epoch checkpoint, --overwrite to replace it, or another --out."
+        )
+    for path in existing:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _plots_available():
@@ -298,9 +358,10 @@ def _train(args):
     from keras_sam.training import prepare_data, train
 
     config = _config(args, args.method)
+    _output_folder(args.out, [Path(args.out)], overwrite=args.overwrite, resume=args.resume)
     data = prepare_data(config, args.data_dir)
     _describe_data(config, data)
-    _, history = train(config, data, out_dir=args.out, verbose=_verbose(args))
+    _, history = train(config, data, out_dir=args.out, verbose=_verbose(args), resume=args.resume)
     print(
         f"final clean test accuracy: {100 * history['test_accuracy'][-1]:.2f} % "
         f"(best {100 * max(history['test_accuracy']):.2f} %); training "
@@ -313,7 +374,7 @@ def _train(args):
 def _compare(args):
     from pathlib import Path
 
-    from keras_sam import report
+    from keras_sam import files, report
     from keras_sam.training import prepare_data, train
 
     out = Path(args.out)
@@ -322,6 +383,9 @@ def _compare(args):
         (args.method, _config(args, args.method)),
         ("plain_equal_compute", _config(args, "plain", epochs=2 * args.epochs)),
     ]
+    own_files = ("results.md", "test_accuracy.png", "sharpness.png", *_COMPARE_INSPECT_FILES)
+    run_folders = [out / label for label, _ in plans]
+    _output_folder(out, run_folders, own_files, overwrite=args.overwrite, resume=args.resume)
     data = prepare_data(plans[0][1], args.data_dir)
     _describe_data(plans[0][1], data)
     runs, models = {}, {}
@@ -332,7 +396,9 @@ def _compare(args):
             else f"{config.optimizer} alone"
         )
         print(f"\n== {label}: {what}, {config.epochs} epochs ==", flush=True)
-        model, history = train(config, data, out_dir=out / label, verbose=_verbose(args))
+        model, history = train(
+            config, data, out_dir=out / label, verbose=_verbose(args), resume=args.resume
+        )
         runs[label] = (config, history)
         models[label] = model
     table = report.comparison_table(runs)
@@ -343,12 +409,20 @@ def _compare(args):
     report.comparison_plots(runs, out, title=title)
     note = _table_note(args)
     text = f"# {title}\n\n{table}\n{note}\n\nPlots: test_accuracy.png, sharpness.png\n"
-    (out / "results.md").write_text(text)
+    files.write_text(out / "results.md", text)
     print("\n" + table + "\n" + note)
     print(f"Written: {out}/results.md, {out}/test_accuracy.png, {out}/sharpness.png")
     if args.inspect:
         _compare_inspection(args, {k: models[k] for k, _ in plans[:2]}, data, out, title)
     return 0
+
+
+_COMPARE_INSPECT_FILES = (
+    "inspect.json",
+    "inspect_landscape_1d.png",
+    "inspect_landscape_2d.png",
+    "inspect_spectrum.png",
+)
 
 
 def _table_note(args):
@@ -494,6 +568,7 @@ def _inspect(args):
         raise ValueError(f"--examples must be >= 0 (0: all). Received: {args.examples}")
     model_path = Path(args.model)
     model = inspection.load_model(model_path)
+    _output_folder(args.out, [])
     x, y, description = _inspect_data(args, model_path)
     loss = inspection.default_loss(model)
     print(f"{model_path}: {model.name}; {description}")

@@ -9,12 +9,13 @@ several reports side by side on the same axes and scales: `landscape_1d.png`,
 """
 
 import dataclasses
-import json
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from keras_sam import files
 
 
 @dataclasses.dataclass
@@ -231,8 +232,9 @@ def _landscape_json(result):
 
 
 def write_json(report, path):
+    """Writes `report` as JSON to `path` atomically (creating its folder)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    files.write_json(path, report)
 
 
 def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
@@ -375,8 +377,10 @@ def _plain_log_axis(axis):
 
 
 def _save(fig, path, plt):
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        files.save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_sam import files
+
 
 def run_label(name):
     return name.replace("_", " ")
@@ -79,7 +81,9 @@ def comparison_plots(runs, out_dir, title=""):
             fig.suptitle(title)
         fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            files.save_figure(fig, path, dpi=100)
+        finally:
+            plt.close(fig)
         paths.append(path)
     return paths

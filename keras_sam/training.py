@@ -14,10 +14,14 @@ still accepted. The inner optimizer itself is `optimizer` (sgd, adam or adamw).
 import dataclasses
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+
+from keras_sam import files
 
 METHODS = ("plain", "sam", "asam", "gsam", "friendly_sam", "looksam", "periodic_sam", "aesam")
 # Old spellings still accepted: "sgd" meant "the inner optimizer alone", whatever it is.
@@ -177,7 +181,7 @@ def build_optimizer(config, steps):
     return methods.switching.AESAM(inner, rho=rho)
 
 
-def train(config, data, out_dir=None, verbose=1, callbacks=()):
+def train(config, data, out_dir=None, verbose=1, callbacks=(), resume=False):
     """Trains one model; returns `(model, history)`.
 
     `history` maps each per-epoch quantity to a list: `loss`, `accuracy` (on the labels
@@ -191,15 +195,37 @@ def train(config, data, out_dir=None, verbose=1, callbacks=()):
     and `train_cpu_seconds` (wall-clock and process CPU time in `fit` so far, evaluations
     excluded), `eval_seconds` (time spent evaluating so far) and `seconds` (both together);
     one entry per evaluated epoch (every `eval_every` epochs and the last).
+
+    With `out_dir`, writes `config.json` there first, keeps the last two epochs'
+    checkpoints in `out_dir/checkpoint/` while training
+    (`keras.callbacks.BackupAndRestore(double_checkpoint=True)`, with the history so
+    far), then writes `history.json` and `model.keras` and deletes the checkpoints. Every
+    file is written atomically (`keras_sam.files`): a kill leaves the previous file whole.
+    A fresh run (`resume=False`) first deletes a previous run's files from `out_dir`.
+    `resume=True` continues the run in `out_dir` from its last epoch checkpoint, bitwise as
+    the uninterrupted run (the configuration must be the one saved there); a complete run
+    is loaded, not trained again.
     Each evaluated epoch's `test_accuracy` is also added to the epoch's logs, so that
-    Keras's progress line shows it. With `out_dir`, writes `config.json`, `history.json`
-    and `model.keras` there.
+    Keras's progress line shows it.
     """
     import keras
 
     from keras_sam.models import build_model
     from keras_sam.trainers.sam_model import SAMModel
 
+    out = None if out_dir is None else Path(out_dir)
+    if resume and out is None:
+        raise ValueError("`resume=True` needs the run's folder: pass `out_dir`.")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _check_same_config(out, config)
+            if run_state(out) == "complete":
+                return load_run(out)
+        else:
+            delete_run(out)
+        record = dataclasses.asdict(config) | {"noise_fraction": data.noise_fraction}
+        files.write_json(out / "config.json", record)
     model = build_model(config.model, seed=config.seed)
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
     splits = config.num_batch_splits if config.is_sam else None
@@ -210,7 +236,20 @@ def train(config, data, out_dir=None, verbose=1, callbacks=()):
         loss=loss,
         metrics=["accuracy"],
     )
-    recorder = _EpochRecorder(config, data, model, loss, steps_per_epoch)
+    progress = None if out is None else out / CHECKPOINT / "progress.json"
+    recorder = _EpochRecorder(config, data, model, loss, steps_per_epoch, progress)
+    backup = []
+    if out is not None:
+        if resume:
+            _restorable(out / CHECKPOINT / "keras")
+        # After the recorder, so that the history saved is never behind the checkpoint.
+        backup = [
+            keras.callbacks.BackupAndRestore(
+                os.fspath(out / CHECKPOINT / "keras"),
+                double_checkpoint=True,
+                delete_checkpoint=False,  # deleted once model.keras is written
+            )
+        ]
     keras.utils.set_random_seed(config.seed)
     sam_model.fit(
         data.x_train,
@@ -218,23 +257,119 @@ def train(config, data, out_dir=None, verbose=1, callbacks=()):
         batch_size=config.batch_size,
         epochs=config.epochs,
         verbose=verbose,
-        callbacks=[recorder, *callbacks],
+        callbacks=[recorder, *backup, *callbacks],
     )
     history = recorder.history
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        record = dataclasses.asdict(config) | {"noise_fraction": data.noise_fraction}
-        (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-        model.save(out / "model.keras")
+    if out is not None:
+        files.write_json(out / "history.json", history)
+        files.save_model(model, out / "model.keras")
+        shutil.rmtree(out / CHECKPOINT)
     return model, history
 
 
-class _EpochRecorder:
-    """A Keras callback (built lazily, so importing this module does not import Keras)."""
+# The files of a run in its folder; `checkpoint/` exists while it trains.
+CHECKPOINT = "checkpoint"
+RUN_FILES = ("config.json", "history.json", "model.keras", CHECKPOINT)
 
-    def __new__(cls, config, data, model, loss, steps_per_epoch):
+
+def run_state(out_dir):
+    """What `out_dir` holds: `"empty"` (no run's files; the folder may not exist),
+    `"complete"` (`model.keras` and `history.json` written, no checkpoint left) or
+    `"partial"` (a run started there and has not finished: `train(..., resume=True)`
+    continues it)."""
+    out = Path(out_dir)
+    present = {name for name in RUN_FILES if (out / name).exists()}
+    if not present:
+        return "empty"
+    if {"model.keras", "history.json"} <= present and CHECKPOINT not in present:
+        return "complete"
+    return "partial"
+
+
+def load_run(out_dir):
+    """A complete run's `(model, history)`, read from `out_dir`."""
+    import keras
+
+    out = Path(out_dir)
+    history = json.loads((out / "history.json").read_text())
+    return keras.saving.load_model(out / "model.keras"), history
+
+
+def _restorable(folder):
+    """Leaves `BackupAndRestore`'s folder in a state it restores from.
+
+    A kill while it writes its checkpoint can leave the weights file truncated or the
+    epoch file missing or cut. With `double_checkpoint=True` it falls back to the previous
+    checkpoint when the weights cannot be read, but not when the epoch file cannot, nor
+    when the checkpoint cut was the first (there is no previous one: the restart fails).
+    Here: a latest checkpoint that cannot be read is replaced by the previous one, or,
+    without a readable previous one, the folder is emptied, and the run starts over.
+    """
+    latest = (folder / "latest.weights.h5", folder / "training_metadata.json")
+    if not any(path.exists() for path in latest) or _readable(*latest):
+        return
+    previous = tuple(path.with_name(path.name + ".bkp") for path in latest)
+    if _readable(*previous):
+        for source, target in zip(previous, latest):
+            shutil.copyfile(source, target)
+    else:
+        shutil.rmtree(folder)
+
+
+def _readable(weights, metadata):
+    import h5py
+
+    try:
+        with h5py.File(weights, "r"):
+            pass
+        return isinstance(json.loads(metadata.read_text())["epoch"], int)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _check_same_config(out, config):
+    path = out / "config.json"
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}), so the run cannot be resumed."
+        ) from None
+    wanted = dataclasses.asdict(config)
+    differences = [
+        f"{name}={saved.get(name)!r} there, {value!r} here"
+        for name, value in wanted.items()
+        if saved.get(name, value) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"The run in {out} was started with another configuration "
+            f"({'; '.join(differences)}): resume it with the same arguments."
+        )
+
+
+def delete_run(out_dir):
+    """Deletes a run's files (only those: `RUN_FILES`) from `out_dir`."""
+    for name in RUN_FILES:
+        path = Path(out_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class _EpochRecorder:
+    """A Keras callback (built lazily, so importing this module does not import Keras).
+
+    With `progress` (a path), it saves after each epoch what a resumed run needs to go on
+    recording as the uninterrupted run would: the history, and the gradient evaluations
+    and seconds at the end of each epoch; a resumed run starts from the entries up to the
+    epoch it resumes at.
+    """
+
+    def __new__(cls, config, data, model, loss, steps_per_epoch, progress=None):
         import keras
 
         class Recorder(keras.callbacks.Callback):
@@ -253,12 +388,49 @@ class _EpochRecorder:
                 self.evaluations = 0.0
                 self.eval_seconds = 0.0
                 self.eval_cpu_seconds = 0.0
+                # Per epoch done, the totals at its end: what a resumed run starts from.
+                self.totals = {k: [] for k in _TOTALS}
+                self.saved = None
+                if progress is not None and progress.exists():
+                    self.saved = json.loads(progress.read_text())
+                    self.history = self.saved["history"]
+                    self.totals = self.saved["totals"]
 
             def on_train_begin(self, logs=None):
                 self.started = time.perf_counter()
                 self.started_cpu = time.process_time()
 
+            def on_epoch_begin(self, epoch, logs=None):
+                if self.saved is None:
+                    return
+                # The first epoch of a resumed run: keep what the epochs before it recorded.
+                self.saved = None
+                self.history = {
+                    k: [v for v, e in zip(values, self.history["epoch"]) if e <= epoch]
+                    for k, values in self.history.items()
+                }
+                self.totals = {k: v[:epoch] for k, v in self.totals.items()}
+                if epoch:
+                    last = {k: v[-1] for k, v in self.totals.items()}
+                    self.evaluations = last["evaluations"]
+                    self.eval_seconds = last["eval_seconds"]
+                    self.eval_cpu_seconds = last["eval_cpu_seconds"]
+                    self.started -= last["seconds"]
+                    self.started_cpu -= last["cpu_seconds"]
+
             def on_epoch_end(self, epoch, logs=None):
+                self.record(epoch, logs)
+                totals = self.totals
+                totals["evaluations"].append(self.evaluations)
+                totals["eval_seconds"].append(self.eval_seconds)
+                totals["eval_cpu_seconds"].append(self.eval_cpu_seconds)
+                totals["seconds"].append(time.perf_counter() - self.started)
+                totals["cpu_seconds"].append(time.process_time() - self.started_cpu)
+                if progress is not None:
+                    progress.parent.mkdir(parents=True, exist_ok=True)
+                    files.write_json(progress, {"history": self.history, "totals": totals})
+
+            def record(self, epoch, logs=None):
                 now, now_cpu = time.perf_counter(), time.process_time()
                 logs = {} if logs is None else logs
                 rate = logs.get("second_pass_rate", 1.0 if config.is_sam else 0.0)
@@ -307,6 +479,9 @@ class _EpochRecorder:
 
         return Recorder()
 
+
+# What `_EpochRecorder` saves at the end of each epoch, for a resumed run.
+_TOTALS = ("evaluations", "eval_seconds", "eval_cpu_seconds", "seconds", "cpu_seconds")
 
 _HISTORY_KEYS = (
     "epoch",

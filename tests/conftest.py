@@ -16,6 +16,7 @@ ONLY = {
     "tensorflow": [
         "methods/test_sam.py",
         "methods/test_variants.py",
+        "methods/test_perturb_config.py",
         "trainers/test_bad_input.py",
         "trainers/test_checkpoints.py",
         "trainers/test_clipping.py",

@@ -100,6 +100,181 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
     assert info.value.code == 2
 
 
+# ------------------------------------------------ the output folder, checked before training
+@pytest.fixture
+def no_training(monkeypatch):
+    """Replaces data loading and training; records the calls to `train`."""
+    import numpy as np
+
+    from keras_sam import training
+
+    calls = []
+
+    def prepare_data(config, data_dir=None):
+        x = np.zeros((4, 28, 28, 1), "float32")
+        y = np.zeros(4, "int64")
+        return training.Data(x, y, y, x, y, noise_fraction=0.0)
+
+    def train(config, data, out_dir=None, verbose=1, callbacks=(), resume=False):
+        calls.append({"out_dir": str(out_dir), "resume": resume, "method": config.method})
+        history = {"test_accuracy": [0.5], "accuracy": [0.5], "measured_sharpness": [0.0]}
+        history |= {"epoch": [1], "gradient_evaluations": [1], "seconds": [0.0]}
+        history |= {"train_seconds": [0.0], "train_cpu_seconds": [0.0], "eval_seconds": [0.0]}
+        return None, history
+
+    monkeypatch.setattr(training, "prepare_data", prepare_data)
+    monkeypatch.setattr(training, "train", train)
+    return calls
+
+
+def _one_line_error(capsys, command):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"keras-sam {command}: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys, no_training):
+    (tmp_path / "taken").write_text("a file")
+    assert cli.main(["train", "--out", str(tmp_path / "taken")]) == 1
+    err = _one_line_error(capsys, "train")
+    assert f"--out {tmp_path / 'taken'} is a file, not a folder" in err
+    assert no_training == [] and (tmp_path / "taken").read_text() == "a file"
+
+
+def test_an_out_below_a_file_is_a_one_line_error_naming_it(tmp_path, capsys, no_training):
+    (tmp_path / "taken").write_text("a file")
+    out = tmp_path / "taken" / "run"
+    assert cli.main(["compare", "--out", str(out)]) == 1
+    err = _one_line_error(capsys, "compare")
+    assert f"{out}: Not a directory" in err
+    assert no_training == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_parent_is_a_one_line_error_before_training(tmp_path, capsys, no_training):
+    parent = tmp_path / "locked"
+    parent.mkdir(mode=0o500)
+    try:
+        assert cli.main(["train", "--out", str(parent / "run")]) == 1
+    finally:
+        parent.chmod(0o700)
+    err = _one_line_error(capsys, "train")
+    assert f"{parent / 'run'}: Permission denied" in err
+    assert no_training == []
+
+
+def test_an_oserror_while_training_is_one_line_naming_the_path(
+    tmp_path, capsys, no_training, monkeypatch
+):
+    from keras_sam import training
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/runs/x/model.keras")
+
+    monkeypatch.setattr(training, "train", denied)
+    assert cli.main(["train", "--out", str(tmp_path / "run")]) == 1
+    err = _one_line_error(capsys, "train")
+    assert err == "keras-sam train: error: /runs/x/model.keras: Permission denied\n"
+
+
+def test_an_existing_run_is_refused_without_overwrite_or_resume(tmp_path, capsys, no_training):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.keras").write_bytes(b"good model")
+    assert cli.main(["train", "--out", str(out)]) == 1
+    err = _one_line_error(capsys, "train")
+    assert f"{out} already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "model.keras").read_bytes() == b"good model"
+    assert no_training == []
+
+
+def test_overwrite_deletes_only_the_runs_files(tmp_path, capsys, no_training):
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "model.keras").write_bytes(b"old model")
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(["train", "--out", str(out), "--overwrite"]) == 0
+    assert no_training == [{"out_dir": str(out), "resume": False, "method": "sam"}]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_resume_keeps_the_run_and_asks_train_to_resume(tmp_path, capsys, no_training):
+    out = tmp_path / "cmp"
+    (out / "sam" / "checkpoint").mkdir(parents=True)
+    (out / "plain").mkdir()
+    (out / "plain" / "model.keras").write_bytes(b"done")
+    assert cli.main(["compare", "--out", str(out), "--resume"]) == 0
+    assert [c["resume"] for c in no_training] == [True, True, True]
+    assert [c["out_dir"] for c in no_training] == [
+        str(out / "plain"),
+        str(out / "sam"),
+        str(out / "plain_equal_compute"),
+    ]
+    assert (out / "plain" / "model.keras").read_bytes() == b"done"
+    assert (out / "results.md").exists()
+
+
+def test_compare_refuses_its_previous_results(tmp_path, capsys, no_training):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "results.md").write_text("old table")
+    assert cli.main(["compare", "--out", str(out)]) == 1
+    assert f"{out} already holds a run ({out / 'results.md'})" in _one_line_error(capsys, "compare")
+    assert cli.main(["compare", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "results.md").read_text().startswith("# ")
+
+
+def test_overwrite_and_resume_together_are_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--out", str(tmp_path), "--overwrite", "--resume"])
+    assert info.value.code == 2
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_killed_train_resumes_bitwise(tmp_path):
+    # SIGKILL `keras-sam train` after its first epoch's checkpoint; `--resume` must then
+    # write the same model and history as the uninterrupted run (all but the seconds).
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import keras
+    import numpy as np
+
+    argv = [*TINY, "--epochs", "3", "--method", "looksam", "--k", "2"]
+    assert cli.main(["train", *argv, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "keras_sam.cli", "train", *argv, "--out", str(out)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL) as process:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint" / "progress.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    assert not (out / "model.keras").exists() and (out / "checkpoint").is_dir()
+    assert cli.main(["train", *argv, "--out", str(out)]) == 1  # refused: a run is there
+    assert cli.main(["train", *argv, "--out", str(out), "--resume"]) == 0
+    assert not (out / "checkpoint").exists()
+    histories = [
+        json.loads((tmp_path / r / "history.json").read_text()) for r in ("whole", "killed")
+    ]
+    for history in histories:
+        for key in ("seconds", "train_seconds", "train_cpu_seconds", "eval_seconds"):
+            history.pop(key)
+    assert histories[0] == histories[1]
+    whole, resumed = (
+        keras.saving.load_model(tmp_path / r / "model.keras") for r in ("whole", "killed")
+    )
+    for a, b in zip(whole.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def _help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main([*argv, "--help"])
@@ -123,7 +298,7 @@ def _option_helps(text):
 @pytest.mark.parametrize("command", ["train", "compare", "inspect", "playground"])
 def test_help_states_every_options_default(command, capsys):
     helps = _option_helps(_help([command], capsys))
-    flags = {"-h", "--quiet", "--inspect"}
+    flags = {"-h", "--quiet", "--inspect", "--overwrite", "--resume"}
     assert len(helps) >= (4 if command == "playground" else 12)
     for name, text in helps.items():
         if name not in flags:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import time
 
@@ -209,3 +210,115 @@ def test_run_config_validation_names_the_argument(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=f"`{name}`.*Received: {name}="):
         RunConfig(**kwargs)
+
+
+# ------------------------------------------------------------------ resuming a run
+def _small(method="looksam", **changes):
+    fields = dict(k=2, epochs=3, eval_every=2, batch_size=50, train_size=200)
+    return RunConfig(method=method, sharpness_examples=50, **(fields | changes))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_at(epoch):
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_begin(self, e, logs=None):
+            if e == epoch:
+                raise _Interrupt
+
+    return Stop()
+
+
+def _same(run_a, run_b):
+    (model_a, history_a), (model_b, history_b) = run_a, run_b
+    history_a, history_b = dict(history_a), dict(history_b)
+    for key in ("seconds", "train_seconds", "train_cpu_seconds", "eval_seconds"):
+        history_a.pop(key), history_b.pop(key)
+    assert history_a == history_b
+    for a, b in zip(model_a.get_weights(), model_b.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_interrupted_run_resumes_bitwise(rng, tmp_path, monkeypatch):
+    from keras_sam import files, training
+
+    config = _small()
+    data = prepare_data(config, arrays=_arrays(rng))
+    whole = train(config, data, out_dir=tmp_path / "whole", verbose=0)
+    assert whole[1]["epoch"] == [2, 3] and training.run_state(tmp_path / "whole") == "complete"
+
+    # Stopped after epoch 2, and killed while writing epoch 2's checkpoint (truncated):
+    # the run restarts from epoch 1's (an epoch with no history entry, eval_every=2).
+    out = tmp_path / "stopped"
+    with pytest.raises(_Interrupt):
+        train(config, data, out_dir=out, verbose=0, callbacks=[_stop_at(2)])
+    assert training.run_state(out) == "partial" and not (out / "model.keras").exists()
+    latest = out / "checkpoint" / "keras" / "latest.weights.h5"
+    assert latest.with_suffix(".h5.bkp").exists()
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    _same(whole, train(config, data, out_dir=out, verbose=0, resume=True))
+    assert training.run_state(out) == "complete" and not (out / "checkpoint").exists()
+    # Resuming a complete run loads it.
+    _same(whole, train(config, data, out_dir=out, verbose=0, resume=True))
+
+    # Killed while writing the first checkpoint (truncated; no previous one): starts over.
+    out = tmp_path / "first"
+    with pytest.raises(_Interrupt):
+        train(config, data, out_dir=out, verbose=0, callbacks=[_stop_at(1)])
+    latest = out / "checkpoint" / "keras" / "latest.weights.h5"
+    assert not latest.with_suffix(".h5.bkp").exists()
+    latest.write_bytes(latest.read_bytes()[:96])
+    _same(whole, train(config, data, out_dir=out, verbose=0, resume=True))
+
+    # Stopped after the last epoch, while writing model.keras: nothing left to train.
+    out = tmp_path / "saving"
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "save_model", lambda *a: (_ for _ in ()).throw(OSError("full")))
+        with pytest.raises(OSError, match="full"):
+            train(config, data, out_dir=out, verbose=0)
+    assert training.run_state(out) == "partial"
+    _same(whole, train(config, data, out_dir=out, verbose=0, resume=True))
+
+
+def test_resume_refuses_another_configuration(rng, tmp_path):
+    from keras_sam import files
+
+    config = _small()
+    data = prepare_data(config, arrays=_arrays(rng))
+    files.write_json(tmp_path / "config.json", dataclasses.asdict(config))
+    other = dataclasses.replace(config, learning_rate=0.1, epochs=4)
+    message = r"learning_rate=0.05 there, 0.1 here; epochs=3 there, 4 here"
+    with pytest.raises(ValueError, match=message):
+        train(other, data, out_dir=tmp_path, verbose=0, resume=True)
+
+
+def test_a_fresh_run_deletes_a_previous_runs_checkpoint(rng, tmp_path):
+    # A stale (here: unreadable) checkpoint must not be restored into a new run.
+    from keras_sam import training
+
+    (tmp_path / "checkpoint" / "keras").mkdir(parents=True)
+    (tmp_path / "checkpoint" / "keras" / "latest.weights.h5").write_bytes(b"not hdf5")
+    (tmp_path / "history.json").write_text("{}")
+    config = _small(method="sgd", epochs=1)
+    _, history = train(config, prepare_data(config, arrays=_arrays(rng)), out_dir=tmp_path)
+    assert history["epoch"] == [1] and training.run_state(tmp_path) == "complete"
+    assert json.loads((tmp_path / "history.json").read_text())["epoch"] == [1]
+
+
+def test_run_state_tells_empty_partial_and_complete(tmp_path):
+    from keras_sam.training import delete_run, run_state
+
+    assert run_state(tmp_path / "absent") == "empty"
+    (tmp_path / "notes.txt").write_text("mine")
+    assert run_state(tmp_path) == "empty"
+    (tmp_path / "config.json").write_text("{}")
+    assert run_state(tmp_path) == "partial"
+    (tmp_path / "history.json").write_text("{}")
+    (tmp_path / "model.keras").write_text("")
+    assert run_state(tmp_path) == "complete"
+    (tmp_path / "checkpoint").mkdir()
+    assert run_state(tmp_path) == "partial"
+    delete_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

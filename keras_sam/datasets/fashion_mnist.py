@@ -68,7 +68,7 @@ _NUM_CLASSES = len(CLASS_NAMES)
 
 
 class DatasetFileError(ValueError):
-    """A data file is truncated, corrupt, or not the file it should be.
+    """A data file is unreadable, truncated, corrupt, or not the file it should be.
 
     The message names the file and says what to do about it.
     """
@@ -208,8 +208,19 @@ def _fix_hint(source):
 
 def _read_content(file_path, source):
     """The file's bytes, decompressed when the name ends in `.gz`."""
-    with open(file_path, "rb") as f:
-        data = f.read()
+    try:
+        with open(file_path, "rb") as f:
+            data = f.read()
+    except PermissionError as e:
+        raise DatasetFileError(
+            f"{file_path} cannot be read: permission denied. Make it readable "
+            f"(`chmod a+r {file_path}`, or ask its owner), or copy the four files to a folder "
+            f"you can read and pass it as `path` (keras-sam: --data-dir) or set {ENV_VAR}."
+        ) from e
+    except OSError as e:
+        raise DatasetFileError(
+            f"{file_path} cannot be read ({e.strerror or e}). {_fix_hint(source)}"
+        ) from e
     if not file_path.endswith(".gz"):
         return data
     try:
@@ -340,7 +351,8 @@ def load_data(
     Raises:
         FileNotFoundError: the files are not where `path` or `$KERAS_SAM_FASHION_MNIST`
             says, or they are nowhere on this machine and the download failed.
-        DatasetFileError: a file is truncated, corrupt, or not the expected file.
+        DatasetFileError: a file cannot be read (permission denied, a read error), is
+            truncated, corrupt, or not the expected file.
         ValueError: an argument has the wrong type.
 
     Example:

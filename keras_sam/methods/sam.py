@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import math
 import numbers
 import re
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 
 from keras_sam import maths
 
@@ -99,21 +102,26 @@ class SAM(keras.optimizers.Optimizer):
     Args:
         optimizer: the `keras.optimizers.Optimizer` instance that takes the steps
             (a string identifier such as `"sgd"` is accepted too).
-        rho: float >= 0, the radius of the neighbourhood, or a schedule of the step
-            (a `keras.optimizers.schedules.LearningRateSchedule`, evaluated at
-            `iterations`; see `keras_sam.ProportionalRho`). Defaults to `0.05`
+        rho: float >= 0 (finite in float32), the radius of the neighbourhood, or a
+            schedule of the step (a `keras.optimizers.schedules.LearningRateSchedule`,
+            evaluated at `iterations`; see `keras_sam.ProportionalRho`). Defaults to `0.05`
             (the paper's value for SGD; ASAM usually wants about 10x more).
         adaptive: bool, use ASAM's scale-invariant neighbourhood. Defaults to `False`.
         eta: float >= 0, ASAM's offset in `T_w = |w| + eta`. Ignored unless
             `adaptive`. Defaults to `0.01`.
-        epsilon: float > 0, added to the gradient norm. Defaults to `1e-12`.
+        epsilon: float, added to the gradient norm; at least the smallest normal
+            float32 (1.18e-38), as the norm is float32. Defaults to `1e-12`.
         perturb: which variables are perturbed; the others stay at `w` in the
             perturbed pass but still descend with the perturbed gradient, and the
             norm is taken over the perturbed ones only. `None` (every variable), a
             regular expression searched in each `variable.path`, a tuple of layer
             classes (the variables of those layers; `keras_sam.NORMALIZATION_LAYERS`
             gives SAM-ON; needs `bind(model)`, which `SAMModel` does), or a callable
-            `variable -> bool`. Defaults to `None`.
+            `variable -> bool` registered with
+            `@keras.saving.register_keras_serializable()`: a function, or an object of
+            a class with `get_config`. Each form survives `get_config` and `.keras`
+            files; one that could not (a lambda, a `functools.partial`, anything
+            unregistered) is refused here. Defaults to `None`.
         distributed_perturbation: how the replicas of a `tf.distribute` strategy
             perturb. `"per_replica"`: each replica perturbs the weights with its own
             clean gradient and no gradient is all-reduced before the perturbed pass
@@ -178,7 +186,7 @@ class SAM(keras.optimizers.Optimizer):
         rho = check_rate("rho", rho)
         adaptive = _check_bool("adaptive", adaptive)
         eta = _check_number("eta", eta, minimum=0.0)
-        epsilon = _check_number("epsilon", epsilon, minimum=0.0, strict=True)
+        epsilon = _check_epsilon(epsilon)
         perturb = _check_perturb(perturb)
         super().__init__(learning_rate=0.0, name=name)
         # Created with `iterations`, not in `build`: a compiled but untrained model then
@@ -495,14 +503,14 @@ class SAM(keras.optimizers.Optimizer):
         optimizer = keras.saving.deserialize_keras_object(
             config.pop("optimizer"), custom_objects=custom_objects
         )
+        # `perturb` has its own forms; taken out first, so that it is deserialized once.
+        perturb = _deserialize_perturb(config.pop("perturb", None), custom_objects)
         for key, value in config.items():
             if isinstance(value, dict) and "class_name" in value:
                 config[key] = keras.saving.deserialize_keras_object(
                     value, custom_objects=custom_objects
                 )
-        if "perturb" in config:
-            config["perturb"] = _deserialize_perturb(config["perturb"], custom_objects)
-        return cls(optimizer, **config)
+        return cls(optimizer, perturb=perturb, **config)
 
 
 class _Slots:
@@ -553,7 +561,7 @@ def check_rate(name, value):
             "`keras.optimizers.schedules.LearningRateSchedule` of the step. "
             f"Received: {name}={value!r}"
         )
-    return _check_number(name, value, minimum=0.0)
+    return _check_number(name, value, minimum=0.0, float32=True)
 
 
 def serialize_rate(value):
@@ -563,7 +571,14 @@ def serialize_rate(value):
 
 
 def _check_perturb(perturb):
-    if perturb is None or callable(perturb) and not isinstance(perturb, type):
+    """`perturb` in one of its documented forms, each of which a `.keras` file can hold.
+
+    A form that could be used but not saved (a lambda, a `functools.partial`, an
+    unregistered function, object or layer class) is refused here, at construction:
+    refused later, by `get_config` inside `model.save`, it would leave the file being
+    replaced truncated (Keras opens it before asking for the config).
+    """
+    if perturb is None:
         return perturb
     if isinstance(perturb, str):
         try:
@@ -574,14 +589,61 @@ def _check_perturb(perturb):
                 f"Received: perturb={perturb!r}"
             ) from None
         return perturb
+    if callable(perturb) and not isinstance(perturb, type):
+        _check_saveable_callable(perturb)
+        return perturb
     classes = tuple(perturb) if isinstance(perturb, (list, tuple)) else (perturb,)
     if classes and all(isinstance(c, type) and issubclass(c, keras.layers.Layer) for c in classes):
+        for layer_class in classes:
+            if getattr(keras.layers, layer_class.__name__, None) is not layer_class:
+                what = f"the layer class `{layer_class.__name__}`"
+                _check_registered(layer_class, what, perturb)
         return classes
     raise ValueError(
         "`perturb` must be None, a regular expression (matched against "
         "`variable.path`), a tuple of Keras layer classes, or a callable "
-        f"`variable -> bool`. Received: perturb={perturb!r}"
+        f"`variable -> bool` registered with `@keras.saving.register_keras_serializable()`. "
+        f"Received: perturb={perturb!r}"
     )
+
+
+def _check_saveable_callable(perturb):
+    if isinstance(perturb, types.FunctionType):
+        if perturb.__name__ == "<lambda>":
+            raise ValueError(
+                "`perturb` is a lambda, which a saved model cannot hold (Keras refuses to "
+                "load lambdas by default). Define a named function and register it with "
+                "`@keras.saving.register_keras_serializable()`, or pass a regular "
+                f"expression or a tuple of layer classes. Received: perturb={perturb!r}"
+            )
+        _check_registered(perturb, f"the function `{perturb.__qualname__}`", perturb)
+        return
+    if isinstance(perturb, functools.partial):
+        raise ValueError(
+            "`perturb` is a `functools.partial`, which a saved model cannot hold. Write a "
+            "callable class with `__call__` and `get_config` (its arguments) and register "
+            "it with `@keras.saving.register_keras_serializable()`. "
+            f"Received: perturb={perturb!r}"
+        )
+    kind = type(perturb)
+    if isinstance(perturb, (types.BuiltinFunctionType, types.MethodType)):
+        raise ValueError(
+            "`perturb` must be a registered function or an instance of a registered class "
+            "(`@keras.saving.register_keras_serializable()`), so that a saved model can "
+            f"hold it; a {kind.__name__} cannot be saved. Received: perturb={perturb!r}"
+        )
+    # Keras registers only classes with `get_config`, so a registered one can be saved.
+    _check_registered(kind, f"the class `{kind.__qualname__}` of the callable object", perturb)
+
+
+def _check_registered(obj, what, perturb):
+    if keras.saving.get_registered_object(keras.saving.get_registered_name(obj)) is not obj:
+        raise ValueError(
+            f"`perturb` uses {what}, which is not registered with Keras, so a saved model "
+            "could not be loaded. Decorate it with "
+            "`@keras.saving.register_keras_serializable()` (or pass a regular expression). "
+            f"Received: perturb={perturb!r}"
+        )
 
 
 def _class_names(classes):
@@ -597,6 +659,7 @@ def _serialize_perturb(perturb):
 
 
 def _deserialize_perturb(config, custom_objects):
+    """The inverse of `_serialize_perturb`; each form is deserialized exactly once."""
     if config is None or isinstance(config, str):
         return config
     if isinstance(config, dict) and set(config) == {"layers"}:
@@ -611,6 +674,12 @@ def _deserialize_perturb(config, custom_objects):
                 )
             classes.append(cls)
         return tuple(classes)
+    if isinstance(config, dict) and config.get("class_name") != "function":
+        # A registered callable class: its `from_config`, or its constructor.
+        name = config.get("registered_name") or config.get("class_name")
+        cls = keras.saving.get_registered_object(name, custom_objects=custom_objects)
+        if isinstance(cls, type) and not hasattr(cls, "from_config"):
+            return cls(**config.get("config", {}))
     return keras.saving.deserialize_keras_object(config, custom_objects=custom_objects)
 
 
@@ -665,7 +734,17 @@ def _check_accumulation_steps(value):
     return int(value)
 
 
-def _check_number(name, value, minimum, strict=False):
+# The largest finite float32, and the smallest normal one (below it, float32 loses
+# precision, and below about 1.4e-45 rounds to 0).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
+
+
+def _check_number(name, value, minimum, strict=False, float32=False):
+    """A finite real number >= `minimum` (> with `strict`), returned as a float.
+
+    With `float32`, also finite in float32 (the value is used in float32 in the step).
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"`{name}` must be a number. Received: {name}={value!r}")
     number = float(value)
@@ -674,7 +753,25 @@ def _check_number(name, value, minimum, strict=False):
         raise ValueError(
             f"`{name}` must be a finite number {rule} {minimum:g}. Received: {name}={value!r}"
         )
+    if float32 and abs(number) > FLOAT32_MAX:
+        raise ValueError(
+            f"`{name}` must be finite in float32, in which the step uses it: at most "
+            f"{FLOAT32_MAX:.8g}. Received: {name}={value!r}"
+        )
     return number
+
+
+def _check_epsilon(epsilon):
+    """`epsilon` > 0 that float32 keeps: 1e-45 would round to 0 and make 0/0 of a zero
+    gradient, where `e = 0` is promised."""
+    epsilon = _check_number("epsilon", epsilon, minimum=0.0, strict=True, float32=True)
+    if epsilon < FLOAT32_SMALLEST_NORMAL:
+        raise ValueError(
+            "`epsilon` must be at least the smallest normal float32, "
+            f"{FLOAT32_SMALLEST_NORMAL:.8g}: the norm is taken in float32, where a smaller "
+            f"value loses precision or rounds to 0. Received: epsilon={epsilon!r}"
+        )
+    return epsilon
 
 
 def _check_bool(name, value):

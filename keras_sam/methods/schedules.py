@@ -54,8 +54,8 @@ class ProportionalRho(keras.optimizers.schedules.LearningRateSchedule):
                 "LearningRateSchedule` (the wrapped optimizer's). "
                 f"Received: learning_rate={learning_rate!r}"
             )
-        rho_max = _check_number("rho_max", rho_max, minimum=0.0)
-        rho_min = _check_number("rho_min", rho_min, minimum=0.0)
+        rho_max = _check_number("rho_max", rho_max, minimum=0.0, float32=True)
+        rho_min = _check_number("rho_min", rho_min, minimum=0.0, float32=True)
         if rho_min > rho_max:
             raise ValueError(
                 "`rho_min` must be <= `rho_max`. "

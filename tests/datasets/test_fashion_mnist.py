@@ -416,3 +416,46 @@ def test_real_files(monkeypatch):
         hashlib.sha256(x_test.tobytes()).hexdigest()
         == "c867c93ff95360594e8ec3287995350b824dd110b11595c0e13d5423f621867a"
     )
+
+
+# ------------------------------------------------------------ unreadable files
+def _refuse_reading(monkeypatch, error):
+    real_open = open
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith(TRAIN_IMAGES + ".gz"):
+            raise error(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(fashion_mnist, "open", fake_open, raising=False)
+
+
+def test_a_permission_denied_file_is_a_dataset_file_error_with_the_fix(tmp_path, monkeypatch):
+    make_set(tmp_path / "data")
+    _refuse_reading(monkeypatch, lambda f: PermissionError(13, "Permission denied", f))
+    with pytest.raises(DatasetFileError) as info:
+        fashion_mnist.load_data(tmp_path / "data", verify=False)
+    path = str(tmp_path / "data" / (TRAIN_IMAGES + ".gz"))
+    message = str(info.value)
+    assert message.startswith(f"{path} cannot be read: permission denied.")
+    assert f"`chmod a+r {path}`" in message and "--data-dir" in message
+    assert isinstance(info.value.__cause__, PermissionError)
+
+
+def test_a_read_error_is_a_dataset_file_error_with_the_fix(tmp_path, monkeypatch):
+    make_set(tmp_path / "data")
+    _refuse_reading(monkeypatch, lambda f: OSError(5, "Input/output error", f))
+    with pytest.raises(DatasetFileError, match=r"cannot be read \(Input/output error\)\. Replace"):
+        fashion_mnist.load_data(tmp_path / "data", verify=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without read permission")
+def test_a_file_without_read_permission_is_a_dataset_file_error(tmp_path):
+    make_set(tmp_path / "data")
+    locked = tmp_path / "data" / (TRAIN_LABELS + ".gz")
+    locked.chmod(0)
+    try:
+        with pytest.raises(DatasetFileError, match=r"cannot be read: permission denied"):
+            fashion_mnist.load_data(tmp_path / "data", verify=False)
+    finally:
+        locked.chmod(0o644)
