@@ -3,7 +3,6 @@
 import numbers
 
 import keras
-import tensorflow as tf
 
 from keras_sam import maths
 from keras_sam.diagnostics import _engine
@@ -143,7 +142,7 @@ def sharpness(
 def _ascent(passes, weights, scales, x, y, rho, steps, step_size):
     """`(L(w), max_t L(w + e_t))` on `(x, y)`, by `steps` projected ascent steps."""
     clean, gradient = passes.loss_and_gradient(weights, x, y)
-    perturbation = [tf.zeros_like(w) for w in weights]
+    perturbation = [keras.ops.zeros_like(w) for w in weights]
     largest = -float("inf")
     for t in range(steps):
         step = maths.sam_perturbation(gradient, step_size, scales=scales)
