@@ -27,6 +27,7 @@ ONLY = {
         "trainers/test_sam_model.py",
         "trainers/test_sparse.py",
         "diagnostics/test_tf_data.py",
+        "diagnostics/test_cross_backend.py",  # every backend, in subprocesses: run once
         "datasets/test_fashion_mnist.py",
         "datasets/test_label_noise.py",
         "test_cli.py",

@@ -112,7 +112,12 @@ def sharpness(
     x, y = _engine.data_arrays(x, y)
     passes = _engine.Passes(model, loss_fn, x, y, batch_size)
     weights = _engine.snapshot(passes.variables)
-    scales = adaptive_scales(passes.variables, eta) if adaptive else None
+    scales = None
+    if adaptive:  # constants: T is taken at w, never differentiated
+        scales = [
+            None if s is None else keras.ops.stop_gradient(s)
+            for s in adaptive_scales(passes.variables, eta)
+        ]
 
     n = _engine.num_examples(x)
     size = n if m is None else m
