@@ -192,6 +192,7 @@ def train(config, data, out_dir=None, verbose=1, callbacks=()):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         record = dataclasses.asdict(config) | {"noise_fraction": data.noise_fraction}
+        record["backend"] = keras.backend.backend()
         (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
         (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
         model.save(out / "model.keras")
