@@ -32,7 +32,6 @@ ONLY = {
         "datasets/test_label_noise.py",
         "test_cli.py",
         "test_models.py",
-        "test_playground.py",
         "test_registration.py",
         "test_training.py",
         "test_maths.py",
