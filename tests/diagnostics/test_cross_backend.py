@@ -116,3 +116,34 @@ def test_keras_sam_inspect_reports_the_same_numbers_on_every_backend(tmp_path):
         for name, get in numbers.items():
             scale = reference["loss"] if name == "sharpness" else None
             _assert_close(f"{backend}: {name}", get(reports[backend]), get(reference), scale)
+
+
+@pytest.mark.parametrize("backend", OTHERS)
+def test_the_tools_do_not_import_tensorflow_on_other_backends_and_seed_alike(backend):
+    code = """if True:
+        import sys
+        import numpy as np
+        import keras_sam.diagnostics, keras_sam.inspection, keras_sam.playground
+        from keras_sam.datasets import fashion_mnist, label_noise
+        from keras_sam.models import build_model
+
+        model = build_model("resnet", seed=0)
+        build_model("cnn", seed=0, batch_norm=True)
+        labels = label_noise.corrupt_labels(np.arange(100) % 10, 0.4, seed=0).labels
+        try:
+            fashion_mnist.load_data()
+        except (FileNotFoundError, OSError, ValueError):
+            pass  # not installed: the loader's own imports are what counts here
+        x = np.zeros((4, 28, 28, 1), "float32")
+        loss = "sparse_categorical_crossentropy"
+        keras_sam.diagnostics.sharpness(model, x, labels[:4], loss=loss)
+        assert "tensorflow" not in sys.modules, [m for m in sys.modules if "tensorflow" in m][:5]
+        # The seed gives the initial weights Keras's own seeding gives.
+        import keras
+        keras.utils.set_random_seed(0)
+        again = keras_sam.models.resnet()
+        for a, b in zip(model.weights, again.weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        print("no tensorflow")
+    """
+    assert _run(backend, ["-c", code]).stdout.split()[-2:] == ["no", "tensorflow"]
