@@ -6,9 +6,21 @@ drift hits both alike, and reported as the median of the per-round ratios:
 
 1. the custom loop: a `tf.function` step with `tape.gradient` + `apply` against one
    with `SAM.optimize` (optionally both with `jit_compile=True`);
-2. `fit`: a compiled plain model against `SAMModel` with `SAM`, one epoch per round.
+2. `fit`: a compiled plain model against `SAMModel` with `SAM`, one epoch per round,
+   over a cached `tf.data` pipeline with tf.data's autotuning off: with it on, each
+   `fit` call waits at the end of its epoch for the autotuner's next tick (0.1 to 0.5 s
+   of idle time after the last step), which quantized the epoch times.
+
+Each time is reported as wall-clock time and as the process's CPU time (all threads),
+which a machine shared with other jobs inflates much less.
 
 The floor is about 2.0: SAM runs two forward-backward passes per step.
+
+With `--keras2`, the `fit` comparison also times Keras 2 (the `tf_keras` package,
+installed beside Keras 3: `pip install --no-deps tf_keras`) on the same CNN, data and
+pipeline, plain and with its `SharpnessAwareMinimization` model, interleaved in the
+same rounds: both libraries' SAM over their own plain `fit`, and keras-sam's SAM over
+Keras 2's.
 
 With `--methods`, a third comparison times every method's custom-loop step against the
 plain step, all interleaved in each round: SAM, GSAM, Friendly-SAM, LookSAM (k=5),
@@ -27,7 +39,7 @@ optimizers in a `LossScaleOptimizer`) and under float32: SAM over plain in each,
 mixed over float32 for each. On a CPU float16 is emulated and slower than float32.
 
     python benchmarks/step_time.py [--rounds 15] [--steps 20] [--jit] [--methods]
-                                   [--distributed] [--mixed-precision]
+                                   [--distributed] [--mixed-precision] [--keras2]
 """
 
 import argparse
@@ -198,42 +210,122 @@ def timed(step, steps):
 
 
 def compare_custom_loop(batch, rounds, steps, jit):
+    """Wall-clock and CPU seconds per step, each as (plain, SAM, SAM / plain) per round."""
     plain_step, sam_step = custom_loop_steps(batch, jit)
     for _ in range(3):  # trace, compile and warm up
         plain_step(), sam_step()
-    ratios, plain_times, sam_times = [], [], []
+    wall, cpu = ([], [], []), ([], [], [])
     for _ in range(rounds):
-        p = timed(plain_step, steps)
-        s = timed(sam_step, steps)
-        plain_times.append(p)
-        sam_times.append(s)
-        ratios.append(s / p)
-    return plain_times, sam_times, ratios
+        for step, index in ((plain_step, 0), (sam_step, 1)):
+            start_cpu = time.process_time()
+            wall[index].append(timed(step, steps))
+            cpu[index].append((time.process_time() - start_cpu) / steps)
+        for times in (wall, cpu):
+            times[2].append(times[1][-1] / times[0][-1])
+    return wall, cpu
 
 
-def compare_fit(x, y, rounds, batch_size):
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    # One cached pipeline for both, so that only the training steps differ.
+def fit_dataset(x, y, batch_size):
+    """One cached pipeline for every model, so that only the training steps differ; with
+    tf.data's autotuning off, so that an epoch ends when its last step does."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).cache()
+    return data.with_options(options)
+
+
+def fit_models(keras2=False):
+    """name -> a compiled model: Keras 3 plain and keras-sam's SAM (and Keras 2's two)."""
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     plain = cnn()
     plain.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss)
     wrapped = keras_sam.SAMModel(cnn())
     wrapped.compile(
         optimizer=keras_sam.SAM(keras.optimizers.SGD(0.01, momentum=0.9), rho=0.05), loss=loss
     )
-    for model in (plain, wrapped):  # the first epoch traces the step and fills the cache
-        model.fit(data, epochs=1, verbose=0)
-    ratios, plain_times, sam_times = [], [], []
+    models = {"plain": plain, "SAM": wrapped}
+    if keras2:
+        import tf_keras
+
+        def keras2_cnn():
+            tf_keras.utils.set_random_seed(0)
+            layers = tf_keras.layers
+            return tf_keras.Sequential(
+                [
+                    tf_keras.Input((28, 28, 1)),
+                    layers.Conv2D(32, 3, activation="relu"),
+                    layers.MaxPooling2D(),
+                    layers.Conv2D(64, 3, activation="relu"),
+                    layers.MaxPooling2D(),
+                    layers.Flatten(),
+                    layers.Dense(128, activation="relu"),
+                    layers.Dense(10),
+                ]
+            )
+
+        loss2 = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        plain2 = keras2_cnn()
+        plain2.compile(optimizer=tf_keras.optimizers.SGD(0.01, momentum=0.9), loss=loss2)
+        sam2 = tf_keras.models.experimental.SharpnessAwareMinimization(keras2_cnn(), rho=0.05)
+        sam2.compile(optimizer=tf_keras.optimizers.SGD(0.01, momentum=0.9), loss=loss2)
+        models |= {"Keras 2 plain": plain2, "Keras 2 SAM": sam2}
+    return models
+
+
+def time_fit(x, y, rounds, batch_size, keras2=False):
+    """name -> (wall seconds, CPU seconds) per round, each a one-epoch `fit`, interleaved."""
+    data = fit_dataset(x, y, batch_size)
+    models = fit_models(keras2)
+    for model in models.values():  # the first epoch traces the step and fills the cache
+        model.fit(data, epochs=1, verbose=0, shuffle=False)
+    times = {name: ([], []) for name in models}
     for _ in range(rounds):
-        times = []
-        for model in (plain, wrapped):
-            start = time.perf_counter()
+        for name, model in models.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
             model.fit(data, epochs=1, verbose=0, shuffle=False)
-            times.append(time.perf_counter() - start)
-        plain_times.append(times[0])
-        sam_times.append(times[1])
-        ratios.append(times[1] / times[0])
-    return plain_times, sam_times, ratios
+            times[name][0].append(time.perf_counter() - start)
+            times[name][1].append(time.process_time() - start_cpu)
+    return times
+
+
+def compare_fit(x, y, rounds, batch_size):
+    """Plain and SAM wall times per round, and their ratios (for the mixed-precision table)."""
+    times = time_fit(x, y, rounds, batch_size)
+    plain, sam = times["plain"][0], times["SAM"][0]
+    return plain, sam, [s / p for s, p in zip(sam, plain)]
+
+
+def report_fit(times, fit_batches):
+    """The `fit` table: wall-clock and CPU time per epoch, each method over its own plain."""
+    median = statistics.median
+    print(
+        f"\n`fit`, one epoch of {fit_batches} batches (tf.data autotuning off), "
+        "medians of the rounds; ratios are medians of the per-round ratios\n"
+    )
+    print("| fit | ms/epoch | CPU ms/epoch | over plain | range | CPU over plain | CPU range |")
+    print("|---|---|---|---|---|---|---|")
+    baselines = {"plain": "plain", "SAM": "plain"}
+    baselines |= {"Keras 2 plain": "Keras 2 plain", "Keras 2 SAM": "Keras 2 plain"}
+    for name, (wall, cpu) in times.items():
+        base_wall, base_cpu = times[baselines[name]]
+        ratio = [v / b for v, b in zip(wall, base_wall)]
+        cpu_ratio = [v / b for v, b in zip(cpu, base_cpu)]
+        label = {"plain": "Keras 3 plain", "SAM": "keras-sam SAMModel + SAM"}.get(name, name)
+        if name == "Keras 2 SAM":
+            label = "Keras 2 SharpnessAwareMinimization"
+        print(
+            f"| {label} | {median(wall) * 1e3:.1f} | {median(cpu) * 1e3:.1f} "
+            f"| **{median(ratio):.3f}** | {min(ratio):.3f} - {max(ratio):.3f} "
+            f"| **{median(cpu_ratio):.3f}** | {min(cpu_ratio):.3f} - {max(cpu_ratio):.3f} |"
+        )
+    if "Keras 2 SAM" in times:
+        wall = [a / b for a, b in zip(times["SAM"][0], times["Keras 2 SAM"][0])]
+        cpu = [a / b for a, b in zip(times["SAM"][1], times["Keras 2 SAM"][1])]
+        print(
+            f"\nkeras-sam's SAM epoch over Keras 2's: {median(wall):.3f} wall-clock "
+            f"(range {min(wall):.3f} - {max(wall):.3f}), {median(cpu):.3f} CPU "
+            f"(range {min(cpu):.3f} - {max(cpu):.3f})"
+        )
 
 
 def count_collectives(concrete_function):
@@ -386,7 +478,14 @@ def main():
         "--mixed-precision", action="store_true", help="fit under mixed_float16 and float32"
     )
     parser.add_argument(
-        "--only", action="store_true", help="with --distributed or --mixed-precision: only those"
+        "--keras2",
+        action="store_true",
+        help="also time Keras 2's (tf_keras) plain and SAM fit in the same rounds",
+    )
+    parser.add_argument(
+        "--only",
+        action="store_true",
+        help="with --distributed, --mixed-precision or --keras2: only those",
     )
     args = parser.parse_args()
     if args.distributed:  # before TensorFlow initializes its devices
@@ -412,7 +511,9 @@ def main():
         report_mixed_precision(
             compare_mixed_precision(x, y, args.rounds, args.batch_size), args.fit_batches
         )
-    if args.only and (args.distributed or args.mixed_precision):
+    if args.only and args.keras2:
+        report_fit(time_fit(x, y, args.rounds, args.batch_size, keras2=True), args.fit_batches)
+    if args.only and (args.distributed or args.mixed_precision or args.keras2):
         return
     if args.methods:
         batches = [
@@ -425,22 +526,12 @@ def main():
         print()
     print("| comparison | plain | SAM | SAM / plain | range |")
     print("|---|---|---|---|---|")
-    report(
-        f"custom loop, tf.function ({args.steps} steps/round)",
-        *compare_custom_loop(batch, args.rounds, args.steps, jit=False),
-        unit="ms/step",
-    )
-    if args.jit:
-        report(
-            f"custom loop, jit_compile=True ({args.steps} steps/round)",
-            *compare_custom_loop(batch, args.rounds, args.steps, jit=True),
-            unit="ms/step",
-        )
-    report(
-        f"fit, one epoch of {args.fit_batches} batches",
-        *compare_fit(x, y, args.rounds, args.batch_size),
-        unit="ms/epoch",
-    )
+    for jit in (False, True) if args.jit else (False,):
+        wall, cpu = compare_custom_loop(batch, args.rounds, args.steps, jit=jit)
+        mode = "jit_compile=True" if jit else "tf.function"
+        report(f"custom loop, {mode} ({args.steps} steps/round)", *wall, unit="ms/step")
+        report("same, CPU time", *cpu, unit="CPU ms/step")
+    report_fit(time_fit(x, y, args.rounds, args.batch_size, keras2=args.keras2), args.fit_batches)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,13 @@ _PUBLIC = {
 }
 
 
+# The public subpackages, imported on first use (listed by `dir(keras_sam)`, not in
+# `__all__`: `from keras_sam import *` stays the classes).
+_SUBPACKAGES = ("datasets", "diagnostics", "models")
+
+
 def __getattr__(name):
-    if name in ("datasets", "diagnostics", "models"):  # subpackages, imported on first use
+    if name in _SUBPACKAGES:
         import importlib
 
         return importlib.import_module(f"keras_sam.{name}")
@@ -47,7 +52,7 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(__all__)
+    return sorted([*__all__, *_SUBPACKAGES])
 
 
 def _register():

@@ -1,43 +1,82 @@
 """The `keras-sam` command line."""
 
 import argparse
+import math
 import os
 import sys
 
+from keras_sam import __version__
 from keras_sam.models import MODELS
-from keras_sam.training import METHODS, OPTIMIZERS, SCHEDULES, RunConfig
+from keras_sam.training import (
+    ASAM_RHO_SCALE,
+    DEFAULT_RHO,
+    METHOD_ALIASES,
+    METHODS,
+    OPTIMIZERS,
+    SCHEDULES,
+    RunConfig,
+)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default, unless its help already states it in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.nargs == 0
+            or action.default in (None, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="keras-sam",
         description="Sharpness-Aware Minimization for Keras 3: demos and tools.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     playground = commands.add_parser(
         "playground",
         help="toy problems: a sharp and a flat minimum in 2-D, and the seed's toy network",
         description="Runs SGD and SAM side by side on two toy problems and prints a report.",
+        formatter_class=_HelpFormatter,
     )
     playground.add_argument(
-        "--rho", type=_non_negative, default=0.3, help="SAM radius on the 2-D problem (0.3)"
+        "--rho", type=_non_negative, default=0.3, help="SAM radius on the 2-D problem"
     )
     playground.add_argument(
-        "--steps", type=_positive_int, default=600, help="steps on the 2-D problem (600)"
+        "--steps", type=_positive_int, default=600, help="steps on the 2-D problem"
     )
-    playground.add_argument("--seed", type=int, default=0, help="seed of the toy network (0)")
+    playground.add_argument("--seed", type=_integer, default=0, help="seed of the toy network")
 
     train = commands.add_parser(
         "train",
         help="train one model on Fashion-MNIST (optionally with label noise)",
         description="Trains one model on Fashion-MNIST and writes config.json, history.json "
-        "(loss, accuracy, sharpness and clean test accuracy per epoch) and model.keras.",
+        "(loss, accuracy, sharpness and clean test accuracy per evaluated epoch, training and "
+        "evaluation time) and model.keras (the plain Keras model, saved uncompiled). "
+        "--method picks SAM or a variant, or plain for the inner optimizer alone; "
+        "--optimizer picks the inner optimizer, which takes the steps in every case.",
+        formatter_class=_HelpFormatter,
     )
     _add_run_arguments(train)
     train.add_argument(
-        "--method", choices=METHODS, default="sam", help=f"{', '.join(METHODS)} (sam)"
+        "--method",
+        type=_method_name,
+        choices=METHODS,
+        default="sam",
+        help="plain: the inner optimizer alone; the others wrap it in SAM or a variant "
+        "(sgd, the old name of plain, is still accepted)",
     )
-    train.add_argument("--out", default="runs/train", help="output folder (runs/train)")
+    train.add_argument("--out", default="runs/train", help="output folder")
 
     compare = commands.add_parser(
         "compare",
@@ -45,16 +84,19 @@ def main(argv=None):
         description="Trains the same model on the same data and seed three times: the plain "
         "optimizer for E epochs, SAM for E epochs, and the plain optimizer for 2E epochs "
         "(equal compute: SAM takes two passes a step). Writes results.md, test_accuracy.png, "
-        "sharpness.png and each run's files.",
+        "sharpness.png and each run's files. The table keeps training time apart from "
+        "evaluation time, and counts the gradient evaluations each run took.",
+        formatter_class=_HelpFormatter,
     )
     _add_run_arguments(compare, label_noise=0.4)
     compare.add_argument(
         "--method",
+        type=_sam_method_name,
         choices=METHODS[1:],
         default="sam",
-        help=f"the SAM method: {', '.join(METHODS[1:])} (sam)",
+        help="the SAM method of the second run",
     )
-    compare.add_argument("--out", default="runs/compare", help="output folder (runs/compare)")
+    compare.add_argument("--out", default="runs/compare", help="output folder")
     _add_compare_inspect_argument(compare)
     _add_inspect_parser(commands)
 
@@ -65,6 +107,14 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     if args.command == "playground":
         return _playground(args)
+    if args.command in ("compare", "inspect") and not _plots_available():
+        # Said before any training: the pictures are drawn at the end of the run.
+        print(
+            f"keras-sam {args.command}: error: its pictures need matplotlib, which is not "
+            "installed. Install it with: pip install 'keras-sam[plots]'",
+            file=sys.stderr,
+        )
+        return 1
     try:
         if args.command == "train":
             return _train(args)
@@ -76,66 +126,139 @@ def main(argv=None):
         return 1
 
 
+def _plots_available():
+    """Whether matplotlib (the `plots` extra) can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# What the command line evaluates by default: every few epochs on a fixed subset of the test
+# set, and the whole test set after the last epoch (the evaluations would otherwise cost
+# more than the training on the 2,000-image runs).
+EVAL_EVERY = 5
+EVAL_EXAMPLES = 2000
+
+
 def _add_run_arguments(parser, label_noise=0.0):
     defaults = RunConfig()
     parser.add_argument(
-        "--dataset", choices=["fashion_mnist"], default="fashion_mnist", help="fashion_mnist"
+        "--dataset", choices=["fashion_mnist"], default="fashion_mnist", help="the data set"
     )
     parser.add_argument(
-        "--data-dir", default=None, help="folder with the four IDX files (default: search)"
+        "--data-dir",
+        default=None,
+        help="folder with the four IDX files (default: search $KERAS_SAM_FASHION_MNIST, "
+        "/usr/share/datasets/fashion-mnist and the Keras cache, then download)",
     )
-    parser.add_argument("--model", choices=MODELS, default=defaults.model, help="cnn or resnet")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-    parser.add_argument("--lr", type=_non_negative, default=defaults.learning_rate)
-    parser.add_argument("--momentum", type=_non_negative, default=defaults.momentum)
-    parser.add_argument("--weight-decay", type=_non_negative, default=defaults.weight_decay)
-    parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
-    parser.add_argument("--rho", type=_non_negative, default=defaults.rho)
+    parser.add_argument("--model", choices=MODELS, default=defaults.model, help="the model")
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=defaults.optimizer,
+        help="the inner optimizer, which takes every step (with SAM or without)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=_non_negative,
+        default=defaults.learning_rate,
+        help="learning rate of the inner optimizer (the start of the cosine schedule)",
+    )
+    parser.add_argument(
+        "--momentum", type=_non_negative, default=defaults.momentum, help="momentum (sgd only)"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=_non_negative,
+        default=defaults.weight_decay,
+        help="weight decay of the inner optimizer, 0 for none",
+    )
+    parser.add_argument(
+        "--schedule", choices=SCHEDULES, default=defaults.schedule, help="learning-rate schedule"
+    )
+    parser.add_argument(
+        "--rho",
+        type=_non_negative,
+        default=None,
+        help=f"SAM radius (default: {DEFAULT_RHO:g}, and {ASAM_RHO_SCALE * DEFAULT_RHO:g} for "
+        f"asam: ASAM's scale-invariant radius wants about {ASAM_RHO_SCALE:g} times SAM's. "
+        f"keras_sam.SAM defaults to the paper's 0.05 for clean data; {DEFAULT_RHO:g} is the "
+        "value of the label-noise runs in docs/RESULTS.md)",
+    )
     parser.add_argument(
         "--alpha",
         type=_non_negative,
         default=None,
-        help="gsam: weight of the orthogonal correction (0.4); looksam: weight of the "
-        "reused component (0.7)",
+        help="gsam: weight of the orthogonal correction; looksam: weight of the reused "
+        "component (default: the method's own, 0.4 for gsam and 0.7 for looksam)",
     )
     parser.add_argument(
         "--k",
         type=_positive_int,
         default=defaults.k,
-        help=f"looksam, periodic_sam: a two-pass step every k steps ({defaults.k})",
+        help="looksam, periodic_sam: a two-pass step every k steps",
     )
     parser.add_argument(
         "--num-batch-splits",
         type=_positive_int,
         default=defaults.num_batch_splits,
         help="m-sharpness: SAM perturbs each of this many parts of a batch separately "
-        f"({defaults.num_batch_splits})",
+        f"(default: {defaults.num_batch_splits}, parts of 32 examples at batch 128, as in the "
+        "label-noise runs of docs/RESULTS.md; keras_sam.SAMModel's own default is none, "
+        "one perturbation per batch, which 1 gives here)",
     )
-    parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    parser.add_argument(
+        "--epochs", type=_positive_int, default=defaults.epochs, help="epochs of training"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=defaults.batch_size, help="batch size"
+    )
     parser.add_argument(
         "--label-noise",
         type=_fraction,
         default=label_noise,
-        help=f"fraction of training labels corrupted, in [0, 1] ({label_noise:g})",
+        help="fraction of training labels corrupted, in [0, 1]",
     )
-    parser.add_argument("--noise-mode", choices=["flip", "uniform"], default=defaults.noise_mode)
+    parser.add_argument(
+        "--noise-mode",
+        choices=["flip", "uniform"],
+        default=defaults.noise_mode,
+        help="flip: each corrupted label becomes another class; uniform: any class",
+    )
     parser.add_argument(
         "--train-size",
-        type=int,
+        type=_integer,
         default=defaults.train_size,
-        help=f"training examples, 0 for all 60,000 ({defaults.train_size})",
+        help="training examples, 0 for all 60,000",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
-        "--quiet", action="store_true", help="one line per epoch instead of progress bars"
+        "--eval-every",
+        type=_positive_int,
+        default=EVAL_EVERY,
+        help="measure clean test accuracy and sharpness every this many epochs, and after the last",
+    )
+    parser.add_argument(
+        "--eval-examples",
+        type=_integer,
+        default=EVAL_EXAMPLES,
+        help="test images of the evaluations before the last (a fixed random subset); the "
+        "last one takes all 10,000; 0 for all every time",
+    )
+    parser.add_argument("--seed", type=_integer, default=defaults.seed, help="seed")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="one line per epoch even on a terminal (the default when the output is not a "
+        "terminal: a log file or a pipe)",
     )
 
 
 def _config(args, method, epochs=None):
     return RunConfig(
         method=method,
-        rho=args.rho,
+        rho=args.rho,  # None: the method's default (ASAM's scaled)
         alpha=args.alpha,
         k=args.k,
         num_batch_splits=args.num_batch_splits,
@@ -151,7 +274,14 @@ def _config(args, method, epochs=None):
         noise_mode=args.noise_mode,
         train_size=args.train_size,
         seed=args.seed,
+        eval_every=args.eval_every,
+        eval_examples=args.eval_examples,
     )
+
+
+def _verbose(args):
+    """Keras's live progress bars on a terminal, one line per epoch anywhere else."""
+    return 2 if args.quiet or not sys.stdout.isatty() else 1
 
 
 def _describe_data(config, data):
@@ -170,10 +300,12 @@ def _train(args):
     config = _config(args, args.method)
     data = prepare_data(config, args.data_dir)
     _describe_data(config, data)
-    _, history = train(config, data, out_dir=args.out, verbose=2 if args.quiet else 1)
+    _, history = train(config, data, out_dir=args.out, verbose=_verbose(args))
     print(
         f"final clean test accuracy: {100 * history['test_accuracy'][-1]:.2f} % "
-        f"(best {100 * max(history['test_accuracy']):.2f} %); files in {args.out}/"
+        f"(best {100 * max(history['test_accuracy']):.2f} %); training "
+        f"{history['train_seconds'][-1]:.1f} s, evaluation {history['eval_seconds'][-1]:.1f} s; "
+        f"files in {args.out}/"
     )
     return 0
 
@@ -186,16 +318,21 @@ def _compare(args):
 
     out = Path(args.out)
     plans = [
-        ("plain", _config(args, "sgd")),
+        ("plain", _config(args, "plain")),
         (args.method, _config(args, args.method)),
-        ("plain_equal_compute", _config(args, "sgd", epochs=2 * args.epochs)),
+        ("plain_equal_compute", _config(args, "plain", epochs=2 * args.epochs)),
     ]
     data = prepare_data(plans[0][1], args.data_dir)
     _describe_data(plans[0][1], data)
     runs, models = {}, {}
     for label, config in plans:
-        print(f"\n== {label}: {config.method}, {config.epochs} epochs ==")
-        model, history = train(config, data, out_dir=out / label, verbose=2 if args.quiet else 1)
+        what = (
+            f"{config.method} (rho {config.rho:g}) wrapping {config.optimizer}"
+            if config.is_sam
+            else f"{config.optimizer} alone"
+        )
+        print(f"\n== {label}: {what}, {config.epochs} epochs ==", flush=True)
+        model, history = train(config, data, out_dir=out / label, verbose=_verbose(args))
         runs[label] = (config, history)
         models[label] = model
     table = report.comparison_table(runs)
@@ -204,13 +341,30 @@ def _compare(args):
         f"{100 * args.label_noise:g} % label noise, seed {args.seed}"
     )
     report.comparison_plots(runs, out, title=title)
-    text = f"# {title}\n\n{table}\nPlots: test_accuracy.png, sharpness.png\n"
+    note = _table_note(args)
+    text = f"# {title}\n\n{table}\n{note}\n\nPlots: test_accuracy.png, sharpness.png\n"
     (out / "results.md").write_text(text)
-    print("\n" + table)
+    print("\n" + table + "\n" + note)
     print(f"Written: {out}/results.md, {out}/test_accuracy.png, {out}/sharpness.png")
     if args.inspect:
         _compare_inspection(args, {k: models[k] for k, _ in plans[:2]}, data, out, title)
     return 0
+
+
+def _table_note(args):
+    subset = (
+        f", and on a fixed subset of {args.eval_examples:,} test images at the epochs before"
+        if 0 < args.eval_examples < 10000
+        else ""
+    )
+    return (
+        "gradient evaluations: forward-backward passes over a batch (a SAM step takes two). "
+        "train s, train CPU s: wall-clock and process CPU seconds of training, evaluations "
+        "excluded; eval s: seconds spent measuring test accuracy and sharpness (every "
+        f"{args.eval_every} epochs and after the last). Clean test accuracy: on all 10,000 "
+        f"test images after the last epoch{subset}; the best column is over every "
+        "evaluated epoch."
+    )
 
 
 def _add_compare_inspect_argument(compare):
@@ -230,6 +384,7 @@ def _add_inspect_parser(commands):
     defaults = InspectSettings()
     inspect = commands.add_parser(
         "inspect",
+        formatter_class=_HelpFormatter,
         help="measure a saved model: sharpness, Hessian eigenvalues and trace, loss landscape",
         description="Loads MODEL (a .keras file, e.g. a run's model.keras) and measures it on "
         "Fashion-MNIST: loss and accuracy, sharpness (first-order, m-sharpness, multi-step), "
@@ -239,75 +394,77 @@ def _add_inspect_parser(commands):
         "config.json lies next to MODEL, --split train rebuilds that run's training set "
         "with the labels it was trained on (noisy ones included).",
     )
-    inspect.add_argument("model", help="the .keras model file")
+    inspect.add_argument("model", help="the .keras model file (a Keras model archive)")
     inspect.add_argument(
         "--dataset",
         type=lambda text: text.replace("-", "_"),
         choices=["fashion_mnist"],
         default="fashion_mnist",
-        help="fashion_mnist (or fashion-mnist)",
+        help="the data set (fashion_mnist or fashion-mnist)",
     )
     inspect.add_argument(
         "--data-dir", default=None, help="folder with the four IDX files (default: search)"
     )
     inspect.add_argument(
-        "--split", choices=["train", "test"], default="train", help="data to measure on (train)"
+        "--split", choices=["train", "test"], default="train", help="data to measure on"
     )
     inspect.add_argument(
         "--examples",
-        type=int,
+        type=_integer,
         default=2000,
-        help="examples measured on, a seeded random subset; 0 for all (2000)",
-    )
-    inspect.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
-    inspect.add_argument(
-        "--rho", type=_non_negative, default=defaults.rho, help=f"sharpness radius ({defaults.rho})"
+        help="examples measured on, a seeded random subset; 0 for all",
     )
     inspect.add_argument(
-        "--m", type=_positive_int, default=defaults.m, help=f"m-sharpness sub-batch ({defaults.m})"
+        "--batch-size", type=_positive_int, default=defaults.batch_size, help="batch size"
+    )
+    inspect.add_argument("--rho", type=_non_negative, default=defaults.rho, help="sharpness radius")
+    inspect.add_argument(
+        "--m", type=_positive_int, default=defaults.m, help="m-sharpness sub-batch size"
     )
     inspect.add_argument(
         "--ascent-steps",
         type=_positive_int,
         default=defaults.ascent_steps,
-        help=f"steps of the multi-step sharpness ({defaults.ascent_steps})",
+        help="steps of the multi-step sharpness",
     )
     inspect.add_argument(
-        "--k", type=_positive_int, default=defaults.k, help=f"top eigenvalues ({defaults.k})"
+        "--k", type=_positive_int, default=defaults.k, help="top Hessian eigenvalues"
     )
     inspect.add_argument(
         "--max-iterations",
         type=_positive_int,
         default=defaults.max_iterations,
-        help=f"Lanczos iterations at most ({defaults.max_iterations})",
+        help="Lanczos iterations at most",
     )
     inspect.add_argument(
         "--probes",
         type=_positive_int,
         default=defaults.probes,
-        help=f"Hutchinson probes for the trace ({defaults.probes})",
+        help="Hutchinson probes for the trace",
     )
     inspect.add_argument(
         "--grid",
         type=_positive_int,
         default=defaults.grid,
-        help=f"points per axis of the 2-D landscape ({defaults.grid})",
+        help="points per axis of the 2-D landscape",
     )
     inspect.add_argument(
         "--line-points",
         type=_positive_int,
         default=defaults.line_points,
-        help=f"points of the 1-D landscape ({defaults.line_points})",
+        help="points of the 1-D landscape",
     )
     inspect.add_argument(
         "--span",
         type=_non_negative,
         default=defaults.span,
-        help=f"landscape coordinates in [-span, span] ({defaults.span})",
+        help="landscape coordinates in [-span, span]",
     )
-    inspect.add_argument("--seed", type=int, default=defaults.seed, help="seed (0)")
-    inspect.add_argument("--out", default="runs/inspect", help="output folder (runs/inspect)")
-    inspect.add_argument("--quiet", action="store_true", help="no progress bars")
+    inspect.add_argument(
+        "--seed", type=_integer, default=defaults.seed, help="seed of the subset and directions"
+    )
+    inspect.add_argument("--out", default="runs/inspect", help="output folder")
+    inspect.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _inspect_settings(args):
@@ -340,9 +497,8 @@ def _inspect(args):
     x, y, description = _inspect_data(args, model_path)
     loss = inspection.default_loss(model)
     print(f"{model_path}: {model.name}; {description}")
-    report = inspection.inspect_model(
-        model, x, y, loss, _inspect_settings(args), verbose=0 if args.quiet else 1
-    )
+    verbose = 0 if args.quiet else 1 if sys.stdout.isatty() else 2
+    report = inspection.inspect_model(model, x, y, loss, _inspect_settings(args), verbose=verbose)
     report = {
         "model": str(model_path),
         "data": {"dataset": args.dataset, "split": args.split, "examples": len(y)}
@@ -405,7 +561,7 @@ def _compare_inspection(args, models, data, out, title):
         print(f"\n== inspecting {label} on its {len(data.y_train):,} training examples ==")
         loss = inspection.default_loss(model)
         reports[label] = inspection.inspect_model(
-            model, data.x_train, data.y_train, loss, settings, verbose=2 if args.quiet else 1
+            model, data.x_train, data.y_train, loss, settings, verbose=_verbose(args)
         )
         print("\n".join(inspection.summary_lines(label, reports[label])))
     (first, model_a), (second, model_b) = models.items()
@@ -417,7 +573,7 @@ def _compare_inspection(args, models, data, out, title):
         loss=inspection.default_loss(model_a),
         batch_size=settings.batch_size,
         to_model=model_b,
-        verbose=2 if args.quiet else 1,
+        verbose=_verbose(args),
     )
     inspection.write_json(
         {
@@ -483,25 +639,64 @@ def _playground(args):
     return 0 if ok else 1
 
 
+# Argument types: each failure says in plain words what was expected and what was given
+# (argparse prefixes the option's name: "argument --rho: expected a number >= 0, got 'abc'").
+
+
+def _number(text, rule):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {rule}, got {text!r}")
+    return value
+
+
 def _non_negative(text):
-    value = float(text)
+    value = _number(text, "a number >= 0")
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
 def _fraction(text):
-    value = float(text)
+    value = _number(text, "a fraction in [0, 1]")
     if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
     return value
+
+
+def _integer(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
 def _positive_int(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
+
+
+def _method_name(text):
+    """The method's name, its old spelling mapped to the new one (`sgd` -> `plain`)."""
+    return METHOD_ALIASES.get(text, text)
+
+
+def _sam_method_name(text):
+    name = _method_name(text)
+    if name == "plain":
+        raise argparse.ArgumentTypeError(
+            f"compare trains the plain runs itself; expected a SAM method ("
+            f"{', '.join(METHODS[1:])}), got {text!r}"
+        )
+    return name
 
 
 if __name__ == "__main__":

@@ -38,15 +38,20 @@ class InspectSettings:
 def load_model(path):
     """Loads a `.keras` model (keras_sam's classes registered); clear errors otherwise.
 
+    The file is checked to be a Keras model archive (a zip file holding the model's
+    `config.json`, as `model.save("x.keras")` writes) before Keras, and so TensorFlow, is
+    imported: a wrong file is refused at once.
+
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: `path` is not a readable `.keras` model.
+        ValueError: `path` is not a Keras model archive, or Keras cannot load it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
-    if path.suffix != ".keras":
-        raise ValueError(f"{path} is not a .keras file (save models with model.save('x.keras'))")
+    problem = archive_problem(path)
+    if problem:
+        raise ValueError(f"{path} is not a Keras model archive: {problem}")
     import keras
 
     import keras_sam.methods.sam  # noqa: F401  (registers SAM)
@@ -56,8 +61,39 @@ def load_model(path):
         model = keras.saving.load_model(path)
     except Exception as error:  # Keras raises many types for a damaged archive
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"could not load {path} as a Keras model ({reason[:200]})") from None
+        raise ValueError(
+            f"could not load {path} as a Keras model archive ({reason[:200]})"
+        ) from None
     return model
+
+
+def archive_problem(path):
+    """Why the file at `path` is not a Keras model archive, or `None` if it looks like one.
+
+    Reads only the file (no Keras import): the name must end in `.keras`, and the file must
+    be an intact zip archive that holds `config.json`.
+    """
+    import zipfile
+
+    path = Path(path)
+    if path.suffix != ".keras":
+        return (
+            "the name does not end in .keras (save models with model.save('model.keras'); "
+            "this command reads that format only)"
+        )
+    if not zipfile.is_zipfile(path):
+        return "it is not a zip file, which a .keras file written by model.save() is"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f"the zip file is damaged ({error})"
+    if damaged is not None:
+        return f"the zip file is damaged (a bad checksum in {damaged})"
+    if "config.json" not in names:
+        return "the zip file holds no config.json, which every .keras model archive has"
+    return None
 
 
 def default_loss(model):
@@ -219,7 +255,7 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
 
     # 1-D: loss (and accuracy) along the first direction.
     panels = 2 if interpolation is None else 3
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4))
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4), layout="constrained")
     for label in labels:
         line = reports[label]["landscape"]["line"]
         axes[0].plot(line["coordinates"], line["loss"], label=label)
@@ -241,9 +277,9 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
         axes[2].set_xlabel(f"t: (1 - t) {names[0]} + t {names[1]}")
         axes[2].set_ylabel("loss")
         axes[2].grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        _plain_log_axis(axes[2].yaxis)
+    _plain_log_axis(axes[0].yaxis)
+    _fit_title(fig, title)
     paths.append(_save(fig, out_dir / f"{prefix}landscape_1d.png", plt))
 
     # 2-D: contours on shared log-spaced levels.
@@ -251,7 +287,9 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
     low = max(min(float(np.min(p["loss"])) for p in planes), 1e-4)
     high = max(float(np.max(p["loss"])) for p in planes)
     levels = np.geomspace(low, max(high, low * 1.01), 16)
-    fig, axes = plt.subplots(1, len(labels), figsize=(4.6 * len(labels) + 1, 4.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(labels), figsize=(4.6 * len(labels) + 1, 4.2), squeeze=False, layout="constrained"
+    )
     norm = matplotlib.colors.LogNorm(vmin=levels[0], vmax=levels[-1])
     for ax, label, plane in zip(axes[0], labels, planes):
         a, b = (np.asarray(c) for c in plane["coordinates"])
@@ -264,14 +302,13 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
         ax.set_aspect("equal")
     axes[0][0].set_ylabel("direction 2")
     bar = fig.colorbar(filled, ax=axes[0].tolist(), label="loss (log scale)", ticks=levels[::3])
-    bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_plain_number))
     bar.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    if title:
-        fig.suptitle(title)
+    _fit_title(fig, title)
     paths.append(_save(fig, out_dir / f"{prefix}landscape_2d.png", plt))
 
     # The spectrum: top-k eigenvalues, and the trace in the legend.
-    fig, ax = plt.subplots(figsize=(7, 4.4))
+    fig, ax = plt.subplots(figsize=(7, 4.4), layout="constrained")
     everything = []
     for label in labels:
         hessian = reports[label]["hessian"]
@@ -285,8 +322,10 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
         )
     if min(everything) > 0:
         ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
     else:  # negative eigenvalues (away from a minimum): linear near zero
         ax.set_yscale("symlog", linthresh=1e-2)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_plain_number))
     ax.set_xlabel("rank")
     ax.set_ylabel("Hessian eigenvalue")
     ax.set_xticks(
@@ -294,11 +333,45 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    _fit_title(fig, title)
     paths.append(_save(fig, out_dir / f"{prefix}spectrum.png", plt))
     return paths
+
+
+TITLE_FONT_SIZE = 10
+
+
+def _fit_title(fig, title):
+    """A figure title wrapped to the figure's width (the figure's layout must be constrained,
+    so that the wrapped lines get the room they need above the panels)."""
+    if not title:
+        return
+    import textwrap
+
+    # About 0.6 of the font size per character, in points; 72 points an inch.
+    width = int(fig.get_figwidth() * 72 / (0.6 * TITLE_FONT_SIZE))
+    fig.suptitle(textwrap.fill(title, width=width), fontsize=TITLE_FONT_SIZE)
+
+
+def _plain_number(value, _position=None):
+    """A tick label as a plain decimal number ("0.001", "20"), never as a power of ten."""
+    if value == 0:
+        return "0"
+    return np.format_float_positional(float(f"{value:.3g}"), trim="-")
+
+
+def _plain_log_axis(axis):
+    """Labels a log-scaled axis with plain numbers; with less than about two decades in view,
+    also at 2 and 5 times the powers of ten, so that a short axis still gets labels."""
+    import matplotlib.ticker as ticker
+
+    limits = axis.axes.get_ylim() if axis is axis.axes.yaxis else axis.axes.get_xlim()
+    low, high = sorted(abs(v) for v in limits)
+    decades = np.log10(high / low) if low > 0 else np.inf
+    subs = (1.0,) if decades > 2.5 else (1.0, 2.0, 5.0) if decades > 0.8 else np.arange(1, 10)
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(ticker.FuncFormatter(_plain_number))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _save(fig, path, plt):

@@ -16,12 +16,10 @@ ONLY = {
     "tensorflow": [
         "methods/test_sam.py",
         "methods/test_variants.py",
-        "trainers/test_accumulation.py",
         "trainers/test_bad_input.py",
         "trainers/test_checkpoints.py",
         "trainers/test_clipping.py",
         "trainers/test_distribute.py",
-        "trainers/test_mixed_precision.py",
         "trainers/test_multi_worker.py",
         "trainers/test_optimize.py",
         "trainers/test_sam_model.py",
@@ -35,9 +33,13 @@ ONLY = {
         "test_registration.py",
         "test_training.py",
         "test_maths.py",
+        "test_wheel.py",  # installs the `tensorflow-cpu` extra; other backends can follow
     ],
 }
-collect_ignore = [path for backend, paths in ONLY.items() if backend != BACKEND for path in paths]
+ONLY["jax"] = ["backends/test_jax.py", "backends/test_jax_distribution.py"]
+collect_ignore = ["backends/jax_distribution.py"] + [
+    path for backend, paths in ONLY.items() if backend != BACKEND for path in paths
+]
 
 if BACKEND == "tensorflow":
     import tensorflow as tf
@@ -54,6 +56,19 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 keras.config.disable_interactive_logging()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "backends(*names): runs only in these backends' sessions (the others skip)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = item.get_closest_marker("backends")
+        if marker is not None and BACKEND not in marker.args:
+            item.add_marker(pytest.mark.skip(reason=f"written for {', '.join(marker.args)}"))
 
 
 @pytest.fixture(autouse=True)

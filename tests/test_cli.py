@@ -1,7 +1,11 @@
-"""The `keras-sam train` and `compare` commands, end to end on a tiny real-data subset."""
+"""The `keras-sam` command line: `train` and `compare` end to end on a tiny real-data
+subset; help, version, argument errors, defaults; the output written to a log file."""
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -16,6 +20,7 @@ needs_data = pytest.mark.skipif(
     "(make test does it where apt is available)",
 )
 TINY = ["--train-size", "200", "--epochs", "2", "--batch-size", "50", "--quiet"]
+TINY += ["--eval-every", "1"]  # evaluate every epoch (the command line's default: every 5)
 
 
 @needs_data
@@ -39,6 +44,17 @@ def test_compare_writes_table_and_png_plots(tmp_path, capsys):
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["plain", "sam", "plain equal compute"]
     assert [r.split("|")[2].strip() for r in rows[1:]] == ["2", "2", "4"]
     assert [r.split("|")[3].strip() for r in rows[1:]] == ["8", "16", "16"]
+    # Training time and evaluation time are separate columns, equal to each run's history.
+    header = [cell.strip() for cell in rows[0].split("|")[1:-1]]
+    columns = {name: header.index(name) + 1 for name in ("train s", "train CPU s", "eval s")}
+    for row, run in zip(rows[1:], ("plain", "sam", "plain_equal_compute")):
+        history = json.loads((out / run / "history.json").read_text())
+        cells = row.split("|")
+        for name, key in [("train s", "train_seconds"), ("eval s", "eval_seconds")]:
+            assert float(cells[columns[name]]) == pytest.approx(history[key][-1], abs=0.051)
+            assert history[key][-1] > 0
+        assert float(cells[columns["train CPU s"]]) > 0
+    assert "evaluations excluded" in table
     for name in ("test_accuracy.png", "sharpness.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for run in ("plain", "sam", "plain_equal_compute"):
@@ -82,3 +98,130 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 2
+
+
+def _help(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _option_helps(text):
+    """`--option` -> its help text, from argparse's help output."""
+    helps, current = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        match = re.match(r"  (-\S+)", line)
+        if match:
+            current = match.group(1).rstrip(",")
+            helps[current] = line
+        elif current:
+            helps[current] += " " + line.strip()
+    return {name: " ".join(words.split()) for name, words in helps.items()}
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "inspect", "playground"])
+def test_help_states_every_options_default(command, capsys):
+    helps = _option_helps(_help([command], capsys))
+    flags = {"-h", "--quiet", "--inspect"}
+    assert len(helps) >= (4 if command == "playground" else 12)
+    for name, text in helps.items():
+        if name not in flags:
+            assert "default" in text, f"{command} {name}: {text}"
+    if command == "train":
+        for name, shown in [
+            ("--lr", "(default: 0.05)"),
+            ("--epochs", "(default: 40)"),
+            ("--batch-size", "(default: 128)"),
+            ("--momentum", "(default: 0.9)"),
+            ("--weight-decay", "(default: 0.0005)"),
+            ("--method", "(default: sam)"),
+        ]:
+            assert helps[name].endswith(shown), helps[name]
+        # The defaults that differ from the library's say so, and why.
+        assert "0.05" in helps["--rho"] and "asam" in helps["--rho"]
+        assert "SAMModel" in helps["--num-batch-splits"]
+
+
+def test_version(capsys):
+    import keras_sam
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"keras-sam {keras_sam.__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--rho", "abc"], "argument --rho: expected a number >= 0, got 'abc'"),
+        (["train", "--rho", "nan"], "argument --rho: expected a number >= 0, got 'nan'"),
+        (["train", "--epochs", "1.5"], "argument --epochs: expected a whole number >= 1"),
+        (["train", "--seed", "x"], "argument --seed: expected a whole number, got 'x'"),
+        (["train", "--label-noise", "2"], "expected a fraction in [0, 1], got '2'"),
+        (["compare", "--method", "sgd"], "compare trains the plain runs itself"),
+    ],
+)
+def test_argument_errors_are_in_plain_words(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "invalid" not in err and "_non_negative" not in err
+
+
+def _parsed(argv, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "_train", lambda args: seen.append(args) or 0)
+    assert cli.main(argv) == 0
+    return seen[0]
+
+
+def test_sgd_is_still_accepted_for_the_plain_method(monkeypatch):
+    args = _parsed(["train", "--method", "sgd"], monkeypatch)
+    assert args.method == "plain"
+    assert cli._config(args, args.method).method == "plain"
+
+
+@pytest.mark.parametrize(
+    "argv, rho",
+    [
+        (["train"], 0.1),
+        (["train", "--method", "asam"], 1.0),
+        (["train", "--method", "asam", "--rho", "0.5"], 0.5),
+        (["train", "--method", "looksam"], 0.1),
+    ],
+)
+def test_asams_default_rho_is_scaled(argv, rho, monkeypatch):
+    args = _parsed(argv, monkeypatch)
+    assert cli._config(args, args.method).rho == pytest.approx(rho)
+
+
+@needs_data
+def test_output_to_a_file_is_one_line_per_epoch_with_the_test_accuracy(tmp_path):
+    """Not a terminal (a pipe here, a log file in `make demo > log`): Keras's one-line
+    epochs, no carriage returns, and the clean test accuracy where it was measured."""
+    argv = ["train", "--train-size", "200", "--epochs", "3", "--batch-size", "50"]
+    argv += ["--eval-every", "2", "--out", str(tmp_path / "run")]
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_sam.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stdout and "\r" not in result.stderr
+    lines = result.stdout.splitlines()
+    epochs = [i for i, line in enumerate(lines) if re.match(r"Epoch \d+/3$", line)]
+    assert len(epochs) == 3
+    summaries = [lines[i + 1] for i in epochs]  # Keras's verbose=2: one summary line each
+    assert all(line.startswith("4/4 - ") and " - loss: " in line for line in summaries)
+    # Evaluated after epochs 2 and 3 only.
+    assert ["test_accuracy:" in line for line in summaries] == [False, True, True]
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    shown = float(summaries[-1].split("test_accuracy:")[1].split()[0])
+    assert shown == pytest.approx(history["test_accuracy"][-1], abs=5e-5)
+    assert "final clean test accuracy" in lines[-1]

@@ -1,11 +1,12 @@
 import json
+import time
 
 import keras
 import numpy as np
 import pytest
 
 from keras_sam import report
-from keras_sam.training import RunConfig, prepare_data, train
+from keras_sam.training import RunConfig, build_optimizer, prepare_data, train
 
 
 def _arrays(rng, n_train=300, n_test=100):
@@ -35,7 +36,7 @@ def test_prepare_data_subsets_corrupts_and_keeps_clean_labels(rng):
     assert np.any(other.y_train_clean != data.y_train_clean)
 
 
-@pytest.mark.parametrize("method", ["sgd", "sam", "asam"])
+@pytest.mark.parametrize("method", ["plain", "sam", "asam"])
 def test_train_records_history_and_writes_files(rng, tmp_path, method):
     config = RunConfig(
         method=method,
@@ -48,10 +49,10 @@ def test_train_records_history_and_writes_files(rng, tmp_path, method):
     )
     data = prepare_data(config, arrays=_arrays(rng))
     model, history = train(config, data, out_dir=tmp_path, verbose=0)
-    passes = 1 if method == "sgd" else 2
+    passes = 1 if method == "plain" else 2
     assert history["epoch"] == [1, 2]
     assert history["gradient_evaluations"] == [4 * passes, 8 * passes]
-    assert (history["sharpness"][0] is None) == (method == "sgd")
+    assert (history["sharpness"][0] is None) == (method == "plain")
     assert all(0 <= a <= 1 for a in history["test_accuracy"])
     # the recorded test accuracy is the model's on the clean test labels
     final = np.mean(model.predict(data.x_test, verbose=0).argmax(-1) == data.y_test)
@@ -82,7 +83,6 @@ def test_train_records_history_and_writes_files(rng, tmp_path, method):
 )
 def test_variants_train_and_count_the_passes_they_take(rng, method, cls, evaluations):
     import keras_sam
-    from keras_sam.training import build_optimizer
 
     config = RunConfig(
         method=method, k=3, epochs=2, batch_size=50, train_size=200, sharpness_examples=50
@@ -99,8 +99,9 @@ def test_variants_train_and_count_the_passes_they_take(rng, method, cls, evaluat
 
 def test_eval_every_evaluates_every_k_epochs_and_the_last(rng):
     config = RunConfig(
-        method="sgd", epochs=5, eval_every=2, batch_size=100, train_size=200, sharpness_examples=50
-    )
+        method="plain", epochs=5, eval_every=2, batch_size=100, train_size=200,
+        sharpness_examples=50,
+    )  # fmt: skip
     _, history = train(config, prepare_data(config, arrays=_arrays(rng)), verbose=0)
     assert history["epoch"] == [2, 4, 5]
     assert history["gradient_evaluations"] == [4, 8, 10]
@@ -114,19 +115,87 @@ def test_report_table_and_plots(rng, tmp_path):
         "test_accuracy": [0.7, 0.65],
         "measured_sharpness": [0.01, 0.02],
         "gradient_evaluations": [10, 20],
-        "seconds": [1.0, 2.0],
+        "train_seconds": [1.0, 2.3],
+        "train_cpu_seconds": [1.5, 3.0],
+        "eval_seconds": [0.5, 1.0],
+        "seconds": [1.5, 3.3],
     }
     runs = {"plain": (RunConfig(epochs=2), history), "sam": (RunConfig(epochs=2), history)}
     table = report.comparison_table(runs)
-    assert table.count("\n") == 4 and "| sam | 2 | 20 | 65.00 % | 70.00 % | 60.00 % |" in table
+    header = [cell.strip() for cell in table.splitlines()[0].split("|")[1:-1]]
+    assert header[:3] == ["run", "epochs", "gradient evaluations"]
+    assert header[3:6] == ["train s", "train CPU s", "eval s"]
+    row = "| sam | 2 | 20 | 2.3 | 3.0 | 1.0 | 65.00 % | 70.00 % | 60.00 % | 0.0200 |"
+    assert table.count("\n") == 4 and row in table
+    # A history recorded before the times were kept apart still makes a table.
+    old = {k: v for k, v in history.items() if not k.endswith("_seconds")}
+    assert "| n/a | n/a | n/a |" in report.comparison_table({"plain": (RunConfig(), old)})
     for path in report.comparison_plots(runs, tmp_path, title="t"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_evaluation_time_is_kept_apart_from_training_time(rng, monkeypatch):
+    """Every evaluation is made to take 0.4 s longer: all of it lands in `eval_seconds`,
+    none in `train_seconds`."""
+    import keras_sam.diagnostics
+
+    measure = keras_sam.diagnostics.sharpness
+
+    def slow_sharpness(*args, **kwargs):
+        time.sleep(0.4)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(keras_sam.diagnostics, "sharpness", slow_sharpness)
+    config = RunConfig(
+        method="sam", epochs=3, batch_size=100, train_size=200, sharpness_examples=50
+    )
+    _, history = train(config, prepare_data(config, arrays=_arrays(rng)), verbose=0)
+    evals, trains, totals = (history[k] for k in ("eval_seconds", "train_seconds", "seconds"))
+    assert evals[0] >= 0.4 and evals[-1] >= 3 * 0.4
+    assert all(b >= a for a, b in zip(evals, evals[1:]))
+    assert all(b >= a for a, b in zip(trains, trains[1:]))
+    for train_s, eval_s, total in zip(trains, evals, totals):
+        assert train_s + eval_s == pytest.approx(total, abs=1e-3)
+    # The training time of the last two epochs holds none of the 0.8 s of sleeping
+    # that fell between them (the epochs themselves take well under that here).
+    assert trains[-1] - trains[0] < (totals[-1] - totals[0]) - 0.8 + 1e-3
+    assert all(c > 0 for c in history["train_cpu_seconds"])
+
+
+def test_eval_examples_takes_a_subset_before_the_last_evaluation(rng):
+    config = RunConfig(
+        method="plain", epochs=3, batch_size=100, train_size=200, sharpness_examples=50,
+        eval_examples=40,
+    )  # fmt: skip
+    data = prepare_data(config, arrays=_arrays(rng))
+    model, history = train(config, data, verbose=0)
+    assert history["test_examples"] == [40, 40, 100]
+    final = np.mean(model.predict(data.x_test, verbose=0).argmax(-1) == data.y_test)
+    assert history["test_accuracy"][-1] == pytest.approx(final)
+    # Subset accuracies are multiples of 1/40, the last one of 1/100.
+    assert all(round(40 * a, 6) == round(40 * a) for a in history["test_accuracy"][:2])
+
+
+def test_plain_is_the_method_name_and_sgd_its_old_spelling():
+    assert RunConfig(method="sgd").method == "plain"
+    assert not RunConfig(method="sgd").is_sam
+    assert build_optimizer(RunConfig(method="sgd"), steps=10).__class__.__name__ == "SGD"
+
+
+def test_rho_defaults_to_the_methods_own_and_asams_is_ten_times_sams():
+    assert RunConfig(method="sam").rho == pytest.approx(0.1)
+    assert RunConfig(method="gsam").rho == pytest.approx(0.1)
+    assert RunConfig(method="asam").rho == pytest.approx(1.0)
+    assert RunConfig(method="asam", rho=0.3).rho == 0.3  # a given rho is kept
+    optimizer = build_optimizer(RunConfig(method="asam"), steps=10)
+    assert optimizer.adaptive and optimizer.get_config()["rho"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
         {"method": "adam"},
+        {"eval_examples": -1},
         {"rho": -1.0},
         {"epochs": 0},
         {"train_size": 70000},

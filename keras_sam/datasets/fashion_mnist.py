@@ -16,6 +16,8 @@ its length, the labels' range and, unless `verify=False`, the SHA-256 of the dec
 content, so that both the upstream files and Debian's recompressed copies are accepted.
 """
 
+from __future__ import annotations
+
 import gzip
 import hashlib
 import os
@@ -159,7 +161,7 @@ def _locate(path):
     return _cache_dir(), "download", None
 
 
-def find_data_dir(path=None):
+def find_data_dir(path: str | os.PathLike | None = None) -> str:
     """Tells which directory `load_data(path)` would read the files from.
 
     The search order is `path`, then `$KERAS_SAM_FASHION_MNIST`, then the Debian package's
@@ -305,7 +307,9 @@ def _download():
     return os.path.dirname(files[FILES[0]]), files
 
 
-def load_data(path=None, *, verify=True):
+def load_data(
+    path: str | os.PathLike | None = None, *, verify: bool = True
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Loads Fashion-MNIST like `keras.datasets.fashion_mnist.load_data()`, from local files.
 
     The files are looked for in `path`, then in `$KERAS_SAM_FASHION_MNIST`, then in the

@@ -1,9 +1,12 @@
 """Synthetic label noise: corrupt a chosen fraction of the training labels, reproducibly."""
 
+from __future__ import annotations
+
 import numbers
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 MODES = ("flip", "uniform")
 
@@ -39,7 +42,14 @@ def _check_labels(labels):
     return array
 
 
-def corrupt_labels(labels, rate, *, num_classes=None, seed=0, mode="flip"):
+def corrupt_labels(
+    labels: ArrayLike,
+    rate: float,
+    *,
+    num_classes: int | None = None,
+    seed: int | None = 0,
+    mode: str = "flip",
+) -> NoisyLabels:
     """Replaces a fraction `rate` of the labels with random classes.
 
     Exactly `round(rate * n)` of the `n` examples are selected, without replacement, by a

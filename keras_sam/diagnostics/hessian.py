@@ -1,14 +1,32 @@
 """Curvature: Hessian-vector products, the top Hessian eigenvalues, and the trace."""
 
+from __future__ import annotations
+
 import numbers
 import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from keras_sam.diagnostics import _engine
 
+if TYPE_CHECKING:
+    import keras
+    from numpy.typing import ArrayLike
 
-def hessian_vector_product(model, x, y, vector, *, loss=None, batch_size=256):
+    Loss = keras.losses.Loss | Callable[..., Any] | str
+
+
+def hessian_vector_product(
+    model: keras.Model,
+    x: Any,
+    y: ArrayLike | None,
+    vector: Sequence[ArrayLike],
+    *,
+    loss: Loss | None = None,
+    batch_size: int = 256,
+) -> list[np.ndarray]:
     """The Hessian of the mean loss times a vector, exactly, by double differentiation.
 
     ```
@@ -50,19 +68,19 @@ def hessian_vector_product(model, x, y, vector, *, loss=None, batch_size=256):
 
 
 def hessian_eigenvalues(
-    model,
-    x,
-    y=None,
+    model: keras.Model,
+    x: Any,
+    y: ArrayLike | None = None,
     *,
-    loss=None,
-    batch_size=256,
-    k=1,
-    max_iterations=100,
-    tol=1e-3,
-    seed=0,
-    return_eigenvectors=False,
-    verbose=1,
-):
+    loss: Loss | None = None,
+    batch_size: int = 256,
+    k: int = 1,
+    max_iterations: int = 100,
+    tol: float = 1e-3,
+    seed: int = 0,
+    return_eigenvectors: bool = False,
+    verbose: int = 1,
+) -> np.ndarray | tuple[np.ndarray, list[list[np.ndarray]]]:
     """The `k` largest eigenvalues of the Hessian of the loss, by the Lanczos method.
 
     Lanczos builds an orthonormal basis `q_1, q_2, ...` of the Krylov space
@@ -161,8 +179,16 @@ def hessian_eigenvalues(
 
 
 def hessian_trace(
-    model, x, y=None, *, loss=None, batch_size=256, num_probes=100, seed=0, verbose=1
-):
+    model: keras.Model,
+    x: Any,
+    y: ArrayLike | None = None,
+    *,
+    loss: Loss | None = None,
+    batch_size: int = 256,
+    num_probes: int = 100,
+    seed: int = 0,
+    verbose: int = 1,
+) -> dict[str, Any]:
     """The trace of the Hessian of the loss, by Hutchinson's estimator, with its error.
 
     For random vectors `v` with independent entries +1 or -1 (Rademacher), `E[v^T H v] =

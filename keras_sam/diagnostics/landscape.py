@@ -1,30 +1,41 @@
 """The loss landscape: the loss along random directions, or between two models."""
 
+from __future__ import annotations
+
 import numbers
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 
 from keras_sam.diagnostics import _engine
 
+if TYPE_CHECKING:
+    import keras
+    from numpy.typing import ArrayLike
+
+    Loss = keras.losses.Loss | Callable[..., Any] | str
+
+
 NORMALIZATIONS = ("filter", "layer")
 
 
 def loss_landscape(
-    model,
-    x,
-    y=None,
+    model: keras.Model,
+    x: Any,
+    y: ArrayLike | None = None,
     *,
-    loss=None,
-    batch_size=256,
-    dimensions=1,
-    coordinates=None,
-    to_model=None,
-    seed=0,
-    normalization="filter",
-    include_biases=False,
-    verbose=1,
-):
+    loss: Loss | None = None,
+    batch_size: int = 256,
+    dimensions: int = 1,
+    coordinates: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
+    to_model: keras.Model | None = None,
+    seed: int = 0,
+    normalization: str = "filter",
+    include_biases: bool = False,
+    verbose: int = 1,
+) -> dict[str, Any]:
     """The loss (and accuracy) on a line or a plane of weights through the model's.
 
     Random directions (Li et al., 2018), one or two, each drawn from a seeded Gaussian and
@@ -149,7 +160,12 @@ def loss_landscape(
     }
 
 
-def normalized_direction(direction, weights, normalization="filter", include_biases=False):
+def normalized_direction(
+    direction: Sequence[ArrayLike],
+    weights: Sequence[ArrayLike],
+    normalization: str = "filter",
+    include_biases: bool = False,
+) -> list[np.ndarray]:
     """Rescales a random direction to the weights' scale (Li et al., 2018).
 
     `"filter"`: each slice along the last axis of a variable of rank >= 2 (a dense

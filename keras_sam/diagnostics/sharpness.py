@@ -1,6 +1,10 @@
 """Sharpness: how much the loss rises in the worst direction within a radius `rho`."""
 
+from __future__ import annotations
+
 import numbers
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import keras
 
@@ -8,22 +12,27 @@ from keras_sam import maths
 from keras_sam.diagnostics import _engine
 from keras_sam.methods.sam import adaptive_scales
 
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+    Loss = keras.losses.Loss | Callable[..., Any] | str
+
 
 def sharpness(
-    model,
-    x,
-    y=None,
+    model: keras.Model,
+    x: Any,
+    y: ArrayLike | None = None,
     *,
-    loss=None,
-    batch_size=256,
-    rho=0.05,
-    m=None,
-    ascent_steps=1,
-    ascent_step_size=None,
-    adaptive=False,
-    eta=0.01,
-    verbose=0,
-):
+    loss: Loss | None = None,
+    batch_size: int = 256,
+    rho: float = 0.05,
+    m: int | None = None,
+    ascent_steps: int = 1,
+    ascent_step_size: float | None = None,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    verbose: int = 0,
+) -> dict[str, Any]:
     """The loss increase at the worst point of radius `rho` that gradient ascent finds.
 
     First-order (the default, SAM's own estimate), over all of `(x, y)`:

@@ -1,5 +1,7 @@
 """`FriendlySAM`: Friendly Sharpness-Aware Minimization (Li et al., CVPR 2024)."""
 
+from typing import Any
+
 import keras
 
 from keras_sam.methods.sam import SAM, _check_number
@@ -45,12 +47,12 @@ class FriendlySAM(SAM):
 
     def __init__(
         self,
-        optimizer,
-        rho=0.05,
-        sigma=1.0,
-        lmbda=0.95,
-        **kwargs,
-    ):
+        optimizer: keras.optimizers.Optimizer | str,
+        rho: float | keras.optimizers.schedules.LearningRateSchedule = 0.05,
+        sigma: float = 1.0,
+        lmbda: float = 0.95,
+        **kwargs: Any,
+    ) -> None:
         sigma = _check_number("sigma", sigma, minimum=0.0)
         lmbda = _check_number("lmbda", lmbda, minimum=0.0)
         if lmbda >= 1:

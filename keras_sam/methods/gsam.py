@@ -1,5 +1,7 @@
 """`GSAM`: Surrogate Gap Guided SAM (Zhuang et al., ICLR 2022)."""
 
+from typing import Any
+
 import keras
 
 from keras_sam import maths
@@ -47,11 +49,11 @@ class GSAM(SAM):
 
     def __init__(
         self,
-        optimizer,
-        rho=0.05,
-        alpha=0.4,
-        **kwargs,
-    ):
+        optimizer: keras.optimizers.Optimizer | str,
+        rho: float | keras.optimizers.schedules.LearningRateSchedule = 0.05,
+        alpha: float = 0.4,
+        **kwargs: Any,
+    ) -> None:
         alpha = _check_number("alpha", alpha, minimum=0.0)
         super().__init__(optimizer, rho=rho, **kwargs)
         self.alpha = alpha

@@ -1,5 +1,7 @@
 """`LookSAM`: the SAM direction every k steps, reused in between (Liu et al., CVPR 2022)."""
 
+from typing import Any
+
 import keras
 
 from keras_sam import maths
@@ -54,12 +56,12 @@ class LookSAM(SAM):
 
     def __init__(
         self,
-        optimizer,
-        rho=0.05,
-        k=5,
-        alpha=0.7,
-        **kwargs,
-    ):
+        optimizer: keras.optimizers.Optimizer | str,
+        rho: float | keras.optimizers.schedules.LearningRateSchedule = 0.05,
+        k: int = 5,
+        alpha: float = 0.7,
+        **kwargs: Any,
+    ) -> None:
         k = check_period("k", k)
         alpha = _check_number("alpha", alpha, minimum=0.0)
         super().__init__(optimizer, rho=rho, **kwargs)

@@ -1,9 +1,14 @@
 """`SAM`: Sharpness-Aware Minimization (and ASAM) as a Keras optimizer wrapper."""
 
+from __future__ import annotations
+
 import copy
+import importlib
 import math
 import numbers
 import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 
@@ -27,6 +32,32 @@ _INNER_OPTIMIZER_ARGUMENTS = {
 PER_REPLICA = "per_replica"
 SYNCHRONIZED = "synchronized"
 DISTRIBUTED_PERTURBATIONS = (PER_REPLICA, SYNCHRONIZED)
+
+# The custom-loop entry points of each backend (`backend name -> adapter`, which has
+# `optimize(method, ...)` and may have `stateless_optimize(method, ...)`): registered by
+# the backend's adapter in keras_sam/backends/ when imported, so that no method imports
+# a trainer.
+_CUSTOM_LOOPS = {}
+
+
+def register_custom_loop(backend, adapter):
+    """Makes `adapter.optimize` (and `adapter.stateless_optimize`) the custom loop of
+    `backend`."""
+    _CUSTOM_LOOPS[backend] = adapter
+
+
+def _custom_loop(method_name):
+    backend = keras.backend.backend()
+    if backend not in _CUSTOM_LOOPS:
+        importlib.import_module(f"keras_sam.backends.{backend}")  # registers itself
+    loop = getattr(_CUSTOM_LOOPS[backend], method_name, None)
+    if loop is None:
+        raise ValueError(
+            f"`{method_name}` is not available on the {backend} backend: see the custom-loop "
+            "guide for this backend's form."
+        )
+    return loop
+
 
 # ASAM leaves these at T = 1, as the official implementation does for every parameter
 # whose name does not contain "weight": biases and normalization offsets.
@@ -105,7 +136,7 @@ class SAM(keras.optimizers.Optimizer):
     Example:
 
     ```python
-    opt = keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.05)
+    opt = keras_sam.SAM(keras.optimizers.SGD(0.01, momentum=0.9), rho=0.05)
     sam_model = keras_sam.SAMModel(model)
     sam_model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     sam_model.fit(x, y, epochs=10)
@@ -124,17 +155,17 @@ class SAM(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        optimizer,
-        rho=0.05,
-        adaptive=False,
-        eta=0.01,
-        epsilon=1e-12,
-        perturb=None,
-        distributed_perturbation=PER_REPLICA,
-        gradient_accumulation_steps=None,
-        name=None,
-        **kwargs,
-    ):
+        optimizer: keras.optimizers.Optimizer | str,
+        rho: float | keras.optimizers.schedules.LearningRateSchedule = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        epsilon: float = 1e-12,
+        perturb: str | tuple[type, ...] | Callable[[keras.Variable], bool] | None = None,
+        distributed_perturbation: str = PER_REPLICA,
+        gradient_accumulation_steps: int | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         _refuse_inner_optimizer_arguments(type(self).__name__, kwargs)
         optimizer = _check_optimizer(type(self).__name__, optimizer)
         if distributed_perturbation not in DISTRIBUTED_PERTURBATIONS:
@@ -152,7 +183,7 @@ class SAM(keras.optimizers.Optimizer):
         super().__init__(learning_rate=0.0, name=name)
         # Created with `iterations`, not in `build`: a compiled but untrained model then
         # saves as many optimizer variables as it loads (as a plain SGD model does).
-        self._skipped_steps = self.add_variable(shape=(), dtype="int64", name="skipped_steps")
+        self._skipped_steps = self.add_variable(shape=(), dtype="int", name="skipped_steps")
         self.rho = rho
         self.adaptive = adaptive
         self.eta = eta
@@ -240,7 +271,7 @@ class SAM(keras.optimizers.Optimizer):
             )
         return mask
 
-    def bind(self, model):
+    def bind(self, model: keras.Model) -> SAM:
         """Resolves a `perturb` given as layer classes against `model`'s layers."""
         if isinstance(self.perturb, tuple):
             layers = model._flatten_layers(include_self=True, recursive=True)
@@ -334,29 +365,77 @@ class SAM(keras.optimizers.Optimizer):
         return self._micro_steps, list(self._gradient_sums), list(self._state_sums)
 
     # ------------------------------------------------------------ the custom loop
-    def optimize(self, grad_func, variables):
-        """One SAM step in a custom training loop (TensorFlow backend).
+    def optimize(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+        """One SAM step in a custom training loop, in the backend's own form.
+
+        TensorFlow: `optimize(grad_func, variables)`, with `grad_func()` running the
+        forward pass under a `tf.GradientTape` and returning `(predictions, loss,
+        tape)`; it is called twice, at `w` and at `w + e`. `variables` are the Keras
+        variables to train, e.g. `model.trainable_variables`. Returns `(predictions,
+        loss, loss_sam)`: the clean predictions and loss at `w`, and the loss at the
+        perturbed weights `w + e`.
+
+        Other backends: see the custom-loop guide (JAX takes a pure function of the
+        state: `stateless_optimize`).
+        """
+        return _custom_loop("optimize")(self, *args, **kwargs)
+
+    def stateless_optimize(
+        self,
+        state: tuple[Sequence[Any], Sequence[Any], Sequence[Any]],
+        compute: Callable[[], tuple[Any, Any]],
+        trainable_variables: Sequence[keras.Variable],
+        non_trainable_variables: Sequence[keras.Variable] = (),
+    ) -> tuple[tuple[list, list, list], tuple[Any, Any, Any]]:
+        """One SAM step as a pure function of the state (JAX), usable inside `jax.jit`.
+
+        The form of Keras's JAX custom-loop guide:
+
+        ```python
+        state = (
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            [v.value for v in optimizer.variables],   # after optimizer.build(...)
+        )
+
+        @jax.jit
+        def train_step(state, x, y):
+            def compute():                            # runs the model statefully
+                pred = model(x, training=True)
+                return pred, loss_fn(y, pred)
+
+            return optimizer.stateless_optimize(
+                state, compute, model.trainable_variables, model.non_trainable_variables
+            )
+
+        state, (pred, loss, loss_sam) = train_step(state, x, y)
+        ```
 
         Args:
-            grad_func: a callable with no arguments that runs the forward pass under a
-                `tf.GradientTape` and returns `(predictions, loss, tape)`. It is called
-                twice: at `w`, then at `w + e`.
-            variables: the Keras variables to train, e.g. `model.trainable_variables`.
+            state: `(trainable_values, non_trainable_values, optimizer_values)`: the
+                values of `trainable_variables`, `non_trainable_variables` and of this
+                optimizer's `variables`.
+            compute: a callable with no arguments that runs the forward pass (reading
+                the model's variables) and returns `(predictions, loss)`. It is called
+                with the variables reading `w`, then `w + e`.
+            trainable_variables: the variables to train.
+            non_trainable_variables: the other variables the forward pass reads or
+                updates (BatchNorm statistics, seed generators). Defaults to none.
 
         Returns:
-            `(predictions, loss, loss_sam)`: the clean predictions and loss at `w`, and
-            the loss at the perturbed weights `w + e`.
+            `(new_state, (predictions, loss, loss_sam))`. Nothing is written to a
+            variable: write the final state back with `variable.assign(value)`.
         """
-        from keras_sam.trainers import tensorflow as tf_trainer
-
-        return tf_trainer.optimize(self, grad_func, variables)
+        return _custom_loop("stateless_optimize")(
+            self, state, compute, trainable_variables, non_trainable_variables
+        )
 
     # ------------------------------------------------------- the optimizer protocol
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
         if self.accumulation_steps > 1:
-            self._micro_steps = self.add_variable(shape=(), dtype="int64", name="micro_steps")
+            self._micro_steps = self.add_variable(shape=(), dtype="int", name="micro_steps")
             self._gradient_sums = [
                 self.add_variable_from_reference(v, name="gradient_sum") for v in var_list
             ]
@@ -455,6 +534,13 @@ NORMALIZATION_LAYERS = (
     keras.layers.GroupNormalization,
     keras.layers.RMSNormalization,
 )
+"""The normalization layer classes, for SAM-ON: `SAM(..., perturb=NORMALIZATION_LAYERS)`.
+
+SAM-ON (Mueller et al., NeurIPS 2023) perturbs only the normalization layers' affine
+parameters (scales and offsets); every variable still descends with the perturbed
+gradient. It wants a much larger `rho` than SAM (the authors use about 1 to 10).
+https://arxiv.org/abs/2306.04226
+"""
 
 
 def check_rate(name, value):

@@ -38,7 +38,14 @@ class ProportionalRho(keras.optimizers.schedules.LearningRateSchedule):
     ```
     """
 
-    def __init__(self, learning_rate, rho_max, rho_min=0.0, lr_max=None, lr_min=0.0):
+    def __init__(
+        self,
+        learning_rate: keras.optimizers.schedules.LearningRateSchedule,
+        rho_max: float,
+        rho_min: float = 0.0,
+        lr_max: float | None = None,
+        lr_min: float = 0.0,
+    ) -> None:
         if isinstance(learning_rate, dict):
             learning_rate = keras.optimizers.schedules.deserialize(learning_rate)
         if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):

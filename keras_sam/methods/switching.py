@@ -3,6 +3,7 @@ unusually large (`AESAM`). The other steps are plain steps of the wrapped optimi
 
 import math
 import numbers
+from typing import Any
 
 import keras
 
@@ -37,11 +38,11 @@ class PeriodicSAM(SAM):
 
     def __init__(
         self,
-        optimizer,
-        rho=0.05,
-        k=5,
-        **kwargs,
-    ):
+        optimizer: keras.optimizers.Optimizer | str,
+        rho: float | keras.optimizers.schedules.LearningRateSchedule = 0.05,
+        k: int = 5,
+        **kwargs: Any,
+    ) -> None:
         k = check_period("k", k)
         super().__init__(optimizer, rho=rho, **kwargs)
         self.k = k
@@ -102,12 +103,12 @@ class AESAM(SAM):
 
     def __init__(
         self,
-        optimizer,
-        rho=0.05,
-        margin=0.0,
-        decay=0.9,
-        **kwargs,
-    ):
+        optimizer: keras.optimizers.Optimizer | str,
+        rho: float | keras.optimizers.schedules.LearningRateSchedule = 0.05,
+        margin: float | keras.optimizers.schedules.LearningRateSchedule = 0.0,
+        decay: float = 0.9,
+        **kwargs: Any,
+    ) -> None:
         margin = _check_margin(margin)
         decay = _check_number("decay", decay, minimum=0.0)
         if decay >= 1:

@@ -6,10 +6,24 @@
   three stages; `depth=20, width=16` is ResNet-20, the paper's family at CPU scale.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import keras
+
 MODELS = ("cnn", "resnet")
 
 
-def build_model(name, *, input_shape=(28, 28, 1), num_classes=10, seed=None, **kwargs):
+def build_model(
+    name: str,
+    *,
+    input_shape: tuple[int, ...] = (28, 28, 1),
+    num_classes: int = 10,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> keras.Model:
     """Builds a model of the zoo by name.
 
     Args:
@@ -30,7 +44,7 @@ def build_model(name, *, input_shape=(28, 28, 1), num_classes=10, seed=None, **k
     return builder(input_shape=input_shape, num_classes=num_classes, **kwargs)
 
 
-def set_random_seed(seed):
+def set_random_seed(seed: int) -> None:
     """Seeds what Keras draws initial weights and default seeds from.
 
     On TensorFlow, `keras.utils.set_random_seed`. Elsewhere Python's and NumPy's
@@ -50,7 +64,12 @@ def set_random_seed(seed):
         np.random.seed(seed)  # noqa: NPY002 (as Keras seeds it)
 
 
-def cnn(input_shape=(28, 28, 1), num_classes=10, width=32, batch_norm=False):
+def cnn(
+    input_shape: tuple[int, ...] = (28, 28, 1),
+    num_classes: int = 10,
+    width: int = 32,
+    batch_norm: bool = False,
+) -> keras.Model:
     """Conv(width)-Pool-Conv(2 width)-Pool-Dense(128)-Dense(num_classes), ReLU."""
     import keras
 
@@ -69,7 +88,12 @@ def cnn(input_shape=(28, 28, 1), num_classes=10, width=32, batch_norm=False):
     return keras.Model(inputs, outputs, name=f"cnn{width}")
 
 
-def resnet(input_shape=(28, 28, 1), num_classes=10, depth=20, width=16):
+def resnet(
+    input_shape: tuple[int, ...] = (28, 28, 1),
+    num_classes: int = 10,
+    depth: int = 20,
+    width: int = 16,
+) -> keras.Model:
     """CIFAR-style ResNet: 3 stages of `(depth - 2) / 6` basic blocks, widths w, 2w, 4w."""
     if (depth - 2) % 6 != 0 or depth < 8:
         raise ValueError(

@@ -2,9 +2,11 @@
 
 import numbers
 import warnings
+from typing import Any
 
 import keras
 
+from keras_sam import backends
 from keras_sam.methods.sam import SAM
 
 
@@ -53,16 +55,19 @@ class SAMModel(keras.Model):
     ```python
     sam_model = keras_sam.SAMModel(model)
     sam_model.compile(
-        optimizer=keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.05),
+        optimizer=keras_sam.SAM(keras.optimizers.SGD(0.01, momentum=0.9), rho=0.05),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
     sam_model.fit(x, y, epochs=10)  # logs loss, accuracy and sharpness
-    model.save("model.keras")       # the inner model, with no keras_sam dependency
+    model.save("model.keras")       # the inner model, with no keras_sam dependency,
+                                    # uncompiled: compile it again to `evaluate` it
     ```
     """
 
-    def __init__(self, model, num_batch_splits=None, **kwargs):
+    def __init__(
+        self, model: keras.Model, num_batch_splits: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if not isinstance(model, keras.Model):
             raise ValueError(f"`model` must be a `keras.Model` instance. Received: model={model!r}")
@@ -87,38 +92,39 @@ class SAMModel(keras.Model):
         self.num_batch_splits = None if num_batch_splits is None else int(num_batch_splits)
         self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
         self.second_pass_tracker = keras.metrics.Mean(name="second_pass_rate")
-        if keras.backend.backend() == "tensorflow":
-            from keras_sam.trainers import tensorflow as tf_trainer
-
+        adapter = backends.current()
+        if hasattr(adapter, "checkpointable"):
             # Tracked by `tf.train.Checkpoint`, which does not follow seed generators.
-            self.rng_checkpoint = tf_trainer.checkpointable(self._rng_states())
+            self.rng_checkpoint = adapter.checkpointable(self._rng_states())
         self.built = True
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        # TensorFlow and PyTorch call `train_step(data)`; JAX calls the stateless
+        # `train_step(state, data)` and takes `(logs, state)` back.
         optimizer = self.optimizer
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             # `compile` wraps the optimizer so under the `mixed_float16` policy.
             optimizer = optimizer.inner_optimizer
-        if not isinstance(optimizer, SAM):
-            logs = super().train_step(data)
-            logs.pop("sharpness", None)
-            logs.pop("second_pass_rate", None)
-            return logs
-        from keras_sam.trainers import tensorflow as tf_trainer
+        if isinstance(optimizer, SAM):
+            result = backends.current().train_step(self, *args)
+            drop = () if optimizer.skips_second_pass else ("second_pass_rate",)
+        else:
+            result = super().train_step(*args)
+            drop = ("sharpness", "second_pass_rate")
+        logs = result[0] if len(args) == 2 else result
+        for name in drop:
+            logs.pop(name, None)
+        return result
 
-        logs = tf_trainer.train_step(self, data)
-        if not optimizer.skips_second_pass:
-            logs.pop("second_pass_rate", None)
-        return logs
-
-    def test_step(self, data):
-        logs = super().test_step(data)
+    def test_step(self, *args):
+        result = super().test_step(*args)
+        logs = result[0] if len(args) == 2 else result
         logs.pop("sharpness", None)
         logs.pop("second_pass_rate", None)
-        return logs
+        return result
 
     # ------------------------------------------------------------- checkpoints
     def _rng_states(self):

@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import zipfile
 
 import keras
 import numpy as np
@@ -100,15 +103,58 @@ def test_a_corrupt_model_file_is_a_one_line_error(tmp_path, capsys):
     path.write_bytes(b"this is not a zip archive")
     assert cli.main(["inspect", str(path), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"keras-sam inspect: error: could not load {path} as a Keras model")
-    assert "\n" not in err
+    assert err == (
+        f"keras-sam inspect: error: {path} is not a Keras model archive: it is not a zip "
+        "file, which a .keras file written by model.save() is"
+    )
 
 
 def test_a_file_that_is_not_a_keras_archive_is_refused(tmp_path, capsys):
     path = tmp_path / "weights.h5"
     path.write_bytes(b"\x89HDF")
     assert cli.main(["inspect", str(path), "--out", str(tmp_path)]) == 1
-    assert "is not a .keras file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not a Keras model archive: the name does not end in .keras" in err
+
+
+def test_a_text_file_named_keras_is_refused_before_tensorflow_is_imported(tmp_path):
+    path = tmp_path / "x.keras"
+    path.write_text("hello\n")
+    code = (
+        "import sys; from keras_sam import cli; "
+        f"code = cli.main(['inspect', {str(path)!r}]); "
+        "print(code, 'tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["1", "False", "False"], result.stderr[-2000:]
+    assert f"{path} is not a Keras model archive: it is not a zip file" in result.stderr
+
+
+def test_a_damaged_or_foreign_zip_is_not_a_keras_model_archive(tmp_path, capsys):
+    good = tmp_path / "good.keras"
+    _tiny_classifier().save(good)
+    assert inspection.archive_problem(good) is None
+    # Truncated (a copy cut short), and a zip of something else.
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    foreign = tmp_path / "foreign.keras"
+    with zipfile.ZipFile(foreign, "w") as archive:
+        archive.writestr("notes.txt", "not a model")
+    # One flipped byte inside a stored member: the zip's checksum catches it.
+    flipped = tmp_path / "flipped.keras"
+    with zipfile.ZipFile(flipped, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("config.json", "{}" + " " * 200)
+    data = bytearray(flipped.read_bytes())
+    data[60] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    for path, reason in [
+        (truncated, "it is not a zip file"),
+        (foreign, "the zip file holds no config.json"),
+        (flipped, "the zip file is damaged"),
+    ]:
+        assert cli.main(["inspect", str(path), "--out", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert f"{path} is not a Keras model archive: {reason}" in err, err
 
 
 def test_the_dataset_may_be_spelled_with_a_hyphen(tmp_path, capsys):
@@ -139,3 +185,59 @@ def test_compare_inspect_draws_both_models_side_by_side(tmp_path, capsys, monkey
     assert at[1.0] == pytest.approx(combined["models"]["sam"]["loss"], rel=1e-5)
     for name in ("inspect_landscape_1d.png", "inspect_landscape_2d.png", "inspect_spectrum.png"):
         assert (out / name).read_bytes()[:8] == PNG
+
+
+def _fake_report(scale):
+    coordinates = np.linspace(-1, 1, 5)
+    line = 0.05 + scale * coordinates**2
+    plane = 0.05 + scale * (coordinates[:, None] ** 2 + coordinates[None] ** 2)
+    return {
+        "landscape": {
+            "line": {"coordinates": coordinates, "loss": line, "accuracy": 0.9 - 0.1 * line},
+            "plane": {"coordinates": [coordinates] * 2, "loss": plane, "accuracy": None},
+        },
+        "hessian": {
+            "top_eigenvalues": [25.0 * scale, 10.0, 4.2],
+            "trace": 120.0,
+            "trace_standard_error": 3.0,
+        },
+    }
+
+
+def test_the_pictures_fit_their_titles_and_label_log_axes_in_plain_numbers(tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figures = []
+    save = inspection._save
+    monkeypatch.setattr(
+        inspection, "_save", lambda fig, path, plt: (figures.append(fig), save(fig, path, plt))[1]
+    )
+    title = (
+        "measured on the run's training set (2,000 examples, seed 0, 40 % labels flipped as "
+        "trained), a random subset of 2,000 (seed 0)"
+    )
+    line = {"coordinates": np.linspace(-0.5, 1.5, 5), "loss": np.array([0.3, 0.05, 0.2, 0.04, 2])}
+    reports = {"plain": _fake_report(3.0), "sam": _fake_report(0.5)}
+    inspection.plot_reports(reports, tmp_path, title=title, interpolation=(("plain", "sam"), line))
+    inspection.plot_reports({"one": _fake_report(1.0)}, tmp_path / "one", title=title)
+    assert len(figures) == 6
+    log_axes = 0
+    for fig in figures:
+        canvas = FigureCanvasAgg(fig)  # the saved figure was closed: draw it again
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        # Everything drawn (the wrapped title included) lies inside the picture.
+        box = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)
+        assert fig.bbox.x0 - 1 <= box.x0 and box.x1 <= fig.bbox.x1 + 1
+        assert fig.bbox.y0 - 1 <= box.y0 and box.y1 <= fig.bbox.y1 + 1
+        assert fig.get_suptitle().replace("\n", " ") == title
+        for ax in fig.axes:
+            if ax.get_yscale() not in ("log", "symlog"):
+                continue
+            log_axes += 1
+            labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+            assert len(labels) >= 2, labels
+            for text in labels:
+                assert "$" not in text and "e" not in text, labels
+                float(text)  # a plain number
+    assert log_axes >= 5  # 1-D loss (twice), interpolation, spectrum (twice)

@@ -3,9 +3,11 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_sam
+
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
 
 
 def _classifier(seed=3):
@@ -121,7 +123,8 @@ class BlowsUpWhenPerturbed(keras.layers.Layer):
         return scaled + keras.ops.cast(keras.ops.where(blow_up, float("inf"), 0.0), inputs.dtype)
 
     def arm(self):
-        self.reference.assign(self.scale)
+        # A copy: on JAX two variables must not share one buffer (`fit` donates them).
+        self.reference.assign(keras.ops.copy(self.scale))
         self.armed.assign(1.0)
 
     def disarm(self):
@@ -178,10 +181,9 @@ def test_a_non_finite_pass_skips_the_step_and_halves_the_loss_scale(rng, failing
     assert int(scaler.step_counter.numpy()) == 0
     assert int(scaler.iterations.numpy()) == 1
     assert int(scaler.inner_optimizer.skipped_steps.numpy()) == 1
-    if failing_pass == "perturbed":
-        assert np.isfinite(logs["loss"][0]) and not np.isfinite(logs["sharpness"][0])
-    else:
-        assert not np.isfinite(logs["loss"][0])
+    # A skipped step adds nothing to the logged averages, and is counted.
+    assert logs["skipped_steps"] == [1.0]
+    assert logs["loss"] == [0.0] and logs["sharpness"] == [0.0]
 
 
 def _quadratic_loop(optimizer, steps, bad_steps=()):
@@ -206,6 +208,7 @@ def _quadratic_loop(optimizer, steps, bad_steps=()):
     return variable, history
 
 
+@pytest.mark.backends("tensorflow")  # the TensorFlow custom loop
 def test_custom_loop_with_a_loss_scale_optimizer_inside_sam():
     # Loss scaling in float32 is exact (the scales are powers of two): the trajectory is
     # bitwise that of SAM without it, so both passes were scaled and unscaled once.

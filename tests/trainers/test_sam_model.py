@@ -301,8 +301,8 @@ def test_subclassed_model_and_validation_and_callbacks(rng):
         verbose=0,
         callbacks=[Recorder()],
     ).history
-    assert set(history) == {"loss", "mae", "sharpness", "val_loss", "val_mae"}
-    assert seen[0] == ["loss", "mae", "sharpness"]
+    assert set(history) == {"loss", "mae", "sharpness", "skipped_steps", "val_loss", "val_mae"}
+    assert seen[0] == ["loss", "mae", "sharpness", "skipped_steps"]
     evaluated = sam_model.evaluate(x[:8], y[:8], verbose=0, return_dict=True)
     assert set(evaluated) == {"loss", "mae"}
     np.testing.assert_allclose(evaluated["loss"], history["val_loss"][-1], rtol=1e-6)

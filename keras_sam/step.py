@@ -1,0 +1,642 @@
+"""The SAM step, written once for every backend.
+
+A step runs, for each part of the batch (one part, or `num_batch_splits` parts for
+m-sharpness): the clean pass at `w`; the method's decision whether to take the perturbed
+pass; the perturbed pass at `w + e`; the method's final gradient. It then takes one
+decision for the whole step: when a loss or a gradient of any pass is NaN or infinite,
+the step is skipped (nothing changes but `skipped_steps` and, under loss scaling, the loss
+scale); otherwise the clean pass's state updates (BatchNorm statistics, seeds) and the
+method's state are committed and the wrapped optimizer steps (under gradient
+accumulation: the SAM gradient is added to the sums, and the optimizer steps every k-th
+micro-batch).
+
+Nothing is written to a variable before that decision. Both passes run inside a
+`keras.StatelessScope` whose state mapping gives the trained variables as tensors: the
+clean pass reads `w` and its state updates are recorded; the perturbed pass reads
+`w + e` and its updates are dropped. So the weights are never perturbed in place, a pass
+that raises leaves every variable as it was, BatchNorm statistics come from the clean
+pass alone, and both passes see the same dropout masks.
+
+What differs between backends is small and lives in `keras_sam/backends/`: how the
+gradient of one pass is taken (tape, `jax.grad`, autograd), sparse gradients, how the
+replicas of a distribution agree, and how the commit-or-skip decision is taken (a
+`tf.cond` in the cross-replica context, a functional `lax.cond`, a Python `if`). They
+subclass `Backend` below. This module is written with `keras.ops` and never imports a
+backend.
+"""
+
+import typing
+
+import keras
+from keras import ops
+
+from keras_sam.methods.sam import SAM, SYNCHRONIZED
+
+
+class RecordingScope(keras.StatelessScope):
+    """A stateless scope that remembers which variables were assigned, to commit them.
+
+    A variable it does not map is read from the enclosing scope, if any (the JAX
+    trainer runs the whole step in a scope holding the step's state).
+    """
+
+    def __init__(self, state_mapping=None):
+        super().__init__(state_mapping=state_mapping)
+        self._assigned = {}
+
+    def add_update(self, update):
+        variable, _ = update
+        self._assigned[id(variable)] = variable
+        super().add_update(update)
+
+    def get_current_value(self, variable):
+        value = super().get_current_value(variable)
+        outer = getattr(self, "original_scope", None)
+        if value is None and outer is not None:
+            value = outer.get_current_value(variable)
+        return value
+
+    def updates(self):
+        """The `(variable, new value)` pairs, in the order of first assignment."""
+        return [(v, self.state_mapping[id(v)]) for v in self._assigned.values()]
+
+
+class Roles(typing.NamedTuple):
+    """Who does what in a step: the optimizer a user compiles may nest three deep."""
+
+    method: SAM  # the SAM method, asked for the perturbation and the final gradient
+    scaler: object  # the `LossScaleOptimizer` whose scale the passes use, or None
+    applier: object  # the Keras optimizer that takes the step
+    outer: object  # the optimizer the user handed over (built first)
+
+
+def resolve(optimizer):
+    """Splits `optimizer` into its roles.
+
+    Accepted: a SAM method around a Keras optimizer; a SAM method around a
+    `LossScaleOptimizer` (the custom loop under `mixed_float16`); and a
+    `LossScaleOptimizer` around a SAM method (what Keras's `compile` makes of a SAM
+    optimizer under the `mixed_float16` policy).
+    """
+    lso = keras.optimizers.LossScaleOptimizer
+    if isinstance(optimizer, lso) and isinstance(optimizer.inner_optimizer, SAM):
+        method, scaler = optimizer.inner_optimizer, optimizer
+        if isinstance(method.inner_optimizer, lso):
+            raise ValueError(
+                "The loss would be scaled twice: a `LossScaleOptimizer` wraps "
+                f"`{type(method).__name__}`, which wraps another one. Under the "
+                "`mixed_float16` policy `compile` adds the outer one by itself: give "
+                f"`{type(method).__name__}` the plain optimizer."
+            )
+        return Roles(method, scaler, method.inner_optimizer, optimizer)
+    if not isinstance(optimizer, SAM):
+        raise ValueError(
+            "Expected a keras_sam method (`keras_sam.SAM` or a variant), possibly in a "
+            f"`keras.optimizers.LossScaleOptimizer`. Received: optimizer={optimizer!r}"
+        )
+    inner = optimizer.inner_optimizer
+    if isinstance(inner, lso):
+        return Roles(optimizer, inner, inner.inner_optimizer, optimizer)
+    return Roles(optimizer, None, inner, optimizer)
+
+
+class Backend:
+    """What the step needs of a backend. The defaults are `keras.ops`; adapters override.
+
+    `tensors` passed around are dense unless an adapter keeps its own sparse type
+    (TensorFlow's `IndexedSlices`), in which case it overrides every method that sees
+    a gradient.
+    """
+
+    # ------------------------------------------------------------------ one pass
+    def gradients(self, compute, variables, values, pending, scale):
+        """Runs `compute` with `variables` reading `values`; no variable is written.
+
+        `pending` maps `id(variable)` to `(variable, value)`: state updates of earlier
+        parts of the step, which this pass reads. With a loss scale, the gradients are
+        those of the scaled loss.
+
+        Returns the outputs, the loss, the gradients with respect to `values` (None
+        where the loss does not depend on a value, if the backend can tell), and the
+        `(variable, value)` state updates the pass would have made.
+        """
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- gradients
+    def prepare(self, gradient, factor, sparse_ok):
+        """A raw gradient, times `factor` (None: unchanged)."""
+        del sparse_ok
+        if gradient is None or factor is None:
+            return gradient
+        return gradient * ops.cast(factor, gradient.dtype)
+
+    def rows(self, gradient):
+        """What a method reads of a gradient (a sparse one's rows)."""
+        return gradient
+
+    def perturb(self, weight, perturbation, gradient):
+        """`w + e`."""
+        del gradient
+        if perturbation is None:
+            return weight
+        return weight + ops.cast(perturbation, weight.dtype)
+
+    def scaled(self, gradient, factor):
+        return gradient * ops.cast(factor, gradient.dtype)
+
+    def weighted_sum(self, tensors, weights):
+        total = None
+        for t, w in zip(tensors, weights):
+            term = ops.cast(w, t.dtype) * t
+            total = term if total is None else total + term
+        return total
+
+    def all_finite(self, tensors):
+        checks = [ops.all(ops.isfinite(t)) for t in tensors if t is not None]
+        return ops.all(ops.stack(checks))
+
+    def dense(self, gradient):
+        return gradient
+
+    def concatenate(self, tensors):
+        return ops.concatenate(tensors, axis=0)
+
+    # ------------------------------------------------------------ control flow
+    def cond(self, pred, true_fn, false_fn):
+        """A conditional of pure functions returning tensors (`ops.cond`)."""
+        return ops.cond(pred, true_fn, false_fn)
+
+    def decide(self, ok, take_step, skip_step, tracked, args=()):
+        """Runs `take_step(*args)` if `ok`, else `skip_step(*args)`; both assign variables.
+
+        `ok` is this replica's verdict; under a distribution every replica must take
+        the same branch (TensorFlow overrides this with a cross-replica decision).
+        """
+        self.stateful_cond(ok, lambda: take_step(*args), lambda: skip_step(*args), tracked)
+
+    def stateful_cond(self, pred, true_fn, false_fn, tracked):
+        """Runs `true_fn()` if `pred`, else `false_fn()`; both may assign `tracked`.
+
+        Functional: each branch runs in a recording scope over `tracked` (every
+        variable either branch may assign) and returns their new values, which are
+        assigned after an `ops.cond`. Stateful backends override it.
+        """
+
+        def branch(fn):
+            def run():
+                scope = RecordingScope(state_mapping=[(v, v.value) for v in tracked])
+                with scope:
+                    fn()
+                return [ops.cast(scope.get_current_value(v), v.dtype) for v in tracked]
+
+            return run
+
+        values = ops.cond(pred, branch(true_fn), branch(false_fn))
+        for variable, value in zip(tracked, values):
+            variable.assign(value)
+
+    # ------------------------------------------------------------ distribution
+    def num_replicas(self):
+        """Replicas whose gradients the wrapped optimizer sums (1: none, or global SPMD)."""
+        return 1
+
+    def all_reduce_mean(self, tensors):
+        """The mean over the replicas of each tensor (identity without replicas)."""
+        return tensors
+
+    def check_context(self):
+        """Raises if a step cannot run here (TensorFlow: outside `strategy.run`)."""
+
+    def build(self, optimizer, variables):
+        """Creates the optimizers' variables before the first step."""
+        if not optimizer.built:
+            with keras.name_scope(optimizer.name, caller=optimizer):
+                optimizer.build(variables)
+            optimizer.built = True
+
+    def per_replica(self, replica_step, data, method, variables):
+        """Runs `replica_step(data)` (a `StepResult`) per replica, reduced over them.
+
+        `variables` are all those the passes may read. The default runs it once:
+        replicas, if any, are the backend's own (TensorFlow's `strategy.run` calls the
+        whole step per replica).
+        """
+        del method, variables
+        return replica_step(data)
+
+    def run_in_replicas(self, fn, *args):
+        """Runs `fn(*args)` in each replica (from the decision's context)."""
+        return fn(*args)
+
+    def dynamic_split(self, batch, num_splits):
+        """Splits a batch whose size is known only when the step runs."""
+        raise ValueError(
+            f"num_batch_splits={num_splits} needs batches of a known size on the "
+            f"{keras.backend.backend()} backend."
+        )
+
+
+class Part(typing.NamedTuple):
+    """What one part of a step (the whole batch, or one m-sharpness part) produced."""
+
+    outputs: object
+    loss: object
+    loss_sam: object  # the clean loss when the part took one pass
+    gradients: list  # the part's final gradients (its own mean's), None where none
+    second_pass: object  # 1.0 when the perturbed pass ran, else 0.0 (float or tensor)
+    state: list  # the method's new state values, one per `method.state_variables`
+    finite: object  # whether every loss and gradient of the part is finite
+
+
+def stateless_run(variables, values, fn):
+    """Calls `fn()` with `variables` reading `values`.
+
+    Returns its result and the variables' values after it (its assignments are
+    recorded, not written).
+    """
+    scope = RecordingScope(state_mapping=list(zip(variables, values)))
+    with scope:
+        result = fn()
+    return result, [scope.get_current_value(v) for v in variables]
+
+
+def _part(backend, roles, compute, variables, weights, pending, factor):
+    """Runs the passes of one part and returns its final gradients (`Part`).
+
+    The method's state is read and assigned only inside stateless scopes: the new
+    values are returned. The clean pass's own state updates (BatchNorm statistics,
+    seed generators, metrics) are added to `pending`, so that the next part reads them
+    and the step commits them at the end.
+
+    `factor` turns the raw gradients into the part's mean gradient: one over the loss
+    scale, times the number of replicas.
+    """
+    method = roles.method
+    state = method.state_variables
+    synchronized = backend.num_replicas() > 1 and (method.distributed_perturbation == SYNCHRONIZED)
+    sparse_ok = method.sparse_gradients_supported and not synchronized
+    scale = None if roles.scaler is None else roles.scaler.dynamic_scale
+
+    outputs, loss, gradients, clean_updates = backend.gradients(
+        compute, variables, weights, pending, scale
+    )
+    gradients = [backend.prepare(g, factor, sparse_ok) for g in gradients]
+    present = [i for i, g in enumerate(gradients) if g is not None]
+    if synchronized:
+        # Every replica perturbs with the gradient of the global batch.
+        reduced = backend.all_reduce_mean([gradients[i] for i in present])
+        for i, g in zip(present, reduced):
+            gradients[i] = g
+    rows = [backend.rows(g) for g in gradients]
+    values = [v.value for v in state]
+
+    decision, values = stateless_run(
+        state, values, lambda: method.needs_second_pass(rows, variables)
+    )
+
+    def two_passes(values=values):
+        perturbation, values = stateless_run(
+            state, values, lambda: method.perturbation(rows, variables)
+        )
+        perturbed = [backend.perturb(w, e, g) for w, e, g in zip(weights, perturbation, gradients)]
+        _, loss_sam, perturbed_gradients, _ = backend.gradients(
+            compute, variables, perturbed, pending, scale
+        )
+        perturbed_gradients = [
+            None if g is None else backend.prepare(pg, factor, sparse_ok)
+            for g, pg in zip(gradients, perturbed_gradients)
+        ]
+        descent, values = stateless_run(
+            state,
+            values,
+            lambda: method.descent_gradients(gradients, perturbed_gradients, variables),
+        )
+        return loss_sam, [descent[i] for i in present], values
+
+    def one_pass(values=values):
+        descent, values = stateless_run(
+            state, values, lambda: method.one_pass_gradients(gradients, variables)
+        )
+        return loss, [descent[i] for i in present], values
+
+    if isinstance(decision, bool):
+        loss_sam, descent, values = two_passes() if decision else one_pass()
+        second_pass = 1.0 if decision else 0.0
+    else:
+        loss_sam, descent, values = backend.cond(decision, two_passes, one_pass)
+        second_pass = ops.cast(decision, "float32")
+
+    finite = backend.all_finite([loss, loss_sam] + [gradients[i] for i in present] + list(descent))
+    for variable, value in clean_updates:
+        pending[id(variable)] = (variable, value)
+    final = [None] * len(gradients)
+    for i, g in zip(present, descent):
+        final[i] = g
+    return Part(outputs, loss, loss_sam, final, second_pass, list(values), finite)
+
+
+def run_step(backend, optimizer, computes, part_weights, variables):
+    """One SAM step over the parts of a batch; commits and applies it, or skips it.
+
+    Args:
+        backend: the `Backend` adapter.
+        optimizer: the optimizer as handed over (see `resolve`).
+        computes: one callable per part, running the forward pass and returning
+            `(outputs, loss, anything)`.
+        part_weights: one weight per part (its share of the batch), summing to 1.
+        variables: the Keras variables to train.
+
+    Returns:
+        The parts' `Part` results, and the step's final gradients.
+    """
+    roles = prepare_step(backend, optimizer, variables)
+    parts, gradients, state, updates, finite = compute_step(
+        backend, roles, computes, part_weights, variables
+    )
+    _finish(backend, roles, variables, gradients, state, updates, finite)
+    return parts, gradients
+
+
+def prepare_step(backend, optimizer, variables):
+    """Checks where the step runs and builds the optimizers; returns the `Roles`."""
+    roles = resolve(optimizer)
+    backend.check_context()
+    backend.build(roles.outer, variables)
+    return roles
+
+
+def compute_step(backend, roles, computes, part_weights, variables):
+    """Runs the passes of every part; writes nothing.
+
+    Returns the parts' `Part` results, the step's final gradients, the method's new
+    state, the clean passes' state updates (`(variable, value)` pairs) and whether
+    everything was finite.
+    """
+    replicas = backend.num_replicas()
+    factor = None
+    if roles.scaler is not None:
+        factor = replicas / roles.scaler.dynamic_scale
+    elif replicas > 1:
+        factor = float(replicas)
+
+    weights = [ops.convert_to_tensor(v.value) for v in variables]
+    pending = {}
+    parts = [_part(backend, roles, c, variables, weights, pending, factor) for c in computes]
+    if len(parts) == 1:
+        gradients, state = parts[0].gradients, parts[0].state
+    else:
+        gradients = [
+            None if gs[0] is None else backend.weighted_sum(gs, part_weights)
+            for gs in zip(*[p.gradients for p in parts])
+        ]
+        # A method's state update is the size-weighted average of the parts' updates.
+        state = [backend.weighted_sum(vs, part_weights) for vs in zip(*[p.state for p in parts])]
+    finite = ops.all(ops.stack([p.finite for p in parts]))
+    # What the step would commit must be finite too: an input of 1e20 can make a
+    # BatchNorm moving variance infinite while every loss and gradient is finite.
+    floating = [value for _, value in pending.values() if _is_floating(value)] + [
+        value for value in state if _is_floating(value)
+    ]
+    if floating:
+        finite = ops.logical_and(finite, backend.all_finite(floating))
+    if replicas > 1:
+        if state:  # the replicas keep one state: the average of their updates
+            state = backend.all_reduce_mean(state)
+        # The wrapped optimizer sums the replicas' gradients.
+        gradients = [None if g is None else backend.scaled(g, 1.0 / replicas) for g in gradients]
+    return parts, gradients, state, list(pending.values()), finite
+
+
+def _finish(backend, roles, variables, gradients, state, updates, finite):
+    """Commits the step and applies it, or skips it (alike on every replica)."""
+    method, scaler, applier = roles.method, roles.scaler, roles.applier
+    state_variables = method.state_variables
+    update_variables = [v for v, _ in updates]
+    steps = method.accumulation_steps
+    present = [g is not None for g in gradients]
+    args = (gradients, [value for _, value in updates], list(state))
+
+    def commit(update_values, state_values):
+        for variable, value in zip(update_variables, update_values):
+            variable.assign(value)
+        for variable, value in zip(state_variables, state_values):
+            variable.assign(value)
+
+    def apply_now(gradients, update_values, state_values):
+        commit(update_values, state_values)
+        applier.apply(gradients, variables)
+
+    def accumulate(gradients, update_values, state_values):
+        commit(update_values, [])
+        _, gradient_sums, state_sums = method.accumulation_variables
+        for total, g in zip(gradient_sums, gradients):
+            if g is not None:
+                total.assign(total.value + ops.cast(backend.dense(g), total.dtype))
+        for total, value in zip(state_sums, state_values):
+            total.assign(total.value + value)
+
+    def apply_accumulated():
+        _, gradient_sums, state_sums = method.accumulation_variables
+        averages = [total.value / steps if p else None for total, p in zip(gradient_sums, present)]
+        for variable, total in zip(state_variables, state_sums):
+            variable.assign(total.value / steps)
+        applier.apply(averages, variables)
+        for total in gradient_sums + state_sums:
+            total.assign(ops.zeros_like(total.value))
+
+    def take_step(*args):
+        if steps == 1:
+            backend.run_in_replicas(apply_now, *args)
+        else:
+            backend.run_in_replicas(accumulate, *args)
+            micro_steps = method.accumulation_variables[0]
+            micro_steps.assign(micro_steps.value + 1)
+            full = ops.equal(micro_steps.value, steps)
+
+            def step_with_the_sums():
+                backend.run_in_replicas(apply_accumulated)
+                micro_steps.assign(ops.zeros_like(micro_steps.value))
+
+            backend.decide(full, step_with_the_sums, lambda: None, tracked)
+        if scaler is not None:
+            _grow_loss_scale(scaler)
+
+    def skip_step(*args):
+        del args
+        skipped = method.skipped_steps
+        skipped.assign(skipped.value + 1)
+        if scaler is not None:
+            scaler.step_counter.assign(ops.zeros_like(scaler.step_counter.value))
+            scaler.dynamic_scale.assign(scaler.dynamic_scale.value * 0.5)
+
+    tracked = _unique(list(variables) + update_variables + list(roles.outer.variables))
+    backend.decide(finite, take_step, skip_step, tracked, args=args)
+
+
+def _is_floating(tensor):
+    dtype = keras.backend.standardize_dtype(tensor.dtype)
+    return "float" in dtype
+
+
+def _unique(variables):
+    seen, result = set(), []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            result.append(v)
+    return result
+
+
+def _grow_loss_scale(scaler):
+    """`LossScaleOptimizer`'s rule: double the scale after `dynamic_growth_steps` steps."""
+    counter = scaler.step_counter.value
+    grow = ops.equal(counter, scaler.dynamic_growth_steps - 1)
+    scaler.step_counter.assign(ops.where(grow, ops.zeros_like(counter), counter + 1))
+    scale = scaler.dynamic_scale.value
+    scaler.dynamic_scale.assign(ops.where(grow, scale * 2.0, scale))
+
+
+# ------------------------------------------------------------------------ model.fit
+def model_step(backend, sam_model, data):
+    """`SAMModel.train_step` with a SAM optimizer: the m-sharpness parts around the step.
+
+    Stateful: reads and assigns Keras variables (the JAX trainer runs it inside a
+    stateless scope holding the step's state). Returns the logs.
+    """
+    variables = sam_model.trainable_variables
+    roles = prepare_step(backend, sam_model.optimizer, variables)
+    method = roles.method
+    if isinstance(method.perturb, tuple):
+        method.bind(sam_model)
+
+    def replica_step(data):
+        """The passes over this replica's batch; writes nothing."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        parts, weights = split_batch(backend, (x, y, sample_weight), sam_model.num_batch_splits)
+        computes = []
+        for x_part, y_part, weight_part in parts:
+
+            def compute(x_part=x_part, y_part=y_part, weight_part=weight_part):
+                y_pred = sam_model(x_part, training=True)
+                loss = sam_model.compute_loss(
+                    x=x_part, y=y_part, y_pred=y_pred, sample_weight=weight_part, training=True
+                )
+                return y_pred, loss, None
+
+            computes.append(compute)
+        results, gradients, state, updates, finite = compute_step(
+            backend, roles, computes, weights, variables
+        )
+        return StepResult(gradients, state, updates, finite, *_summary(backend, results, weights))
+
+    readable = _unique(
+        sam_model.trainable_variables
+        + sam_model.non_trainable_variables
+        + list(roles.outer.variables)
+    )
+    result = backend.per_replica(replica_step, data, method, readable)
+    _finish(
+        backend, roles, variables, result.gradients, result.state, result.updates, result.finite
+    )
+
+    # The logs average over the steps that were applied: a skipped step (a NaN batch)
+    # adds nothing to `loss`, the metrics or `sharpness`, and shows in `skipped_steps`.
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    replicas = backend.num_replicas()
+    batch_size = ops.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
+
+    def update_metrics():
+        # `compute_loss` divides by the replica count under tf.distribute; report per
+        # replica.
+        sam_model._loss_tracker.update_state(result.loss * replicas, sample_weight=batch_size)
+        sam_model.sharpness_tracker.update_state(
+            result.sharpness * replicas, sample_weight=result.second_pass
+        )
+        sam_model.second_pass_tracker.update_state(result.second_pass)
+        sam_model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
+
+    backend.stateful_cond(
+        result.finite, update_metrics, lambda: None, list(sam_model.metrics_variables)
+    )
+    logs = sam_model.get_metrics_result()
+    logs["skipped_steps"] = method.skipped_steps.value
+    return logs
+
+
+class StepResult(typing.NamedTuple):
+    """What a replica's passes produced, for the commit-or-skip decision and the logs."""
+
+    gradients: list
+    state: list
+    updates: list  # (variable, value) pairs
+    finite: object
+    outputs: object
+    loss: object
+    second_pass: object
+    sharpness: object
+
+
+def _summary(backend, results, weights):
+    """The predictions, clean loss, two-pass fraction and sharpness of a step's parts."""
+    if len(results) == 1:
+        result = results[0]
+        second_pass = ops.cast(result.second_pass, "float32")
+        return result.outputs, result.loss, second_pass, result.loss_sam - result.loss
+    outputs = keras.tree.map_structure(
+        lambda *p: backend.concatenate(p), *[r.outputs for r in results]
+    )
+    loss = backend.weighted_sum([r.loss for r in results], weights)
+    second_pass = backend.weighted_sum(
+        [ops.cast(r.second_pass, "float32") for r in results], weights
+    )
+    # Sharpness is averaged over the parts that took the perturbed pass (one-pass parts
+    # have loss_sam == loss, so they add nothing to the sum).
+    sharpness = backend.weighted_sum([r.loss_sam - r.loss for r in results], weights)
+    sharpness = sharpness / ops.cast(ops.maximum(second_pass, 1e-12), sharpness.dtype)
+    return outputs, loss, second_pass, sharpness
+
+
+def split_batch(backend, batch, num_splits):
+    """Splits every tensor of `batch` along axis 0 into `num_splits` nearly equal parts.
+
+    Returns the parts and their weights (part size over batch size). Sizes differ by at
+    most one when the split is uneven.
+    """
+    if not num_splits or num_splits == 1:
+        return [batch], [1.0]
+    first = next(t for t in keras.tree.flatten(batch) if t is not None)
+    static_size = first.shape[0]
+    if static_size is None:
+        return backend.dynamic_split(batch, num_splits)
+    if static_size < num_splits:
+        raise ValueError(
+            f"A batch of {static_size} examples cannot be split into "
+            f"num_batch_splits={num_splits} parts: use a batch of at least "
+            f"{num_splits} examples or fewer splits."
+        )
+    sizes = [(static_size + i) // num_splits for i in range(num_splits)]
+    weights = [s / static_size for s in sizes]
+    ends = [sum(sizes[: i + 1]) for i in range(num_splits)]
+    starts = [0] + ends[:-1]
+
+    flat = keras.tree.flatten(batch)
+    pieces = [
+        [None] * num_splits if t is None else [t[a:b] for a, b in zip(starts, ends)] for t in flat
+    ]
+    parts = [keras.tree.pack_sequence_as(batch, [p[i] for p in pieces]) for i in range(num_splits)]
+    return parts, weights
+
+
+def check_variables(variables):
+    """The custom loop's `variables`: a non-empty list of Keras variables."""
+    variables = list(variables)
+    if not variables:
+        raise ValueError("`variables` is empty: there is nothing to train.")
+    for i, v in enumerate(variables):
+        if not isinstance(v, keras.Variable):
+            raise ValueError(
+                "`variables` must be Keras variables, such as "
+                "`model.trainable_variables` or `keras.Variable(...)`. "
+                f"Received at position {i}: {v!r}"
+            )
+    return variables

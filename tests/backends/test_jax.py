@@ -1,0 +1,129 @@
+"""What only the JAX backend has: the stateless custom loop, and no TensorFlow import."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import keras
+import numpy as np
+import pytest
+
+import keras_sam
+
+
+def _model():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(2),
+        ]
+    )
+
+
+def _batches(steps=4):
+    rng = np.random.default_rng(5)
+    return [
+        (rng.normal(size=(16, 4)).astype("float32"), rng.normal(size=(16, 2)).astype("float32"))
+        for _ in range(steps)
+    ]
+
+
+def _sam():
+    return keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1)
+
+
+def test_stateless_loop_equals_fit_bitwise_and_traces_once():
+    """The jitted pure step gives SAMModel's weights, BatchNorm statistics and dropout
+    masks exactly, and is traced once for all steps."""
+    batches = _batches()
+    model, optimizer = _model(), _sam()
+    initial = model.get_weights()
+    optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.MeanSquaredError()
+    traces = []
+
+    @jax.jit
+    def train_step(state, x, y):
+        traces.append(None)
+
+        def compute():
+            pred = model(x, training=True)
+            return pred, loss_fn(y, pred)
+
+        return optimizer.stateless_optimize(
+            state, compute, model.trainable_variables, model.non_trainable_variables
+        )
+
+    state = (
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in optimizer.variables],
+    )
+    losses = []
+    for x, y in batches:
+        state, (_, loss, loss_sam) = train_step(state, x, y)
+        losses.append((float(loss), float(loss_sam)))
+    assert len(traces) == 1
+    # Nothing was written: the variables still hold the initial weights.
+    for a, b in zip(model.get_weights(), initial):
+        np.testing.assert_array_equal(a, b)
+    for group, values in zip(
+        (model.trainable_variables, model.non_trainable_variables, optimizer.variables), state
+    ):
+        for variable, value in zip(group, values):
+            variable.assign(value)
+
+    fit_model = _model()
+    fit_model.set_weights(initial)
+    sam_model = keras_sam.SAMModel(fit_model)
+    sam_model.compile(optimizer=_sam(), loss=loss_fn)
+    fit_losses = [sam_model.train_on_batch(x, y) for x, y in batches]
+    for a, b in zip(model.weights, fit_model.weights):
+        np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value), err_msg=a.path)
+    # train_on_batch logs this step's clean loss and sharpness (loss_sam - loss), and the
+    # count of skipped steps.
+    np.testing.assert_allclose(
+        np.array(fit_losses),
+        [(loss, loss_sam - loss, 0.0) for loss, loss_sam in losses],
+        rtol=1e-5,
+    )
+    assert all(loss_sam > loss for loss, loss_sam in losses)
+
+
+def test_stateless_loop_checks_its_arguments():
+    model, optimizer = _model(), _sam()
+    state = ([v.value for v in model.trainable_variables], [], [])
+    with pytest.raises(ValueError, match="Build `SAM` before the first step"):
+        optimizer.stateless_optimize(state, lambda: None, model.trainable_variables)
+    optimizer.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="one value per variable"):
+        optimizer.stateless_optimize(state, lambda: None, model.trainable_variables)
+
+
+def test_optimize_names_the_jax_form():
+    model = _model()
+    with pytest.raises(ValueError, match="stateless_optimize"):
+        _sam().optimize(lambda: None, model.trainable_variables)
+
+
+@pytest.mark.slow
+def test_jax_never_imports_tensorflow():
+    code = (
+        "import sys, numpy as np, keras, keras_sam\n"
+        "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])\n"
+        "s = keras_sam.SAMModel(m)\n"
+        "s.compile(optimizer=keras_sam.SAM(keras.optimizers.SGD(0.1)), loss='mse')\n"
+        "s.fit(np.ones((8, 3)), np.ones((8, 2)), verbose=0)\n"
+        "import keras_sam.diagnostics, keras_sam.datasets, keras_sam.models, keras_sam.cli\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
