@@ -697,7 +697,7 @@ def _playground(args):
         )
     print()
     print("2. The seed's toy network: U[0,1) vs N(0,1) samples, Dense(8) -> sigmoid,")
-    print("   trained through optimizer.optimize(grad_func, variables), SGD vs SAM(rho=0.05):\n")
+    print("   trained step by step from the same weights and batches, SGD vs SAM(rho=0.05):\n")
     toy = playground.uniform_vs_normal(seed=args.seed)
     print("   method  test loss  test accuracy  test sharpness (rho=0.05)")
     for method, r in toy.items():

@@ -4,7 +4,10 @@
   one at (2, 0). From the same start, plain gradient descent settles in the sharp one
   and SAM in the flat one.
 - `uniform_vs_normal`: the seed project's example, a small Dense network telling
-  uniform from normal samples, trained with and without SAM by the custom-loop call.
+  uniform from normal samples, trained with and without SAM.
+
+Both run on every Keras backend: each step takes its gradients from the backend's
+autodiff (`keras_sam.backends`) and asks the SAM object what to do with them.
 """
 
 import numpy as np
@@ -54,7 +57,6 @@ def two_minima(rho=0.3, learning_rate=0.016, steps=600, start=(0.05, 0.1)):
         minimum (`"sharp"` or `"flat"`).
     """
     import keras
-    import tensorflow as tf
 
     from keras_sam.methods.sam import SAM
 
@@ -62,22 +64,13 @@ def two_minima(rho=0.3, learning_rate=0.016, steps=600, start=(0.05, 0.1)):
     for method in ("sgd", "sam"):
         w = keras.Variable(np.asarray(start, "float32"), name="w")
         optimizer = SAM(keras.optimizers.SGD(learning_rate), rho=rho if method == "sam" else 0)
-
-        @tf.function
-        def step():
-            def grad_func():
-                with tf.GradientTape() as tape:
-                    loss = two_minima_loss(w.value)
-                return w.value, loss, tape
-
-            return optimizer.optimize(grad_func, [w])
-
+        step = _sam_step(optimizer, [w], lambda values: two_minima_loss(values[0]))
         for _ in range(steps):
             step()
-        point = w.numpy().astype("float64")
+        point = keras.ops.convert_to_numpy(w.value).astype("float64")
         results[method] = {
             "point": point.tolist(),
-            "loss": float(two_minima_loss(tf.constant(point, "float64"))),
+            "loss": _loss_at(point),
             "curvature": _top_curvature(point),
             "minimum": _nearest_minimum(point),
         }
@@ -85,19 +78,18 @@ def two_minima(rho=0.3, learning_rate=0.016, steps=600, start=(0.05, 0.1)):
 
 
 def uniform_vs_normal(rho=0.05, steps=1500, batch_size=16, learning_rate=0.05, seed=0):
-    """The seed project's toy problem, through the seed's custom-loop call.
+    """The seed project's toy problem, step by step with SGD and with SAM.
 
     Tells 16-vectors drawn from U[0, 1) (label 1) from N(0, 1) (label 0) with a
-    Dense(8, relu) -> Dense(1, sigmoid) network and binary cross-entropy, trained by
-    `optimizer.optimize(grad_func, model.trainable_variables)` with SGD and with SAM
-    from the same initial weights and the same batches.
+    Dense(8, relu) -> Dense(1, sigmoid) network and binary cross-entropy, trained with
+    SGD and with SAM from the same initial weights and the same batches, all drawn from
+    `seed` by NumPy: the same numbers on every backend.
 
     Returns:
         A dict per method (`"sgd"`, `"sam"`): the test loss and accuracy on 4,000
         fresh examples, and the test sharpness `L(w + e) - L(w)` at `rho`.
     """
     import keras
-    import tensorflow as tf
 
     from keras_sam.diagnostics import sharpness
     from keras_sam.methods.sam import SAM
@@ -113,9 +105,14 @@ def uniform_vs_normal(rho=0.05, steps=1500, batch_size=16, learning_rate=0.05, s
     x_test, y_test = sample(2000)
     batches = rng.integers(0, len(x_train), size=(steps, batch_size))
     loss_fn = keras.losses.BinaryCrossentropy()
+    # Glorot-uniform kernels and zero biases drawn by NumPy, not by the backend (whose
+    # random numbers differ from backend to backend): the same start everywhere.
+    initial = []
+    for fan_in, fan_out in [(16, 8), (8, 1)]:
+        limit = np.sqrt(6 / (fan_in + fan_out))
+        initial += [rng.uniform(-limit, limit, (fan_in, fan_out)), np.zeros(fan_out)]
     results = {}
     for method in ("sgd", "sam"):
-        keras.utils.set_random_seed(seed)
         model = keras.Sequential(
             [
                 keras.Input((16,)),
@@ -123,36 +120,87 @@ def uniform_vs_normal(rho=0.05, steps=1500, batch_size=16, learning_rate=0.05, s
                 keras.layers.Dense(1, activation="sigmoid"),
             ]
         )
+        model.set_weights([w.astype("float32") for w in initial])
         optimizer = SAM(keras.optimizers.SGD(learning_rate), rho=rho if method == "sam" else 0)
+        variables = model.trainable_variables
 
-        @tf.function
-        def train_step(x, y):
-            def grad_func():
-                with tf.GradientTape() as tape:
-                    pred = model(x, training=True)
-                    loss = loss_fn(y, pred)
-                return pred, loss, tape
+        def batch_loss(values, x, y, model=model, variables=variables):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return loss_fn(y, model(x, training=True))
 
-            return optimizer.optimize(grad_func, model.trainable_variables)
-
+        step = _sam_step(optimizer, variables, batch_loss)
         for index in batches:
-            train_step(x_train[index], y_train[index])
-        pred = model(x_test)
+            step(x_train[index], y_train[index])
+        pred = keras.ops.convert_to_numpy(model(x_test))
         results[method] = {
             "test_loss": float(loss_fn(y_test, pred)),
-            "test_accuracy": float(np.mean((np.asarray(pred) > 0.5) == (y_test > 0.5))),
+            "test_accuracy": float(np.mean((pred > 0.5) == (y_test > 0.5))),
             "test_sharpness": sharpness(model, x_test, y_test, loss=loss_fn, rho=rho)["sharpness"],
         }
     return results
 
 
+def _sam_step(optimizer, variables, loss):
+    """One step of `optimizer` (SAM or a variant) on `loss(values, *batch)`, written out.
+
+    ```
+    g = grad L(w)                                  # at the variables' values
+    e = optimizer.perturbation(g)                  # SAM: rho g / ||g||
+    g_sam = grad L(w + e)                          # the perturbed pass
+    w <- inner_optimizer.apply(optimizer.descent_gradients(g, g_sam))
+    ```
+
+    The descent gradient is a pure function of the weights, compiled by the backend with
+    its autodiff (`keras_sam.backends`), so the toy problems run on every Keras backend;
+    the method's hooks say what to do with the gradients, and the inner optimizer
+    applies the result. A toy: no m-sharpness, no finite check, no mixed precision
+    (`SAMModel` and the custom loops have them).
+    """
+    import keras
+
+    from keras_sam import backends
+
+    autodiff = backends.current()
+
+    def descent_gradients(values, *batch):
+        def gradient(at):
+            return autodiff.value_and_gradient(lambda w: loss(w, *batch), at)[1]
+
+        clean = gradient(values)
+        # The method's hooks read the variables (ASAM: |w|): let them read `values`.
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            two_passes = optimizer.needs_second_pass(clean, variables)
+            if two_passes:
+                perturbation = optimizer.perturbation(clean, variables)
+        if two_passes:
+            point = [w if e is None else w + e for w, e in zip(values, perturbation)]
+            perturbed = gradient(point)
+            descent = optimizer.descent_gradients(clean, perturbed, variables)
+        else:
+            descent = optimizer.one_pass_gradients(clean, variables)
+        return descent
+
+    compiled = autodiff.compile_function(descent_gradients)
+
+    def step(*batch):
+        descent = compiled([v.value for v in variables], *batch)
+        optimizer.inner_optimizer.apply(descent, variables)
+
+    return step
+
+
+def _loss_at(point):
+    """`two_minima_loss` at `point` in NumPy float64, as a Python float (the backends may
+    compute in float32 only: JAX does by default)."""
+    w = np.asarray(point, np.float64)
+    q_sharp = 0.5 * SHARP_CURVATURE * np.sum(w**2)
+    q_flat = 0.5 * np.sum(np.asarray(FLAT_CURVATURE) * (w - FLAT_MINIMUM) ** 2) + FLAT_HEIGHT
+    return float(-TEMPERATURE * np.logaddexp(-q_sharp / TEMPERATURE, -q_flat / TEMPERATURE))
+
+
 def _top_curvature(point, step=1e-3):
     """Largest eigenvalue of the Hessian of `two_minima_loss` at `point` (float64)."""
-    import tensorflow as tf
-
-    def loss(p):
-        return float(two_minima_loss(tf.constant(p, "float64")))
-
+    loss = _loss_at
     hessian = np.zeros((2, 2))
     for i in range(2):
         for j in range(2):

@@ -210,7 +210,7 @@ def train(config, data, out_dir=None, verbose=1, callbacks=(), resume=False):
     """
     import keras
 
-    from keras_sam.models import build_model
+    from keras_sam.models import build_model, set_random_seed
     from keras_sam.trainers.sam_model import SAMModel
 
     out = None if out_dir is None else Path(out_dir)
@@ -225,6 +225,7 @@ def train(config, data, out_dir=None, verbose=1, callbacks=(), resume=False):
         else:
             delete_run(out)
         record = dataclasses.asdict(config) | {"noise_fraction": data.noise_fraction}
+        record["backend"] = keras.backend.backend()
         files.write_json(out / "config.json", record)
     model = build_model(config.model, seed=config.seed)
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
@@ -250,7 +251,7 @@ def train(config, data, out_dir=None, verbose=1, callbacks=(), resume=False):
                 delete_checkpoint=False,  # deleted once model.keras is written
             )
         ]
-    keras.utils.set_random_seed(config.seed)
+    set_random_seed(config.seed)  # Keras's imports TensorFlow whenever it is installed
     sam_model.fit(
         data.x_train,
         data.y_train,

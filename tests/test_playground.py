@@ -1,6 +1,6 @@
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from keras_sam import cli, playground
 
@@ -10,9 +10,20 @@ def test_two_minima_loss_has_the_documented_minima_and_curvatures():
         (playground.SHARP_MINIMUM, 0.0, 100.0),
         (playground.FLAT_MINIMUM, playground.FLAT_HEIGHT, 2.0),
     ]:
-        p = np.asarray(point, "float64")
-        assert float(playground.two_minima_loss(tf.constant(p))) == pytest.approx(height, abs=1e-6)
+        p = np.asarray(point, "float32")
+        loss = playground.two_minima_loss(keras.ops.convert_to_tensor(p))
+        assert float(loss) == pytest.approx(height, abs=1e-6)
+        assert playground._loss_at(p) == pytest.approx(height, abs=1e-12)
         assert playground._top_curvature(p) == pytest.approx(curvature, rel=1e-4)
+
+
+def test_the_float64_twin_of_the_loss_is_the_loss(rng):
+    # `_loss_at` (NumPy float64, for the finite-difference curvature) and the loss the
+    # backends differentiate are one function; a few points on both sides of the ridge.
+    for point in [(0.05, 0.1), (0.3, -0.2), (1.0, 0.1), (1.9, 0.05), *rng.normal(1, 1, (4, 2))]:
+        p = np.asarray(point, "float32")
+        loss = float(playground.two_minima_loss(keras.ops.convert_to_tensor(p)))
+        assert loss == pytest.approx(playground._loss_at(p), rel=1e-5, abs=1e-7)
 
 
 def test_sgd_ends_in_the_sharp_minimum_and_sam_in_the_flat_one():

@@ -60,7 +60,8 @@ def test_train_records_history_and_writes_files(rng, tmp_path, method):
     assert history["test_accuracy"][-1] == pytest.approx(final)
     saved = json.loads((tmp_path / "history.json").read_text())
     assert saved == json.loads(json.dumps(history))
-    assert json.loads((tmp_path / "config.json").read_text())["method"] == method
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["method"], written["backend"]) == (method, keras.backend.backend())
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(
         loaded.predict(data.x_test, verbose=0),

@@ -1,7 +1,8 @@
 """What every diagnostic shares: the data, the loss, argument checks, and compiled passes.
 
-A `_Passes` object holds one model, one loss and one data set, and runs compiled
-(`tf.function`) passes over the whole data set, batch by batch inside the graph:
+A `Passes` object holds one model, one loss and one data set, and runs passes over the
+whole data set, one compiled call per batch (`tf.function` on TensorFlow, `jax.jit` on
+JAX, eager on PyTorch) adding to running sums that stay on the device:
 
 - `loss(values)`: the mean loss (and accuracy) with the trainable variables reading
   `values`;
@@ -10,15 +11,17 @@ A `_Passes` object holds one model, one loss and one data set, and runs compiled
   by double differentiation (the gradient of `g(w) . v`).
 
 `values` is a list of tensors, one per trainable variable; the model reads them through
-a `keras.StatelessScope`, so no variable is ever written.
+a `keras.StatelessScope`, so no variable is ever written. The code is `keras.ops`; the
+differentiation and the compilation are the backend's (`keras_sam.backends`).
 """
 
-import functools
 import numbers
+import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from keras_sam import backends
 
 
 def loss_function(model, loss):
@@ -40,8 +43,8 @@ def loss_function(model, loss):
 
 
 def data_arrays(x, y):
-    """`(x, y)` as tensors; a `tf.data.Dataset` of `(x, y)` batches is read into memory."""
-    if isinstance(x, tf.data.Dataset):
+    """`(x, y)` as backend tensors; a `tf.data.Dataset` of `(x, y)` batches is read into memory."""
+    if _is_tf_dataset(x):
         if y is not None:
             raise ValueError(
                 "`y` must be None when `x` is a `tf.data.Dataset` (it yields `(x, y)` "
@@ -54,16 +57,16 @@ def data_arrays(x, y):
                     "A `tf.data.Dataset` given as `x` must yield `(x, y)` batches. "
                     f"Received an element of type {type(batch).__name__}"
                 )
-            xs.append(batch[0])
-            ys.append(batch[1])
+            xs.append(keras.tree.map_structure(np.asarray, batch[0]))
+            ys.append(np.asarray(batch[1]))
         if not xs:
             raise ValueError("`x` must hold at least one example. Received an empty dataset")
-        x = keras.tree.map_structure(lambda *t: tf.concat(t, axis=0), *xs)
-        y = tf.concat(ys, axis=0)
+        x = keras.tree.map_structure(lambda *t: np.concatenate(t, axis=0), *xs)
+        y = np.concatenate(ys, axis=0)
     if y is None:
         raise ValueError("`y` is required: the diagnostics measure a loss against targets.")
-    x = keras.tree.map_structure(tf.convert_to_tensor, x)
-    y = tf.convert_to_tensor(y)
+    x = keras.tree.map_structure(keras.ops.convert_to_tensor, x)
+    y = keras.ops.convert_to_tensor(y)
     sizes = {int(t.shape[0]) for t in keras.tree.flatten(x)}
     if len(sizes) != 1 or int(y.shape[0]) not in sizes:
         raise ValueError(
@@ -73,6 +76,14 @@ def data_arrays(x, y):
     if int(y.shape[0]) == 0:
         raise ValueError("`x` must hold at least one example. Received 0 examples")
     return x, y
+
+
+def _is_tf_dataset(x):
+    """Whether `x` is a `tf.data.Dataset`, without importing TensorFlow: if TensorFlow is not
+    loaded, nothing can be one."""
+    tf = sys.modules.get("tensorflow")
+    data = getattr(tf, "data", None)
+    return data is not None and isinstance(x, data.Dataset)
 
 
 def num_examples(x):
@@ -138,18 +149,11 @@ def trainable_variables(model):
 
 def snapshot(variables):
     """The current values of `variables`, as tensors that no later write can change."""
-    return [tf.identity(v.value) for v in variables]
+    return [keras.ops.stop_gradient(keras.ops.copy(v.value)) for v in variables]
 
 
 def to_numpy(tensors):
-    return [np.asarray(t) for t in tensors]
-
-
-def dot(a, b):
-    """Sum over a list of tensor pairs of their elementwise products, in float32."""
-    return tf.add_n(
-        [tf.reduce_sum(tf.cast(p, "float32") * tf.cast(q, "float32")) for p, q in zip(a, b)]
-    )
+    return [keras.ops.convert_to_numpy(t) for t in tensors]
 
 
 class Passes:
@@ -165,12 +169,12 @@ class Passes:
         self.x, self.y = x, y
         self.batch_size = batch_size
         self._classifier = None
-        # Each `Passes` traces its own graphs. TensorFlow counts traces per Python code
-        # object and warns about "retracing" after a few; a `functools.partial` has no
-        # code object, so it counts these functions one by one.
-        self._loss = _compiled(self._loss_pass)
-        self._gradient = _compiled(self._gradient_pass)
-        self._hvp = _compiled(self._hvp_pass)
+        # One compiled function per kind of pass, called once per batch: it adds the
+        # batch's share to running sums, which stay on the device between batches.
+        self._autodiff = backends.current()
+        self._loss = self._autodiff.compile_function(self._loss_batch)
+        self._gradient = self._autodiff.compile_function(self._gradient_batch)
+        self._hvp = self._autodiff.compile_function(self._hvp_batch)
 
     def loss(self, values, x=None, y=None, extra_values=None):
         """Mean loss and accuracy (NaN when the model is not a classifier), Python floats.
@@ -180,8 +184,12 @@ class Passes:
         x, y = self._data(x, y)
         if extra_values is None:
             extra_values = snapshot(self.extra_variables)
-        loss, accuracy = self._loss(list(values), x, y, list(extra_values))
-        return float(loss), float(accuracy) if self.classifier else float("nan")
+        values, extra_values = list(values), list(extra_values)
+        total = correct = keras.ops.zeros((), "float32")
+        for xb, yb in self._batches(x, y):
+            total, correct = self._loss(values, extra_values, xb, yb, total, correct)
+        n = num_examples(x)
+        return float(total / n), float(correct / n) if self.classifier else float("nan")
 
     @property
     def classifier(self):
@@ -189,97 +197,75 @@ class Passes:
         if self._classifier is None:
             with keras.StatelessScope():
                 prediction = self.model(take(self.x, 0, 1), training=False)
-            self._classifier = isinstance(prediction, tf.Tensor) and is_classifier(
+            self._classifier = not keras.tree.is_nested(prediction) and is_classifier(
                 prediction.shape, self.y.shape
             )
         return self._classifier
 
     def loss_and_gradient(self, values, x=None, y=None):
         x, y = self._data(x, y)
-        loss, gradient = self._gradient(list(values), x, y)
-        return float(loss), gradient
+        values = list(values)
+        total = keras.ops.zeros((), "float32")
+        gradient = [keras.ops.zeros_like(w) for w in values]
+        for xb, yb in self._batches(x, y):
+            total, gradient = self._gradient(values, xb, yb, total, gradient)
+        n = num_examples(x)
+        return float(total / n), [g / keras.ops.cast(n, g.dtype) for g in gradient]
 
     def hessian_vector_product(self, values, vector, x=None, y=None):
         x, y = self._data(x, y)
-        vector = [tf.cast(v, w.dtype) for v, w in zip(vector, values)]
-        return self._hvp(list(values), vector, x, y)
+        values = list(values)
+        vector = [keras.ops.cast(v, w.dtype) for v, w in zip(vector, values)]
+        product = [keras.ops.zeros_like(w) for w in values]
+        for xb, yb in self._batches(x, y):
+            product = self._hvp(values, vector, xb, yb, product)
+        n = num_examples(x)
+        return [p / keras.ops.cast(n, p.dtype) for p in product]
 
     def _data(self, x, y):
         return (self.x, self.y) if x is None else (x, y)
 
-    # The passes. Each walks through the data in batches inside the graph and returns
-    # example-weighted means: a batch of b examples out of n counts b / n.
+    def _batches(self, x, y):
+        n = num_examples(x)
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            yield take(x, start, stop), y[start:stop]
+
+    # The compiled functions, one batch each. The passes return example-weighted means:
+    # a batch of b examples out of n counts b / n.
 
     def _forward(self, values, x, y, extra_values=()):
         mapping = list(zip(self.variables, values)) + list(zip(self.extra_variables, extra_values))
         with keras.StatelessScope(state_mapping=mapping):
             prediction = self.model(x, training=False)
             loss = keras.ops.mean(self.loss_fn(y, prediction))
-        return tf.cast(loss, "float32"), prediction
+        return keras.ops.cast(loss, "float32"), prediction
 
-    def _loss_pass(self, values, x, y, extra_values):
-        n = tf.shape(keras.tree.flatten(x)[0])[0]
-        total = tf.zeros((), "float32")
-        correct = tf.zeros((), "float32")
-        for start in tf.range(0, n, self.batch_size):
-            xb, yb = take(x, start, start + self.batch_size), y[start : start + self.batch_size]
-            loss, prediction = self._forward(values, xb, yb, extra_values)
-            count = tf.cast(tf.shape(yb)[0], "float32")
-            total += loss * count
-            correct += _correct(prediction, yb)
-        n = tf.cast(n, "float32")
-        return total / n, correct / n
+    def _loss_batch(self, values, extra_values, x, y, total, correct):
+        loss, prediction = self._forward(values, x, y, extra_values)
+        return total + loss * _count(y), correct + _correct(prediction, y)
 
-    def _gradient_pass(self, values, x, y):
-        n = tf.shape(keras.tree.flatten(x)[0])[0]
-        total = tf.zeros((), "float32")
-        gradient = [tf.zeros_like(w) for w in values]
-        for start in tf.range(0, n, self.batch_size):
-            xb, yb = take(x, start, start + self.batch_size), y[start : start + self.batch_size]
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(values)
-                loss, _ = self._forward(values, xb, yb)
-            batch_gradient = tape.gradient(
-                loss, values, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
-            count = tf.cast(tf.shape(yb)[0], "float32")
-            total += loss * count
-            gradient = [
-                g + tf.convert_to_tensor(bg) * tf.cast(count, g.dtype)
-                for g, bg in zip(gradient, batch_gradient)
-            ]
-        n = tf.cast(n, "float32")
-        return total / n, [g / tf.cast(n, g.dtype) for g in gradient]
+    def _gradient_batch(self, values, x, y, total, gradient):
+        loss, batch_gradient = self._autodiff.value_and_gradient(
+            lambda w: self._forward(w, x, y)[0], values
+        )
+        count = _count(y)
+        return total + loss * count, [
+            g + bg * keras.ops.cast(count, g.dtype) for g, bg in zip(gradient, batch_gradient)
+        ]
 
-    def _hvp_pass(self, values, vector, x, y):
-        n = tf.shape(keras.tree.flatten(x)[0])[0]
-        product = [tf.zeros_like(w) for w in values]
-        for start in tf.range(0, n, self.batch_size):
-            xb, yb = take(x, start, start + self.batch_size), y[start : start + self.batch_size]
-            # H v = d/dw (g(w) . v): the gradient of the directional derivative.
-            with tf.GradientTape(watch_accessed_variables=False) as outer:
-                outer.watch(values)
-                with tf.GradientTape(watch_accessed_variables=False) as inner:
-                    inner.watch(values)
-                    loss, _ = self._forward(values, xb, yb)
-                gradient = inner.gradient(
-                    loss, values, unconnected_gradients=tf.UnconnectedGradients.ZERO
-                )
-                directional = dot([tf.convert_to_tensor(g) for g in gradient], vector)
-            batch_product = outer.gradient(
-                directional, values, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
-            count = tf.cast(tf.shape(yb)[0], "float32")
-            product = [
-                p + tf.convert_to_tensor(bp) * tf.cast(count, p.dtype)
-                for p, bp in zip(product, batch_product)
-            ]
-        n = tf.cast(n, "float32")
-        return [p / tf.cast(n, p.dtype) for p in product]
+    def _hvp_batch(self, values, vector, x, y, product):
+        # H v = d/dw (g(w) . v): the gradient of the directional derivative.
+        batch_product = self._autodiff.hessian_vector_product(
+            lambda w: self._forward(w, x, y)[0], values, vector
+        )
+        count = _count(y)
+        return [p + bp * keras.ops.cast(count, p.dtype) for p, bp in zip(product, batch_product)]
 
 
-def _compiled(method):
-    return tf.function(functools.partial(method), reduce_retracing=True)
+def _count(y):
+    """The number of examples in the batch `y`, as a float32 scalar."""
+    return keras.ops.cast(keras.ops.shape(y)[0], "float32")
 
 
 def _correct(prediction, y):
@@ -288,14 +274,15 @@ def _correct(prediction, y):
     Accuracy applies to one output of shape `(batch, classes)` with `classes > 1`, against
     integer labels `(batch,)` / `(batch, 1)` or one-hot targets `(batch, classes)`.
     """
-    if not isinstance(prediction, tf.Tensor) or not is_classifier(prediction.shape, y.shape):
-        return tf.zeros((), "float32")
-    predicted = tf.argmax(prediction, axis=-1)
-    if y.shape.rank == 2 and y.shape[-1] == prediction.shape[-1]:
-        labels = tf.argmax(y, axis=-1)
+    if keras.tree.is_nested(prediction) or not is_classifier(prediction.shape, y.shape):
+        return keras.ops.zeros((), "float32")
+    predicted = keras.ops.argmax(prediction, axis=-1)
+    if len(y.shape) == 2 and y.shape[-1] == prediction.shape[-1]:
+        labels = keras.ops.argmax(y, axis=-1)
     else:
-        labels = tf.reshape(y, [-1])
-    return tf.reduce_sum(tf.cast(tf.equal(predicted, tf.cast(labels, predicted.dtype)), "float32"))
+        labels = keras.ops.reshape(y, [-1])
+    right = keras.ops.equal(predicted, keras.ops.cast(labels, predicted.dtype))
+    return keras.ops.sum(keras.ops.cast(right, "float32"))
 
 
 def is_classifier(prediction_shape, y_shape):

@@ -6,8 +6,8 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_sam.diagnostics import _engine
 
@@ -58,7 +58,7 @@ def loss_landscape(
     The same `seed` draws the same raw directions for any model of the same
     architecture, so two models' landscapes can be compared on the same axes. Each point
     is one forward pass over all of `(x, y)` in inference mode (`training=False`), inside
-    one compiled `tf.function`; the weights are never written.
+    compiled passes; the weights are never written.
 
     Args:
         model: a Keras model.
@@ -135,7 +135,10 @@ def loss_landscape(
     for _ in range(dimensions):
         raw = [rng.standard_normal(w.shape) for w in numpy_weights]
         directions.append(normalized_direction(raw, numpy_weights, normalization, include_biases))
-    tensors = [[tf.constant(d, dtype=w.dtype) for d, w in zip(dn, weights)] for dn in directions]
+    tensors = [
+        [keras.ops.convert_to_tensor(d, dtype=w.dtype) for d, w in zip(dn, weights)]
+        for dn in directions
+    ]
 
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, dimensions)
     losses = np.empty(len(grid))
@@ -144,7 +147,7 @@ def loss_landscape(
     for p, steps in enumerate(grid):
         point = list(weights)
         for step, direction in zip(steps, tensors):
-            point = [w + tf.cast(step, w.dtype) * d for w, d in zip(point, direction)]
+            point = [w + keras.ops.cast(step, w.dtype) * d for w, d in zip(point, direction)]
         losses[p], accuracies[p] = passes.loss(point)
         if bar is not None:
             bar.update(p + 1, values=[("loss", losses[p])])
@@ -230,7 +233,7 @@ def _interpolation(model, to_model, loss_fn, x, y, batch_size, axis, verbose):
 
 def _mix(a, b, t):
     """`(1 - t) a + t b`, written as `a + t (b - a)` so that t = 0 gives `a` exactly."""
-    return a + tf.cast(t, a.dtype) * (b - a)
+    return a + keras.ops.cast(t, a.dtype) * (b - a)
 
 
 def _matching(variables, reference, kind):

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import keras
-import tensorflow as tf
 
 from keras_sam import maths
 from keras_sam.diagnostics import _engine
@@ -122,7 +121,12 @@ def sharpness(
     x, y = _engine.data_arrays(x, y)
     passes = _engine.Passes(model, loss_fn, x, y, batch_size)
     weights = _engine.snapshot(passes.variables)
-    scales = adaptive_scales(passes.variables, eta) if adaptive else None
+    scales = None
+    if adaptive:  # constants: T is taken at w, never differentiated
+        scales = [
+            None if s is None else keras.ops.stop_gradient(s)
+            for s in adaptive_scales(passes.variables, eta)
+        ]
 
     n = _engine.num_examples(x)
     size = n if m is None else m
@@ -152,7 +156,7 @@ def sharpness(
 def _ascent(passes, weights, scales, x, y, rho, steps, step_size):
     """`(L(w), max_t L(w + e_t))` on `(x, y)`, by `steps` projected ascent steps."""
     clean, gradient = passes.loss_and_gradient(weights, x, y)
-    perturbation = [tf.zeros_like(w) for w in weights]
+    perturbation = [keras.ops.zeros_like(w) for w in weights]
     largest = -float("inf")
     for t in range(steps):
         step = maths.sam_perturbation(gradient, step_size, scales=scales)

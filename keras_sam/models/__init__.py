@@ -39,11 +39,29 @@ def build_model(
     if name not in MODELS:
         raise ValueError(f"`name` must be one of {MODELS}. Received: name={name!r}")
     if seed is not None:
-        import keras
-
-        keras.utils.set_random_seed(seed)
+        set_random_seed(seed)
     builder = cnn if name == "cnn" else resnet
     return builder(input_shape=input_shape, num_classes=num_classes, **kwargs)
+
+
+def set_random_seed(seed: int) -> None:
+    """Seeds what Keras draws initial weights and default seeds from.
+
+    On TensorFlow, `keras.utils.set_random_seed`. Elsewhere Python's and NumPy's
+    generators, the ones Keras draws its default seeds from (the same initial weights as
+    `keras.utils.set_random_seed`): that function also imports TensorFlow whenever it is
+    installed, to seed it, and TensorFlow has no business in a JAX or PyTorch process.
+    """
+    import random
+
+    import keras
+    import numpy as np
+
+    if keras.backend.backend() == "tensorflow":
+        keras.utils.set_random_seed(seed)
+    else:
+        random.seed(seed)
+        np.random.seed(seed)  # noqa: NPY002 (as Keras seeds it)
 
 
 def cnn(

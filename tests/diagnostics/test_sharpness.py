@@ -146,15 +146,6 @@ def test_adaptive_sharpness_of_least_squares_matches_the_closed_form(rng):
     assert result["sharpness"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_a_dataset_of_batches_gives_the_same_sharpness_as_the_arrays(rng):
-    import tensorflow as tf
-
-    x, y, _, model = _least_squares(rng)
-    x, y = x.astype("float32"), y.astype("float32")
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(7)
-    assert sharpness(model, dataset, loss="mse", m=10) == sharpness(model, x, y, loss="mse", m=10)
-
-
 @pytest.mark.parametrize(
     "kwargs, message",
     [
