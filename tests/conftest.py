@@ -2,7 +2,9 @@
 
 Keras picks its backend once, at import, so a session tests one backend. The battery is
 shared: a test module runs on every backend unless it is listed below as written for one
-backend (the TensorFlow custom loop, `tf.distribute`, `tf.IndexedSlices`, ...).
+backend (the TensorFlow custom loop, `tf.distribute`, `tf.IndexedSlices`, ...). The
+backend-neutral battery (tests/harness.py runs `SAMModel` eagerly, compiled and under XLA):
+methods/test_reference_battery.py and trainers/test_contract.py.
 """
 
 import os
@@ -39,6 +41,8 @@ ONLY = {
         "test_registration.py",
         "test_training.py",
         "test_maths.py",
+        # Starts a process per backend itself: one session runs it.
+        "test_cross_backend.py",
     ],
 }
 collect_ignore = [path for backend, paths in ONLY.items() if backend != BACKEND for path in paths]

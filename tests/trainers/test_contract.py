@@ -14,6 +14,8 @@ import pytest
 import keras_sam
 from tests import harness, reference
 
+# Every test of a step runs in every mode where cheap; the costlier ones in every mode for
+# one case and compiled without XLA for the others.
 MODES = sorted(harness.MODES)
 
 
@@ -38,8 +40,7 @@ class _TrainingProbe(keras.layers.Layer):
         return inputs
 
 
-@pytest.mark.parametrize("splits", [None, 2])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode, splits", [(m, None) for m in MODES] + [("compiled", 2)])
 def test_batchnorm_moving_statistics_come_from_the_clean_pass_only(rng, mode, splits):
     probe = _TrainingProbe()
     model = keras.Sequential(
@@ -171,8 +172,10 @@ def _fit_mlp(params, x, t, mode, batch_size, epochs, rho, l2=0.0, splits=None, *
     return model, history.history
 
 
-@pytest.mark.parametrize("l2, splits", [(0.0, None), (0.01, None), (0.01, 2)])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "mode, l2, splits",
+    [(m, 0.01, None) for m in MODES] + [("compiled", 0.0, None), ("xla", 0.01, 2)],
+)
 def test_regularization_losses_in_both_passes_and_the_loss_and_sharpness_logs(
     rng, mode, l2, splits
 ):
@@ -222,8 +225,7 @@ def test_sample_weights_reach_both_passes(rng, mode):
     assert max(np.max(np.abs(a - b)) for a, b in zip(want, plain, strict=True)) > 1e-4
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_class_weights_are_the_equivalent_sample_weights(rng, mode):
+def test_class_weights_are_the_equivalent_sample_weights(rng, mode="compiled"):
     x, y = rng.normal(size=(16, 4)).astype("float32"), rng.integers(0, 3, 16)
     class_weight = {0: 0.5, 1: 2.0, 2: 1.0}
     equivalent = np.array([class_weight[int(c)] for c in y], "float32")
@@ -300,18 +302,18 @@ def test_the_sharpness_and_second_pass_rate_logs(rng, mode):
 
 # ----------------------------------------------------------------- bad values
 @pytest.mark.parametrize(
-    "method, failing_pass, splits",
-    [
-        ("SAM+Adam", "clean", None),
-        ("SAM+Adam", "perturbed", None),
-        ("SAM+Adam", "clean", 2),  # one bad part: the whole step is skipped
-        ("FriendlySAM+SGD", "perturbed", None),
-        ("LookSAM+SGD", "clean", None),
+    "method, failing_pass, splits, mode",
+    [("SAM+Adam", "clean", None, m) for m in MODES]
+    + [
+        ("SAM+Adam", "perturbed", None, "compiled"),
+        ("SAM+Adam", "perturbed", None, "xla"),
+        ("SAM+Adam", "clean", 2, "compiled"),  # one bad part: the whole step is skipped
+        ("FriendlySAM+SGD", "perturbed", None, "compiled"),
+        ("LookSAM+SGD", "clean", None, "xla"),
     ],
 )
-@pytest.mark.parametrize("mode", MODES)
 def test_a_non_finite_pass_skips_the_step_with_everything_untouched(
-    rng, mode, method, failing_pass, splits
+    rng, method, failing_pass, splits, mode
 ):
     optimizer = {
         "SAM+Adam": lambda: keras_sam.SAM(keras.optimizers.Adam(0.01), rho=0.1),
@@ -390,8 +392,10 @@ def test_with_a_plain_optimizer_it_trains_exactly_like_the_unwrapped_model(rng, 
     )
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", sorted(INNER_OPTIMIZERS))
+@pytest.mark.parametrize(
+    "name, mode",
+    [(n, "compiled") for n in sorted(INNER_OPTIMIZERS)] + [("adam", "eager"), ("adam", "xla")],
+)
 def test_rho_zero_is_the_inner_optimizer_bitwise(rng, name, mode):
     inner = INNER_OPTIMIZERS[name]()
     plain_optimizer = INNER_OPTIMIZERS[name]()
@@ -408,8 +412,10 @@ def test_rho_zero_is_the_inner_optimizer_bitwise(rng, name, mode):
 
 
 # ---------------------------------------------------------- steps per execution
-@pytest.mark.parametrize("method", ["SAM", "LookSAM"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "method, mode",
+    [("SAM", "eager"), ("SAM", "compiled"), ("LookSAM", "compiled"), ("LookSAM", "xla")],
+)
 def test_several_steps_per_execution_match_the_float64_reference(rng, mode, method):
     params = reference.mlp_init(rng)
     batch_list = harness.batches(rng, 7, size=8)  # executions of 3, 3 and 1 steps
@@ -428,8 +434,10 @@ def test_several_steps_per_execution_match_the_float64_reference(rng, mode, meth
 
 
 # ------------------------------------------------------------- saving, resuming
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(harness.RESUME_OPTIMIZERS))
+@pytest.mark.parametrize(
+    "name, mode",
+    [(n, "compiled") for n in harness.RESUME_OPTIMIZERS] + [("SAM+Adam", "eager")],
+)
 def test_resume_from_a_keras_file_is_bitwise_the_uninterrupted_run(tmp_path, name, mode):
     make_optimizer = harness.RESUME_OPTIMIZERS[name]
     straight = harness.resume_compiled(make_optimizer, **harness.MODES[mode])
