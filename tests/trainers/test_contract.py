@@ -394,20 +394,26 @@ def test_with_a_plain_optimizer_it_trains_exactly_like_the_unwrapped_model(rng, 
 
 @pytest.mark.parametrize(
     "name, mode",
-    [(n, "compiled") for n in sorted(INNER_OPTIMIZERS)] + [("adam", "eager"), ("adam", "xla")],
+    [(n, "eager") for n in sorted(INNER_OPTIMIZERS)]
+    + [("sgd_momentum", "compiled"), ("adam", "compiled"), ("adam", "xla")],
 )
-def test_rho_zero_is_the_inner_optimizer_bitwise(rng, name, mode):
+def test_rho_zero_is_the_inner_optimizer(rng, name, mode):
+    # Bitwise where the ops run as written (eagerly). Compiled, the one-pass SAM step and
+    # Keras's own step are different graphs, which TensorFlow's graph optimizer (grappler)
+    # and XLA may fuse differently: on TensorFlow they differ by an ulp here (and agree
+    # bitwise with `disable_meta_optimizer`), so compiled they agree to float32 rounding.
     inner = INNER_OPTIMIZERS[name]()
     plain_optimizer = INNER_OPTIMIZERS[name]()
     sam = keras_sam.SAM(inner, rho=0)
     plain, wrapped_inner, (h1, h2) = _plain_and_wrapped(rng, mode, plain_optimizer, sam)
-    assert h1["loss"] == h2["loss"] and h1["accuracy"] == h2["accuracy"]
-    harness.assert_bitwise(
-        harness.snapshot(wrapped_inner.variables), harness.snapshot(plain.variables)
-    )
-    harness.assert_bitwise(
-        harness.snapshot(inner.variables), harness.snapshot(plain_optimizer.variables)
-    )
+    got = harness.snapshot(wrapped_inner.variables) + harness.snapshot(inner.variables)
+    want = harness.snapshot(plain.variables) + harness.snapshot(plain_optimizer.variables)
+    if mode == "eager":
+        assert h1["loss"] == h2["loss"] and h1["accuracy"] == h2["accuracy"]
+        harness.assert_bitwise(got, want)
+    else:
+        np.testing.assert_allclose(h2["loss"], h1["loss"], rtol=1e-6)
+        harness.assert_weights_close(got, want, rtol=1e-5, atol=1e-6)
     assert int(harness.to_numpy(sam.iterations)) == 10
 
 
