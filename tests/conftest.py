@@ -2,7 +2,9 @@
 
 Keras picks its backend once, at import, so a session tests one backend. The battery is
 shared: a test module runs on every backend unless it is listed below as written for one
-backend (the TensorFlow custom loop, `tf.distribute`, `tf.IndexedSlices`, ...).
+backend (the TensorFlow custom loop, `tf.distribute`, `tf.IndexedSlices`, ...). The
+backend-neutral battery (tests/harness.py runs `SAMModel` eagerly, compiled and under XLA):
+methods/test_reference_battery.py and trainers/test_contract.py.
 """
 
 import os
@@ -35,6 +37,8 @@ ONLY = {
         "test_training.py",
         "test_maths.py",
         "test_wheel.py",  # installs the `tensorflow-cpu` extra; other backends can follow
+        # Starts a process per backend itself: one session runs it.
+        "test_cross_backend.py",
     ],
 }
 ONLY["jax"] = ["backends/test_jax.py", "backends/test_jax_distribution.py"]

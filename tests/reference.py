@@ -27,33 +27,68 @@ def mlp_init(rng, d_in=3, d_hidden=5, d_out=2):
     ]
 
 
-def mlp_loss_and_grads(params, x, t, l2=0.0):
+def mlp_predict(params, x, mask=None):
+    w1, b1, w2, b2 = params
+    h = np.tanh(x @ w1 + b1)
+    return (h if mask is None else h * mask) @ w2 + b2
+
+
+def mlp_loss_and_grads(params, x, t, l2=0.0, sample_weight=None, mask=None):
+    """The loss and its gradients; `sample_weight` weighs the examples as Keras does (the
+    weighted sum over the batch size), `mask` multiplies the hidden units (dropout)."""
     w1, b1, w2, b2 = params
     h_pre = x @ w1 + b1
     h = np.tanh(h_pre)
-    y = h @ w2 + b2
+    h_out = h if mask is None else h * mask
+    y = h_out @ w2 + b2
     diff = y - t
-    loss = np.mean(diff**2) + l2 * (np.sum(w1**2) + np.sum(w2**2))
-    dy = 2.0 * diff / diff.size
-    g_w2 = h.T @ dy + 2 * l2 * w2
+    weights = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    loss = np.sum(weights[:, None] * diff**2) / diff.size + l2 * (np.sum(w1**2) + np.sum(w2**2))
+    dy = 2.0 * weights[:, None] * diff / diff.size
+    g_w2 = h_out.T @ dy + 2 * l2 * w2
     g_b2 = dy.sum(0)
-    dh = dy @ w2.T * (1 - h**2)
+    dh = dy @ w2.T
+    if mask is not None:
+        dh = dh * mask
+    dh = dh * (1 - h**2)
     g_w1 = x.T @ dh + 2 * l2 * w1
     g_b1 = dh.sum(0)
     return loss, [g_w1, g_b1, g_w2, g_b2]
 
 
-def mlp_sam_gradient(params, x, t, rho, adaptive=False, eta=0.01, l2=0.0, epsilon=1e-12):
-    """SAM (or ASAM, with T = |w| + eta on the two weight matrices) gradient, and losses."""
-    loss, grads = mlp_loss_and_grads(params, x, t, l2)
+def mlp_sam_gradient(params, x, t, rho, adaptive=False, eta=0.01, l2=0.0, epsilon=1e-12, **kw):
+    """SAM (or ASAM, with T = |w| + eta on the two weight matrices) gradient, and losses.
+
+    `**kw` (`sample_weight`, `mask`) goes to both passes."""
+    loss, grads = mlp_loss_and_grads(params, x, t, l2, **kw)
     scales = None
     if adaptive:
         scales = [np.abs(p) + eta if p.ndim == 2 else np.ones_like(p) for p in params]
     e = perturbation(grads, rho, epsilon, scales)
     loss_sam, sam_grads = mlp_loss_and_grads(
-        [p + ei for p, ei in zip(params, e, strict=True)], x, t, l2
+        [p + ei for p, ei in zip(params, e, strict=True)], x, t, l2, **kw
     )
     return loss, loss_sam, sam_grads
+
+
+def split_bounds(n, splits):
+    """Where `SAMModel(num_batch_splits=splits)` cuts a batch of n: sizes differ by <= 1."""
+    return np.cumsum([0] + [(n + i) // splits for i in range(splits)])
+
+
+def mlp_split_sam_gradient(params, x, t, rho, splits=1, **kw):
+    """m-sharpness: each part's SAM gradient and losses, averaged weighted by part size."""
+    bounds = split_bounds(len(x), splits)
+    loss, loss_sam, grads = 0.0, 0.0, [np.zeros_like(p) for p in params]
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        weight = (hi - lo) / len(x)
+        part_loss, part_loss_sam, part_grads = mlp_sam_gradient(
+            params, x[lo:hi], t[lo:hi], rho, **kw
+        )
+        loss += weight * part_loss
+        loss_sam += weight * part_loss_sam
+        grads = [g + weight * pg for g, pg in zip(grads, part_grads, strict=True)]
+    return loss, loss_sam, grads
 
 
 def sgd_momentum(params, grads, velocities, lr, momentum):
@@ -69,9 +104,67 @@ def sgd_momentum(params, grads, velocities, lr, momentum):
     return new_params, new_velocities
 
 
+def adam(params, grads, slots, step, lr, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    """Keras's Adam at 0-based `step`; `slots` = (m, v), None at the start."""
+    if slots is None:
+        slots = ([np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params])
+    t = step + 1
+    alpha = lr * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+    new_params, new_m, new_v = [], [], []
+    for p, g, m, v in zip(params, grads, *slots, strict=True):
+        m = m + (g - m) * (1 - beta_1)
+        v = v + (g * g - v) * (1 - beta_2)
+        new_params.append(p - alpha * m / (np.sqrt(v) + epsilon))
+        new_m.append(m)
+        new_v.append(v)
+    return new_params, (new_m, new_v)
+
+
+def sgd(lr, momentum=0.0):
+    """Keras's SGD as an `update(params, grads, slots, step)`; `lr` a number or lr(step)."""
+
+    def update(params, grads, slots, step):
+        if slots is None:
+            slots = [np.zeros_like(p) for p in params]
+        rate = lr(step) if callable(lr) else lr
+        return sgd_momentum(params, grads, slots, rate, momentum)
+
+    return update
+
+
+def adam_update(lr, **kwargs):
+    """Keras's Adam as an `update(params, grads, slots, step)`."""
+
+    def update(params, grads, slots, step):
+        return adam(params, grads, slots, step, lr, **kwargs)
+
+    return update
+
+
+def trajectory(step_fn, params, batches, update):
+    """Runs a method's `step_fn` (below) with an optimizer's `update` over the batches.
+
+    Returns the final params, the method's final state and the number of two-pass steps.
+    """
+    state, slots, passes = {}, None, 0
+    for step, (x, t) in enumerate(batches):
+        grads, state, two_pass = step_fn(params, x, t, state, step)
+        params, slots = update(params, grads, slots, step)
+        passes += two_pass
+    return params, state, passes
+
+
 # ----------------------------------------------------------------- SAM variants
 # Each `*_step` takes the MLP parameters, the batch, the method's state (a dict, empty at
 # the start) and the step number, and returns (descent gradients, new state, two_pass).
+
+
+def sam_step(params, x, t, state, step, rho, splits=1, **kw):
+    """SAM or ASAM (`adaptive=True`), with m-sharpness over `splits` parts; `rho` may be
+    a function of the step (a schedule)."""
+    rate = rho(step) if callable(rho) else rho
+    _, _, grads = mlp_split_sam_gradient(params, x, t, rate, splits=splits, **kw)
+    return grads, state, True
 
 
 def _flat_dot(a, b):

@@ -8,15 +8,7 @@ import keras_sam
 
 if keras.backend.backend() == "tensorflow":
     import tensorflow as tf
-from tests import reference
-
-
-def _mlp(params):
-    model = keras.Sequential(
-        [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2)]
-    )
-    model.set_weights([p.astype("float32") for p in params])
-    return model
+from tests import harness, reference
 
 
 def _data(rng, n=24):
@@ -52,7 +44,7 @@ def test_k_micro_batches_make_the_m_sharpness_step_with_k_parts(rng, method, kwa
     def optimizer(**extra):
         return method(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1, **kwargs, **extra)
 
-    model = _mlp(params)
+    model = harness.mlp(params)
     accumulating = keras_sam.SAMModel(model)
     accumulating.compile(optimizer=optimizer(gradient_accumulation_steps=k), loss="mse")
     recorder = _WeightRecorder(model.trainable_variables)
@@ -60,7 +52,7 @@ def test_k_micro_batches_make_the_m_sharpness_step_with_k_parts(rng, method, kwa
         x, t, batch_size=micro_batch, epochs=1, shuffle=False, verbose=0, callbacks=[recorder]
     )
 
-    reference_model = _mlp(params)
+    reference_model = harness.mlp(params)
     splitting = keras_sam.SAMModel(reference_model, num_batch_splits=k)
     splitting.compile(optimizer=optimizer(), loss="mse")
     splitting.fit(x, t, batch_size=k * micro_batch, epochs=1, shuffle=False, verbose=0)
@@ -88,7 +80,7 @@ def test_k_micro_batches_make_the_m_sharpness_step_with_k_parts(rng, method, kwa
 def test_custom_loop_accumulates_and_keeps_the_partial_sum_between_steps(rng):
     params = reference.mlp_init(rng)
     x, t = _data(rng, n=12)
-    model = _mlp(params)
+    model = harness.mlp(params)
     optimizer = keras_sam.SAM(
         keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1, gradient_accumulation_steps=3
     )
@@ -133,7 +125,7 @@ def test_a_skipped_micro_batch_is_not_accumulated(rng):
     t_with_bad = np.concatenate([t[:4], bad_t[4:8], t[4:8], t[8:]])
 
     def run(xs, ts):
-        model = _mlp(params)
+        model = harness.mlp(params)
         sam_model = keras_sam.SAMModel(model)
         sam_model.compile(
             optimizer=keras_sam.SAM(

@@ -6,24 +6,16 @@ import pytest
 import tensorflow as tf
 
 import keras_sam
-from tests import reference
+from tests import harness, reference
 
 CLIPPINGS = [{"clipnorm": 0.05}, {"global_clipnorm": 0.08}, {"clipvalue": 0.02}]
-
-
-def _mlp(params):
-    model = keras.Sequential(
-        [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2)]
-    )
-    model.set_weights([p.astype("float32") for p in params])
-    return model
 
 
 @pytest.mark.parametrize("clipping", CLIPPINGS, ids=lambda c: next(iter(c)))
 def test_clipping_applies_to_the_final_gradient_only(rng, clipping):
     params = reference.mlp_init(rng)
     x, t = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
-    model = _mlp(params)
+    model = harness.mlp(params)
     optimizer = keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9, **clipping), rho=0.1)
 
     @tf.function

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import keras_sam
-from tests import reference
+from tests import harness, reference
 
 GLOBAL_BATCH = 8
 
@@ -26,14 +26,6 @@ def strategy():
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
 
 
-def _mlp(params):
-    model = keras.Sequential(
-        [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2)]
-    )
-    model.set_weights([p.astype("float32") for p in params])
-    return model
-
-
 def _data(rng, n=16):
     return rng.normal(size=(n, 3)).astype("float32"), rng.normal(size=(n, 2)).astype("float32")
 
@@ -42,7 +34,7 @@ def _fit(params, x, t, optimizer, strategy=None, splits=None, epochs=2):
     """Trains a SAMModel (built under `strategy` when given); returns it and its logs."""
     scope = strategy.scope() if strategy is not None else _nullcontext()
     with scope:
-        sam_model = keras_sam.SAMModel(_mlp(params), num_batch_splits=splits)
+        sam_model = keras_sam.SAMModel(harness.mlp(params), num_batch_splits=splits)
         sam_model.compile(optimizer=optimizer(), loss="mse")
     history = sam_model.fit(
         x, t, batch_size=GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0
@@ -127,7 +119,7 @@ def test_synchronized_mode_equals_one_device_on_the_global_batch(strategy, rng):
 def _custom_loop(strategy, params, x, t, mode, steps):
     """`optimize` inside `strategy.run`, the loss averaged over the global batch."""
     with strategy.scope():
-        model = _mlp(params)
+        model = harness.mlp(params)
         optimizer = keras_sam.SAM(
             keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1, distributed_perturbation=mode
         )
@@ -195,7 +187,7 @@ def test_a_nan_on_one_replica_skips_the_step_on_both(strategy, rng):
     params = reference.mlp_init(rng)
     x, t = _data(rng, n=8)
     with strategy.scope():
-        sam_model = keras_sam.SAMModel(_mlp(params))
+        sam_model = keras_sam.SAMModel(harness.mlp(params))
         sam_model.compile(optimizer=_sam("per_replica")(), loss="mse")
     sam_model.fit(x, t, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)  # a good step first
     before = [np.array(v.numpy(), copy=True) for v in sam_model.weights]
@@ -233,7 +225,7 @@ def test_accumulation_on_two_replicas_equals_four_parts_on_one_device(strategy, 
     distributed, _ = _fit(
         params, x, t, _sam("per_replica", gradient_accumulation_steps=2), strategy, epochs=1
     )
-    single = keras_sam.SAMModel(_mlp(params), num_batch_splits=4)
+    single = keras_sam.SAMModel(harness.mlp(params), num_batch_splits=4)
     single.compile(optimizer=_sam("per_replica")(), loss="mse")
     single.fit(x, t, batch_size=16, epochs=1, shuffle=False, verbose=0)
     _assert_close(distributed.get_weights(), single.get_weights())
@@ -264,12 +256,12 @@ def test_clipping_on_two_replicas_is_keras_per_replica_clipping(strategy, rng, c
 
     # With rho=0 the step is plain Keras's, clipping included.
     with strategy.scope():
-        sam_zero = keras_sam.SAMModel(_mlp(params))
+        sam_zero = keras_sam.SAMModel(harness.mlp(params))
         sam_zero.compile(
             optimizer=keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9, **clipping), rho=0),
             loss="mse",
         )
-        plain = _mlp(params)
+        plain = harness.mlp(params)
         plain.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, **clipping), loss="mse")
     for model in (sam_zero, plain):
         model.fit(x, t, batch_size=GLOBAL_BATCH, epochs=3, shuffle=False, verbose=0)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_sam
+from tests.harness import fragile_model, snapshot
 
 if keras.backend.backend() == "tensorflow":
     import tensorflow as tf
@@ -99,54 +100,6 @@ def test_without_loss_scaling_float16_gradients_underflow_and_with_it_they_do_no
         changes[scaled] = np.max(np.abs(model.layers[0].kernel.numpy() - before))
     assert changes[False] == 0.0
     assert changes[True] > 0.0
-
-
-class BlowsUpWhenPerturbed(keras.layers.Layer):
-    """Adds inf to its output, once armed, when its scale has left the armed value.
-
-    Armed, it is finite in the clean pass (scale == reference) and infinite in the
-    perturbed pass (scale + e).
-    """
-
-    def build(self, input_shape):
-        shape = (input_shape[-1],)
-        self.scale = self.add_weight(shape=shape, initializer="ones", autocast=False)
-        self.reference = self.add_weight(
-            shape=shape, initializer="ones", trainable=False, autocast=False
-        )
-        self.armed = self.add_weight(shape=(), initializer="zeros", trainable=False)
-
-    def call(self, inputs):
-        moved = keras.ops.any(keras.ops.not_equal(self.scale, self.reference))
-        blow_up = keras.ops.logical_and(moved, self.armed > 0)
-        scaled = inputs * keras.ops.cast(self.scale, inputs.dtype)
-        return scaled + keras.ops.cast(keras.ops.where(blow_up, float("inf"), 0.0), inputs.dtype)
-
-    def arm(self):
-        # A copy: on JAX two variables must not share one buffer (`fit` donates them).
-        self.reference.assign(keras.ops.copy(self.scale))
-        self.armed.assign(1.0)
-
-    def disarm(self):
-        self.armed.assign(0.0)
-
-
-def fragile_model(seed=3):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(16, activation="relu"),
-            keras.layers.BatchNormalization(),
-            keras.layers.Dropout(0.2, seed=4),
-            keras.layers.Dense(3),
-            BlowsUpWhenPerturbed(),
-        ]
-    )
-
-
-def snapshot(variables):
-    return [np.array(v.numpy(), copy=True) for v in variables]
 
 
 @pytest.mark.parametrize("failing_pass", ["clean", "perturbed"])

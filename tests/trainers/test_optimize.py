@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_sam
-from tests import reference
+from tests import harness, reference
 
 
 def _quadratic(rng, n=5, condition=10.0):
@@ -74,18 +74,6 @@ def test_asam_with_eta_zero_is_the_abs_w_form(rng):
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
-def _mlp_model(params):
-    model = keras.Sequential(
-        [
-            keras.Input((3,)),
-            keras.layers.Dense(5, activation="tanh"),
-            keras.layers.Dense(2),
-        ]
-    )
-    model.set_weights([p.astype("float32") for p in params])
-    return model
-
-
 @pytest.mark.parametrize("adaptive, rho", [(False, 0.05), (True, 0.5)])
 def test_mlp_trajectory_with_momentum_matches_the_float64_reference(rng, adaptive, rho):
     params = reference.mlp_init(rng)
@@ -93,7 +81,7 @@ def test_mlp_trajectory_with_momentum_matches_the_float64_reference(rng, adaptiv
     t = rng.normal(size=(16, 2))
     lr, momentum, steps = 0.1, 0.9, 5
 
-    model = _mlp_model(params)
+    model = harness.mlp(params)
     opt = keras_sam.SAM(keras.optimizers.SGD(lr, momentum=momentum), rho=rho, adaptive=adaptive)
     x32, t32 = tf.constant(x, "float32"), tf.constant(t, "float32")
 
@@ -131,7 +119,7 @@ def test_eager_graph_and_xla_agree(rng):
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_no_retracing_from_step_to_step(jit_compile):
-    model = _mlp_model(reference.mlp_init(np.random.default_rng(0)))
+    model = harness.mlp(reference.mlp_init(np.random.default_rng(0)))
     opt = keras_sam.SAM(keras.optimizers.Adam(0.01))
     x, y = tf.ones((4, 3)), tf.zeros((4, 2))
 
