@@ -30,6 +30,7 @@ def _in_layer_normalization(variable):
     return "/layer_normalization" in variable.path
 
 
+@keras.saving.register_keras_serializable(package="keras_sam_tests")
 class HiddenDense(keras.layers.Dense):
     """A Dense layer of its own class, for `perturb=(HiddenDense,)`."""
 
