@@ -264,3 +264,14 @@ def full_state(sam_model):
     """Everything that must match: every model variable (seed states too) and the
     optimizer's variables."""
     return snapshot(sam_model.model.variables) + snapshot(sam_model.optimizer.variables)
+
+
+# The inner optimizers SAM must reduce to at rho=0 (one of each update rule).
+INNER_OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.1),
+    "sgd_momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+    "adam": lambda: keras.optimizers.Adam(0.01, amsgrad=True),
+    "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.05),
+    "rmsprop": lambda: keras.optimizers.RMSprop(0.01, momentum=0.5),
+    "lion": lambda: keras.optimizers.Lion(0.001),
+}

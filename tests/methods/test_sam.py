@@ -7,15 +7,9 @@ import tensorflow as tf
 
 import keras_sam
 from keras_sam.methods.sam import _is_adaptive
+from tests import harness
 
-INNER_OPTIMIZERS = {
-    "sgd": lambda: keras.optimizers.SGD(0.1),
-    "sgd_momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
-    "adam": lambda: keras.optimizers.Adam(0.01, amsgrad=True),
-    "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.05),
-    "rmsprop": lambda: keras.optimizers.RMSprop(0.01, momentum=0.5),
-    "lion": lambda: keras.optimizers.Lion(0.001),
-}
+INNER_OPTIMIZERS = harness.INNER_OPTIMIZERS
 
 
 def _model(seed=0):

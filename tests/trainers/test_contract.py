@@ -365,14 +365,7 @@ def test_a_non_finite_pass_skips_the_step_with_everything_untouched(
 
 
 # ------------------------------------------------- what SAM reduces to, bitwise
-INNER_OPTIMIZERS = {
-    "sgd": lambda: keras.optimizers.SGD(0.1),
-    "sgd_momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
-    "adam": lambda: keras.optimizers.Adam(0.01, amsgrad=True),
-    "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.05),
-    "rmsprop": lambda: keras.optimizers.RMSprop(0.01, momentum=0.5),
-    "lion": lambda: keras.optimizers.Lion(0.001),
-}
+INNER_OPTIMIZERS = harness.INNER_OPTIMIZERS
 
 
 def _plain_and_wrapped(rng, mode, plain_optimizer, wrapped_optimizer):
