@@ -37,19 +37,23 @@ demo: $(STAMP) data
 playground: $(STAMP)
 	$(BIN)/keras-sam playground
 
-# One pytest session per Keras backend (Keras picks its backend at import).
+# One pytest session per Keras backend (Keras picks its backend at import), each spread
+# over JOBS worker processes (pytest-xdist; `auto`: one per core), a test module per worker
+# at a time (module fixtures, and TensorFlow's per-process state, stay with the module).
 BACKENDS := tensorflow jax
+JOBS ?= auto
+PYTEST := $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
 
 test: $(STAMP) data docs
 	@set -e; for backend in $(BACKENDS); do \
 		echo "== KERAS_BACKEND=$$backend"; \
-		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q; \
+		KERAS_BACKEND=$$backend $(PYTEST); \
 	done
 
 test-quick: $(STAMP) data
 	@set -e; for backend in $(BACKENDS); do \
 		echo "== KERAS_BACKEND=$$backend"; \
-		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q -m "not slow"; \
+		KERAS_BACKEND=$$backend $(PYTEST) -m "not slow"; \
 	done
 
 lint: $(STAMP)
