@@ -187,3 +187,86 @@ def test_torch_never_imports_tensorflow():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _quadratic_loop(optimizer, steps, bad_steps=()):
+    """Closure-loop steps on a small least-squares problem; `bad_steps` get a NaN target."""
+    variable = keras.Variable(np.array([1.0, -2.0, 0.5], "float32"))
+    a = np.arange(12, dtype="float32").reshape(4, 3) / 10
+    b = np.array([1.0, 0.0, -1.0, 2.0], "float32")
+    history = []
+    for i in range(steps):
+        target = b * np.nan if i in bad_steps else b
+
+        def closure(target=target):
+            return None, keras.ops.mean(
+                keras.ops.square(
+                    keras.ops.matmul(a, variable) - keras.ops.convert_to_tensor(target)
+                )
+            )
+
+        loss = optimizer.optimize(closure, [variable])[1]
+        history.append((float(loss), harness.to_numpy(variable)))
+    return variable, history
+
+
+def test_closure_loop_with_a_loss_scale_optimizer_inside_sam():
+    # Loss scaling in float32 is exact (the scales are powers of two): the trajectory is
+    # bitwise that of SAM without it, so both passes were scaled and unscaled once.
+    scaled = keras_sam.SAM(
+        keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1, momentum=0.9), initial_scale=8.0, dynamic_growth_steps=2
+        ),
+        rho=0.2,
+    )
+    plain = keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.2)
+    _, history = _quadratic_loop(scaled, 5, bad_steps=(2,))
+    _, want = _quadratic_loop(plain, 4)
+    good = [h for i, h in enumerate(history) if i != 2]
+    for (_, got), (_, expected) in zip(good, want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(history[2][1], history[1][1])  # the NaN step: no change
+    lso = scaled.inner_optimizer
+    # 8 -> 16 after two finite steps, 8 after the NaN, 16 after two more.
+    assert float(harness.to_numpy(lso.dynamic_scale)) == 16.0
+    assert int(harness.to_numpy(lso.step_counter)) == 0
+    assert int(harness.to_numpy(scaled.iterations)) == 4
+    assert int(harness.to_numpy(scaled.skipped_steps)) == 1
+
+
+def test_closure_loop_accumulates_and_keeps_the_partial_sum_between_steps(rng):
+    params = reference.mlp_init(rng)
+    x, t = (a.astype("float32") for a in harness.batches(rng, 1, size=12)[0])
+    model = harness.mlp(params)
+    optimizer = keras_sam.SAM(
+        keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1, gradient_accumulation_steps=3
+    )
+
+    def step(x_batch, t_batch):
+        def closure():
+            pred = model(x_batch, training=True)
+            return pred, keras.ops.mean(
+                keras.ops.square(pred - keras.ops.convert_to_tensor(t_batch))
+            )
+
+        return optimizer.optimize(closure, model.trainable_variables)[1]
+
+    for start in range(0, 8, 4):  # two of the three micro-batches
+        step(x[start : start + 4], t[start : start + 4])
+    np.testing.assert_array_equal(model.get_weights()[0], params[0].astype("float32"))
+    micro_steps, gradient_sums, _ = optimizer.accumulation_variables
+    assert int(harness.to_numpy(micro_steps)) == 2
+    assert np.any(harness.to_numpy(gradient_sums[0]))
+    step(x[8:12], t[8:12])
+
+    # The float64 reference: the average of the three micro-batches' SAM gradients.
+    grads = None
+    for start in range(0, 12, 4):
+        batch = x[start : start + 4].astype("float64"), t[start : start + 4].astype("float64")
+        _, _, g = reference.mlp_sam_gradient(params, *batch, 0.1)
+        grads = g if grads is None else [a + b for a, b in zip(grads, g, strict=True)]
+    want, _ = reference.sgd_momentum(
+        params, [g / 3 for g in grads], [np.zeros_like(p) for p in params], 0.1, 0.9
+    )
+    harness.assert_weights_close(model.get_weights(), want, rtol=1e-5, atol=1e-6)
+    assert int(harness.to_numpy(optimizer.iterations)) == 1
