@@ -38,7 +38,7 @@ playground: $(STAMP)
 	$(BIN)/keras-sam playground
 
 # One pytest session per Keras backend (Keras picks its backend at import).
-BACKENDS := tensorflow jax
+BACKENDS := tensorflow jax torch
 
 test: $(STAMP) data docs
 	@set -e; for backend in $(BACKENDS); do \
