@@ -69,6 +69,7 @@ class Torch(step.Backend):
         with torch.enable_grad():
             with scope:
                 outputs, loss, _ = compute()
+            loss = keras.ops.convert_to_tensor(loss)
             scaled = loss if scale is None else loss.to(torch.float32) * _tensor(scale)
             if scaled.requires_grad:
                 gradients = torch.autograd.grad(scaled, leaves, allow_unused=True)
@@ -87,13 +88,6 @@ class Torch(step.Backend):
             true_fn()
         else:
             false_fn()
-
-    def decide(self, ok, take_step, skip_step, tracked, args=()):
-        del tracked
-        if bool(ok):
-            take_step(*args)
-        else:
-            skip_step(*args)
 
 
 BACKEND = Torch()
