@@ -48,13 +48,20 @@ def mlp(params, l2=0.0, hidden_layer=keras.layers.Dense):
     return model
 
 
-def bn_dropout_model(seed=7, d_in=4, classes=3):
-    """Dense, BatchNormalization, Dropout, Dense: the state a step must handle."""
+def bn_dropout_model(seed=7, d_in=4, classes=3, bias_before_batchnorm=True):
+    """Dense, BatchNormalization, Dropout, Dense: the state a step must handle.
+
+    The first Dense layer's bias is cancelled by the BatchNormalization after it: its
+    gradient is zero in exact arithmetic and rounding noise in float32 (about 1e-9), which
+    Adam-like optimizers normalize into steps of the learning rate's size. Two computations
+    of the same step that round differently are therefore comparable there only bitwise;
+    `bias_before_batchnorm=False` leaves that bias out.
+    """
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
         [
             keras.Input((d_in,)),
-            keras.layers.Dense(8),
+            keras.layers.Dense(8, use_bias=bias_before_batchnorm),
             keras.layers.BatchNormalization(),
             keras.layers.Dropout(0.3, seed=2),
             keras.layers.Dense(classes),

@@ -79,9 +79,11 @@ np.savez({output!r}, backend=keras.config.backend(), **out)
 
 
 def _backends():
+    """The backends installed whose adapter has `SAMModel`'s train step."""
     backends = ["tensorflow", "jax"]
     if importlib.util.find_spec("torch") is not None:
-        backends.append("torch")
+        if hasattr(importlib.import_module("keras_sam.backends.torch"), "train_step"):
+            backends.append("torch")
     return backends
 
 

@@ -116,7 +116,14 @@ class SAMModel(keras.Model):
             # `compile` wraps the optimizer so under the `mixed_float16` policy.
             optimizer = optimizer.inner_optimizer
         if isinstance(optimizer, SAM):
-            result = backends.current().train_step(self, *args)
+            adapter = backends.current()
+            if not hasattr(adapter, "train_step"):
+                raise NotImplementedError(
+                    f"`SAMModel.fit` with `{type(optimizer).__name__}` is not available on the "
+                    f"{keras.backend.backend()} backend yet. It runs on TensorFlow, JAX and "
+                    "PyTorch (set `KERAS_BACKEND`)."
+                )
+            result = adapter.train_step(self, *args)
             drop = () if optimizer.skips_second_pass else ("second_pass_rate",)
         else:
             result = super().train_step(*args)
