@@ -40,7 +40,7 @@ playground: $(STAMP)
 # One pytest session per Keras backend (Keras picks its backend at import), each spread
 # over JOBS worker processes (pytest-xdist; `auto`: one per core), a test module per worker
 # at a time (module fixtures, and TensorFlow's per-process state, stay with the module).
-BACKENDS := tensorflow jax
+BACKENDS := tensorflow jax torch
 JOBS ?= auto
 PYTEST := $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
 

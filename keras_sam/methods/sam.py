@@ -383,8 +383,11 @@ class SAM(keras.optimizers.Optimizer):
         loss, loss_sam)`: the clean predictions and loss at `w`, and the loss at the
         perturbed weights `w + e`.
 
-        Other backends: see the custom-loop guide (JAX takes a pure function of the
-        state: `stateless_optimize`).
+        PyTorch: `optimize(closure, variables)`, with `closure()` running the forward
+        pass and returning `(predictions, loss)` (no tape, no `loss.backward()`); the
+        same return values.
+
+        JAX takes a pure function of the state instead: `stateless_optimize`.
         """
         return _custom_loop("optimize")(self, *args, **kwargs)
 

@@ -101,6 +101,13 @@ class SAMModel(keras.Model):
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
+    def make_train_function(self, force=False):
+        adapter = backends.current()
+        if hasattr(adapter, "check_compile"):
+            # PyTorch refuses `jit_compile=True` for a SAM step here, before any step.
+            adapter.check_compile(self)
+        return super().make_train_function(force=force)
+
     def train_step(self, *args):
         # TensorFlow and PyTorch call `train_step(data)`; JAX calls the stateless
         # `train_step(state, data)` and takes `(logs, state)` back.
@@ -113,8 +120,8 @@ class SAMModel(keras.Model):
             if not hasattr(adapter, "train_step"):
                 raise NotImplementedError(
                     f"`SAMModel.fit` with `{type(optimizer).__name__}` is not available on the "
-                    f"{keras.backend.backend()} backend yet. It runs on TensorFlow and JAX "
-                    "(set `KERAS_BACKEND`)."
+                    f"{keras.backend.backend()} backend yet. It runs on TensorFlow, JAX and "
+                    "PyTorch (set `KERAS_BACKEND`)."
                 )
             result = adapter.train_step(self, *args)
             drop = () if optimizer.skips_second_pass else ("second_pass_rate",)

@@ -77,8 +77,8 @@ def test_batchnorm_moving_statistics_come_from_the_clean_pass_only(rng, mode, sp
     np.testing.assert_allclose(harness.to_numpy(bn.moving_variance), variance, rtol=1e-5, atol=1e-6)
     assert np.max(np.abs(mean)) > 0.1  # it did move
     if mode == "eager":  # both passes of every part in training mode
-        # (On JAX, `fit` first traces the model once in inference mode for its output
-        # shapes: that call is no pass of the step.)
+        # (On JAX and PyTorch, `fit` first traces the model once in inference mode for
+        # its output shapes: that call is no pass of the step.)
         passes = 2 * (splits or 1)
         assert probe.flags[-passes:] == [True] * passes
         assert probe.flags.count(True) == passes
@@ -134,7 +134,7 @@ def test_both_passes_use_the_same_dropout_mask(rng, mode):
     _, _, grads = reference.mlp_sam_gradient(params, x, t, 0.5, mask=mask)
     want, _ = reference.sgd_momentum(params, grads, [0 * p for p in params], 0.1, 0.9)
     harness.assert_weights_close(harness.snapshot(model.trainable_variables), want)
-    if mode == "eager" and keras.backend.backend() == "tensorflow":
+    if mode == "eager" and keras.backend.backend() in ("tensorflow", "torch"):
         # (On JAX a pass runs inside `jax.grad` even eagerly: its tensors are tracers.)
         clean, perturbed = (harness.to_numpy(p) for p in recorder.passes)
         np.testing.assert_array_equal(clean != 0, perturbed != 0)
@@ -402,8 +402,10 @@ def test_rho_zero_is_the_inner_optimizer(rng, name, mode):
     # inside its step and Keras's under `jax.value_and_grad`: an ulp apart, eagerly too. So
     # there they agree to float32 rounding, which a bias cancelled by BatchNormalization
     # cannot show: its gradient is rounding noise that Adam amplifies to the learning rate
-    # (harness.bn_dropout_model), so those models leave it out.
-    bitwise = mode == "eager" and keras.backend.backend() == "tensorflow"
+    # (harness.bn_dropout_model), so those models leave it out. PyTorch runs eagerly in
+    # both modes (jit_compile=False), with the same ops as Keras's step: bitwise there.
+    backend = keras.backend.backend()
+    bitwise = backend == "torch" or (mode == "eager" and backend == "tensorflow")
     inner = INNER_OPTIMIZERS[name]()
     plain_optimizer = INNER_OPTIMIZERS[name]()
     sam = keras_sam.SAM(inner, rho=0)
@@ -427,6 +429,11 @@ def test_rho_zero_is_the_inner_optimizer(rng, name, mode):
     [("SAM", "eager"), ("SAM", "compiled"), ("LookSAM", "compiled"), ("LookSAM", "xla")],
 )
 def test_several_steps_per_execution_match_the_float64_reference(rng, mode, method):
+    if keras.backend.backend() == "torch":
+        pytest.skip(
+            "Keras's PyTorch trainer refuses steps_per_execution > 1 for any model "
+            "(ValueError: `steps_per_execution` must be 1 with the PyTorch backend)"
+        )
     params = reference.mlp_init(rng)
     batch_list = harness.batches(rng, 7, size=8)  # executions of 3, 3 and 1 steps
     if method == "SAM":

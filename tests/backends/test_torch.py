@@ -1,0 +1,272 @@
+"""What only the PyTorch backend has: the closure custom loop, the refusal of
+`torch.compile` for a SAM step, autograd left clean, and no TensorFlow import."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import torch
+
+import keras_sam
+from tests import harness, reference
+
+
+def _model():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(2),
+        ]
+    )
+
+
+def _batches(steps=4):
+    rng = np.random.default_rng(5)
+    return [
+        (rng.normal(size=(16, 4)).astype("float32"), rng.normal(size=(16, 2)).astype("float32"))
+        for _ in range(steps)
+    ]
+
+
+def _sam(rho=0.1):
+    return keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=rho)
+
+
+def test_closure_loop_matches_the_float64_reference(rng):
+    """Three SAM steps of the closure loop against NumPy float64: weights, the clean loss
+    and the perturbed loss of every step."""
+    params = reference.mlp_init(rng)
+    model = harness.mlp(params)
+    optimizer = _sam(rho=0.05)
+    loss_fn = keras.losses.MeanSquaredError()
+    velocities = [np.zeros_like(p) for p in params]
+    for x, t in harness.batches(rng, 3, size=8):
+
+        def closure(x=x, t=t):
+            pred = model(x.astype("float32"), training=True)
+            return pred, loss_fn(t.astype("float32"), pred)
+
+        pred, loss, loss_sam = optimizer.optimize(closure, model.trainable_variables)
+        want_loss, want_loss_sam, grads = reference.mlp_sam_gradient(params, x, t, 0.05)
+        params, velocities = reference.sgd_momentum(params, grads, velocities, 0.1, 0.9)
+        assert tuple(pred.shape) == (8, 2)
+        np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+        np.testing.assert_allclose(float(loss_sam), want_loss_sam, rtol=1e-5)
+        assert want_loss_sam > want_loss  # a real ascent
+    harness.assert_weights_close(harness.snapshot(model.trainable_variables), params)
+    assert int(harness.to_numpy(optimizer.iterations)) == 3
+
+
+def test_closure_loop_equals_fit_bitwise():
+    """The closure loop gives SAMModel's weights, BatchNorm statistics and dropout seeds
+    exactly (the same step), and leaves no `.grad` on the variables."""
+    batches = _batches()
+    model, optimizer = _model(), _sam()
+    initial = model.get_weights()
+    loss_fn = keras.losses.MeanSquaredError()
+    losses = []
+    for x, y in batches:
+
+        def closure(x=x, y=y):
+            pred = model(x, training=True)
+            return pred, loss_fn(y, pred)
+
+        _, loss, loss_sam = optimizer.optimize(closure, model.trainable_variables)
+        losses.append((float(loss), float(loss_sam)))
+    # The passes took their gradients with `torch.autograd.grad`: nothing accumulated.
+    assert all(v.value.grad is None for v in model.trainable_variables)
+
+    fit_model = _model()
+    fit_model.set_weights(initial)
+    sam_model = keras_sam.SAMModel(fit_model)
+    sam_model.compile(optimizer=_sam(), loss=loss_fn)
+    fit_logs = [sam_model.train_on_batch(x, y) for x, y in batches]
+    for a, b in zip(model.variables, fit_model.variables, strict=True):
+        np.testing.assert_array_equal(harness.to_numpy(a), harness.to_numpy(b), err_msg=a.path)
+    # train_on_batch logs this step's clean loss, its sharpness and the skipped steps.
+    np.testing.assert_allclose(
+        np.array(fit_logs), [(loss, loss_sam - loss, 0.0) for loss, loss_sam in losses], rtol=1e-6
+    )
+    assert all(loss_sam > loss for loss, loss_sam in losses)
+
+
+def _failing_closure(model, x, y, failure):
+    """A closure whose second call (the perturbed pass) raises or returns an infinite loss."""
+    calls = []
+    loss_fn = keras.losses.MeanSquaredError()
+
+    def closure():
+        calls.append(None)
+        pred = model(x, training=True)
+        loss = loss_fn(y, pred)
+        if len(calls) == 2:
+            if failure == "raises":
+                raise RuntimeError("the perturbed pass failed")
+            loss = loss * float("inf")
+        return pred, loss
+
+    return closure
+
+
+@pytest.mark.parametrize("failure", ["raises", "inf"])
+def test_a_failing_perturbed_pass_leaves_everything_bitwise(failure):
+    model, optimizer = _model(), _sam()
+    x, y = _batches(1)[0]
+    optimizer.build(model.trainable_variables)
+    before = harness.snapshot(model.variables) + harness.snapshot(
+        optimizer.inner_optimizer.variables
+    )
+    closure = _failing_closure(model, x, y, failure)
+    if failure == "raises":
+        with pytest.raises(RuntimeError, match="the perturbed pass failed"):
+            optimizer.optimize(closure, model.trainable_variables)
+        skipped = 0
+    else:
+        _, loss, loss_sam = optimizer.optimize(closure, model.trainable_variables)
+        assert np.isfinite(float(loss)) and not np.isfinite(float(loss_sam))
+        skipped = 1
+    after = harness.snapshot(model.variables) + harness.snapshot(
+        optimizer.inner_optimizer.variables
+    )
+    harness.assert_bitwise(after, before)  # weights, BatchNorm, seeds, slots, iterations
+    assert int(harness.to_numpy(optimizer.skipped_steps)) == skipped
+
+
+def test_closure_loop_checks_its_arguments():
+    model, optimizer = _model(), _sam()
+    with pytest.raises(ValueError, match="`closure` must be a callable"):
+        optimizer.optimize(None, model.trainable_variables)
+    with pytest.raises(ValueError, match=r"`closure` must return `\(predictions, loss\)`"):
+        optimizer.optimize(lambda: 1.0, model.trainable_variables)
+    with pytest.raises(ValueError, match="`variables` is empty"):
+        optimizer.optimize(lambda: (None, None), [])
+    with pytest.raises(ValueError, match="`variables` must be Keras variables"):
+        optimizer.optimize(lambda: (None, None), [torch.zeros(2)])
+
+
+def test_jit_compile_is_refused_with_the_reason_before_any_step():
+    model = _model()
+    initial = harness.snapshot(model.variables)
+    sam_model = keras_sam.SAMModel(model)
+    sam_model.compile(optimizer=_sam(), loss="mse", jit_compile=True)
+    x, y = _batches(1)[0]
+    with pytest.raises(
+        ValueError, match=r"`jit_compile=True` \(`torch.compile`\) is not supported"
+    ):
+        sam_model.fit(x, y, batch_size=16, verbose=0)
+    harness.assert_bitwise(harness.snapshot(model.variables), initial)
+    # The same model compiled without it trains.
+    sam_model.compile(optimizer=_sam(), loss="mse", jit_compile=False)
+    history = sam_model.fit(x, y, batch_size=16, verbose=0).history
+    assert history["sharpness"][0] > 0
+
+
+@pytest.mark.slow
+def test_torch_never_imports_tensorflow():
+    code = (
+        "import sys, numpy as np, keras, keras_sam\n"
+        "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])\n"
+        "s = keras_sam.SAMModel(m)\n"
+        "s.compile(optimizer=keras_sam.SAM(keras.optimizers.SGD(0.1)), loss='mse')\n"
+        "s.fit(np.ones((8, 3)), np.ones((8, 2)), verbose=0)\n"
+        "o = keras_sam.SAM(keras.optimizers.SGD(0.1))\n"
+        "o.optimize(lambda: (None, keras.ops.sum(m(np.ones((2, 3)), training=True))),"
+        " m.trainable_variables)\n"
+        "import keras_sam.diagnostics, keras_sam.datasets, keras_sam.models, keras_sam.cli\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _quadratic_loop(optimizer, steps, bad_steps=()):
+    """Closure-loop steps on a small least-squares problem; `bad_steps` get a NaN target."""
+    variable = keras.Variable(np.array([1.0, -2.0, 0.5], "float32"))
+    a = np.arange(12, dtype="float32").reshape(4, 3) / 10
+    b = np.array([1.0, 0.0, -1.0, 2.0], "float32")
+    history = []
+    for i in range(steps):
+        target = b * np.nan if i in bad_steps else b
+
+        def closure(target=target):
+            return None, keras.ops.mean(
+                keras.ops.square(
+                    keras.ops.matmul(a, variable) - keras.ops.convert_to_tensor(target)
+                )
+            )
+
+        loss = optimizer.optimize(closure, [variable])[1]
+        history.append((float(loss), harness.to_numpy(variable)))
+    return variable, history
+
+
+def test_closure_loop_with_a_loss_scale_optimizer_inside_sam():
+    # Loss scaling in float32 is exact (the scales are powers of two): the trajectory is
+    # bitwise that of SAM without it, so both passes were scaled and unscaled once.
+    scaled = keras_sam.SAM(
+        keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1, momentum=0.9), initial_scale=8.0, dynamic_growth_steps=2
+        ),
+        rho=0.2,
+    )
+    plain = keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.2)
+    _, history = _quadratic_loop(scaled, 5, bad_steps=(2,))
+    _, want = _quadratic_loop(plain, 4)
+    good = [h for i, h in enumerate(history) if i != 2]
+    for (_, got), (_, expected) in zip(good, want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(history[2][1], history[1][1])  # the NaN step: no change
+    lso = scaled.inner_optimizer
+    # 8 -> 16 after two finite steps, 8 after the NaN, 16 after two more.
+    assert float(harness.to_numpy(lso.dynamic_scale)) == 16.0
+    assert int(harness.to_numpy(lso.step_counter)) == 0
+    assert int(harness.to_numpy(scaled.iterations)) == 4
+    assert int(harness.to_numpy(scaled.skipped_steps)) == 1
+
+
+def test_closure_loop_accumulates_and_keeps_the_partial_sum_between_steps(rng):
+    params = reference.mlp_init(rng)
+    x, t = (a.astype("float32") for a in harness.batches(rng, 1, size=12)[0])
+    model = harness.mlp(params)
+    optimizer = keras_sam.SAM(
+        keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1, gradient_accumulation_steps=3
+    )
+
+    def step(x_batch, t_batch):
+        def closure():
+            pred = model(x_batch, training=True)
+            return pred, keras.ops.mean(
+                keras.ops.square(pred - keras.ops.convert_to_tensor(t_batch))
+            )
+
+        return optimizer.optimize(closure, model.trainable_variables)[1]
+
+    for start in range(0, 8, 4):  # two of the three micro-batches
+        step(x[start : start + 4], t[start : start + 4])
+    np.testing.assert_array_equal(model.get_weights()[0], params[0].astype("float32"))
+    micro_steps, gradient_sums, _ = optimizer.accumulation_variables
+    assert int(harness.to_numpy(micro_steps)) == 2
+    assert np.any(harness.to_numpy(gradient_sums[0]))
+    step(x[8:12], t[8:12])
+
+    # The float64 reference: the average of the three micro-batches' SAM gradients.
+    grads = None
+    for start in range(0, 12, 4):
+        batch = x[start : start + 4].astype("float64"), t[start : start + 4].astype("float64")
+        _, _, g = reference.mlp_sam_gradient(params, *batch, 0.1)
+        grads = g if grads is None else [a + b for a, b in zip(grads, g, strict=True)]
+    want, _ = reference.sgd_momentum(
+        params, [g / 3 for g in grads], [np.zeros_like(p) for p in params], 0.1, 0.9
+    )
+    harness.assert_weights_close(model.get_weights(), want, rtol=1e-5, atol=1e-6)
+    assert int(harness.to_numpy(optimizer.iterations)) == 1
