@@ -9,11 +9,12 @@ each ratio, and of the ms per step.
 Each worker times, on the CNN of `step_time.py` (28x28x1 inputs, 10 classes, batch 128):
 - `fit`: a plain compiled model against `SAMModel` with `SAM`, per step, from a callback's
   batch-end timestamps (so the tf.data autotuner's wait at an epoch's end is not counted);
-- the custom loop, compiled: TensorFlow's `tf.function` (`tape.gradient` + `apply`
-  against `SAM.optimize`), JAX's `jax.jit` (`stateless_apply` against
-  `stateless_optimize`).
+- the custom loop, compiled where the backend compiles: TensorFlow's `tf.function`
+  (`tape.gradient` + `apply` against `SAM.optimize`), JAX's `jax.jit` (`stateless_apply`
+  against `stateless_optimize`); on PyTorch, eager (`loss.backward()` + `apply` against
+  the closure form `SAM.optimize(closure, variables)`).
 
-    python benchmarks/backends.py [--backends tensorflow jax] [--rounds 9] [--steps 20]
+    python benchmarks/backends.py [--backend tensorflow jax torch] [--rounds 9] [--steps 20]
 """
 
 import argparse
@@ -36,7 +37,7 @@ def worker(steps):
     import keras_sam
 
     sys.path.insert(0, HERE)
-    from step_time import cnn
+    from cnn import cnn
 
     backend = keras.backend.backend()
     rng = np.random.default_rng(0)
@@ -73,7 +74,7 @@ def worker(steps):
         if sam:
             optimizer = keras_sam.SAM(optimizer, rho=0.05)
         optimizer.build(model.trainable_variables)
-        xb, yb = x[:batch], y[:batch]
+        xb, yb = keras.ops.convert_to_tensor(x[:batch]), keras.ops.convert_to_tensor(y[:batch])
         if backend == "tensorflow":
             import tensorflow as tf
 
@@ -93,6 +94,27 @@ def worker(steps):
 
             def one():
                 return train_step(xb, yb)
+
+        elif backend == "torch":
+            import torch
+
+            trainable = model.trainable_variables
+
+            def one():
+                if sam:
+
+                    def closure():
+                        pred = model(xb, training=True)
+                        return pred, loss_fn(yb, pred)
+
+                    return optimizer.optimize(closure, trainable)[1]
+                pred = model(xb, training=True)
+                loss = loss_fn(yb, pred)
+                model.zero_grad()
+                loss.backward()
+                with torch.no_grad():
+                    optimizer.apply([v.value.grad for v in trainable], trainable)
+                return loss
 
         else:
             import jax
@@ -138,11 +160,11 @@ def worker(steps):
                 return loss
 
         def run():
-            np.asarray(one())  # finish anything pending
+            keras.ops.convert_to_numpy(one())  # finish anything pending
             start = time.perf_counter()
             for _ in range(steps):
                 loss = one()
-            np.asarray(loss)  # wait for the last step
+            keras.ops.convert_to_numpy(loss)  # wait for the last step
             return (time.perf_counter() - start) / steps
 
         run()
@@ -163,13 +185,21 @@ def worker(steps):
 
 
 # ------------------------------------------------------------------------ coordinator
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"])
+    parser.add_argument(
+        "--backend",
+        "--backends",
+        dest="backends",
+        nargs="+",
+        default=["tensorflow", "jax", "torch"],
+        choices=["tensorflow", "jax", "torch"],
+        help="the backends to time, interleaved (default: all three)",
+    )
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args.steps)
         return

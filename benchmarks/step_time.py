@@ -38,38 +38,38 @@ With `--mixed-precision`, `fit` runs under `mixed_float16` (Keras wraps both
 optimizers in a `LossScaleOptimizer`) and under float32: SAM over plain in each, and
 mixed over float32 for each. On a CPU float16 is emulated and slower than float32.
 
+With `--backend jax` (or `torch`, or several: `--backend tensorflow jax torch`), the
+comparison runs on those Keras backends instead, one process each, interleaved across
+them: `fit` and each backend's compiled custom loop, SAM over plain, and SAM's `fit` step
+on each backend against TensorFlow's (benchmarks/backends.py).
+
     python benchmarks/step_time.py [--rounds 15] [--steps 20] [--jit] [--methods]
                                    [--distributed] [--mixed-precision] [--keras2]
+    python benchmarks/step_time.py --backend jax [torch] [--rounds 9] [--steps 20]
 """
 
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+if __name__ == "__main__" and any(a == "--backend" or a.startswith("--backend=") for a in sys.argv):
+    # The same comparison on other Keras backends: benchmarks/backends.py, one worker
+    # process per backend (this process must not load TensorFlow for them).
+    import backends
+
+    backends.main(sys.argv[1:])
+    sys.exit()
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from cnn import cnn  # noqa: E402
 
 import keras_sam  # noqa: E402
-
-
-def cnn(seed=0):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
 
 
 def custom_loop_steps(batch, jit):
