@@ -132,6 +132,8 @@ def _kill_while_saving(path, mode, rng):
 
 
 @pytest.mark.slow
+# The atomic write is keras_sam.files, the same on every backend: one session runs it.
+@pytest.mark.backends("tensorflow")
 def test_sigkill_during_save_leaves_a_loadable_file(tmp_path):
     # Each kill lands at a random moment of back-to-back saves; the file must then load,
     # holding either the old weights (1.0) or the new ones (2.0), every time.

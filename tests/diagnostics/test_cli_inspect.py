@@ -166,6 +166,9 @@ def test_the_dataset_may_be_spelled_with_a_hyphen(tmp_path, capsys):
 
 @pytest.mark.slow
 @needs_data
+# Drawing two runs side by side is the same on every backend (the other tests here train
+# and inspect on each backend): one session runs it.
+@pytest.mark.backends("tensorflow")
 def test_compare_inspect_draws_both_models_side_by_side(tmp_path, capsys, monkeypatch):
     small = inspection.InspectSettings(
         batch_size=100, k=2, max_iterations=6, probes=2, line_points=3, grid=3, m=50,
