@@ -282,3 +282,55 @@ INNER_OPTIMIZERS = {
     "rmsprop": lambda: keras.optimizers.RMSprop(0.01, momentum=0.5),
     "lion": lambda: keras.optimizers.Lion(0.001),
 }
+
+
+# ------------------------------------------------ the backends' own custom-loop tests
+def adapter_model():
+    """Dense, BatchNormalization, Dropout, Dense: the model of tests/backends/."""
+    keras.utils.set_random_seed(3)
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(2),
+        ]
+    )
+
+
+def adapter_batches(steps=4):
+    rng = np.random.default_rng(5)
+    return [
+        (rng.normal(size=(16, 4)).astype("float32"), rng.normal(size=(16, 2)).astype("float32"))
+        for _ in range(steps)
+    ]
+
+
+def check_loss_scale_inside_sam(quadratic_loop):
+    """A `LossScaleOptimizer` inside SAM, through a backend's custom loop.
+
+    `quadratic_loop(optimizer, steps, bad_steps=())` runs `steps` steps on a quadratic
+    (a NaN loss at `bad_steps`) and returns `(variable, [(loss, weights), ...])`. Loss
+    scaling in float32 is exact (the scales are powers of two): the trajectory is bitwise
+    that of SAM without it, so both passes were scaled and unscaled once.
+    """
+    scaled = keras_sam.SAM(
+        keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1, momentum=0.9), initial_scale=8.0, dynamic_growth_steps=2
+        ),
+        rho=0.2,
+    )
+    plain = keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.2)
+    _, history = quadratic_loop(scaled, 5, bad_steps=(2,))
+    _, want = quadratic_loop(plain, 4)
+    good = [h for i, h in enumerate(history) if i != 2]
+    for (_, got), (_, expected) in zip(good, want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(history[2][1], history[1][1])  # the NaN step: no change
+    lso = scaled.inner_optimizer
+    # 8 -> 16 after two finite steps, 8 after the NaN, 16 after two more.
+    assert float(to_numpy(lso.dynamic_scale)) == 16.0
+    assert int(to_numpy(lso.step_counter)) == 0
+    assert int(to_numpy(scaled.iterations)) == 4
+    assert int(to_numpy(scaled.skipped_steps)) == 1

@@ -10,27 +10,7 @@ import numpy as np
 import pytest
 
 import keras_sam
-
-
-def _model():
-    keras.utils.set_random_seed(3)
-    return keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(8, activation="tanh"),
-            keras.layers.BatchNormalization(),
-            keras.layers.Dropout(0.3),
-            keras.layers.Dense(2),
-        ]
-    )
-
-
-def _batches(steps=4):
-    rng = np.random.default_rng(5)
-    return [
-        (rng.normal(size=(16, 4)).astype("float32"), rng.normal(size=(16, 2)).astype("float32"))
-        for _ in range(steps)
-    ]
+from tests import harness
 
 
 def _sam():
@@ -40,8 +20,8 @@ def _sam():
 def test_stateless_loop_equals_fit_bitwise_and_traces_once():
     """The jitted pure step gives SAMModel's weights, BatchNorm statistics and dropout
     masks exactly, and is traced once for all steps."""
-    batches = _batches()
-    model, optimizer = _model(), _sam()
+    batches = harness.adapter_batches()
+    model, optimizer = harness.adapter_model(), _sam()
     initial = model.get_weights()
     optimizer.build(model.trainable_variables)
     loss_fn = keras.losses.MeanSquaredError()
@@ -78,7 +58,7 @@ def test_stateless_loop_equals_fit_bitwise_and_traces_once():
         for variable, value in zip(group, values):
             variable.assign(value)
 
-    fit_model = _model()
+    fit_model = harness.adapter_model()
     fit_model.set_weights(initial)
     sam_model = keras_sam.SAMModel(fit_model)
     sam_model.compile(optimizer=_sam(), loss=loss_fn)
@@ -96,7 +76,7 @@ def test_stateless_loop_equals_fit_bitwise_and_traces_once():
 
 
 def test_stateless_loop_checks_its_arguments():
-    model, optimizer = _model(), _sam()
+    model, optimizer = harness.adapter_model(), _sam()
     state = ([v.value for v in model.trainable_variables], [], [])
     with pytest.raises(ValueError, match="Build `SAM` before the first step"):
         optimizer.stateless_optimize(state, lambda: None, model.trainable_variables)
@@ -106,7 +86,7 @@ def test_stateless_loop_checks_its_arguments():
 
 
 def test_optimize_names_the_jax_form():
-    model = _model()
+    model = harness.adapter_model()
     with pytest.raises(ValueError, match="stateless_optimize"):
         _sam().optimize(lambda: None, model.trainable_variables)
 

@@ -14,27 +14,6 @@ import keras_sam
 from tests import harness, reference
 
 
-def _model():
-    keras.utils.set_random_seed(3)
-    return keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(8, activation="tanh"),
-            keras.layers.BatchNormalization(),
-            keras.layers.Dropout(0.3),
-            keras.layers.Dense(2),
-        ]
-    )
-
-
-def _batches(steps=4):
-    rng = np.random.default_rng(5)
-    return [
-        (rng.normal(size=(16, 4)).astype("float32"), rng.normal(size=(16, 2)).astype("float32"))
-        for _ in range(steps)
-    ]
-
-
 def _sam(rho=0.1):
     return keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=rho)
 
@@ -67,8 +46,8 @@ def test_closure_loop_matches_the_float64_reference(rng):
 def test_closure_loop_equals_fit_bitwise():
     """The closure loop gives SAMModel's weights, BatchNorm statistics and dropout seeds
     exactly (the same step), and leaves no `.grad` on the variables."""
-    batches = _batches()
-    model, optimizer = _model(), _sam()
+    batches = harness.adapter_batches()
+    model, optimizer = harness.adapter_model(), _sam()
     initial = model.get_weights()
     loss_fn = keras.losses.MeanSquaredError()
     losses = []
@@ -83,7 +62,7 @@ def test_closure_loop_equals_fit_bitwise():
     # The passes took their gradients with `torch.autograd.grad`: nothing accumulated.
     assert all(v.value.grad is None for v in model.trainable_variables)
 
-    fit_model = _model()
+    fit_model = harness.adapter_model()
     fit_model.set_weights(initial)
     sam_model = keras_sam.SAMModel(fit_model)
     sam_model.compile(optimizer=_sam(), loss=loss_fn)
@@ -117,8 +96,8 @@ def _failing_closure(model, x, y, failure):
 
 @pytest.mark.parametrize("failure", ["raises", "inf"])
 def test_a_failing_perturbed_pass_leaves_everything_bitwise(failure):
-    model, optimizer = _model(), _sam()
-    x, y = _batches(1)[0]
+    model, optimizer = harness.adapter_model(), _sam()
+    x, y = harness.adapter_batches(1)[0]
     optimizer.build(model.trainable_variables)
     before = harness.snapshot(model.variables) + harness.snapshot(
         optimizer.inner_optimizer.variables
@@ -140,7 +119,7 @@ def test_a_failing_perturbed_pass_leaves_everything_bitwise(failure):
 
 
 def test_closure_loop_checks_its_arguments():
-    model, optimizer = _model(), _sam()
+    model, optimizer = harness.adapter_model(), _sam()
     with pytest.raises(ValueError, match="`closure` must be a callable"):
         optimizer.optimize(None, model.trainable_variables)
     with pytest.raises(ValueError, match=r"`closure` must return `\(predictions, loss\)`"):
@@ -152,11 +131,11 @@ def test_closure_loop_checks_its_arguments():
 
 
 def test_jit_compile_is_refused_with_the_reason_before_any_step():
-    model = _model()
+    model = harness.adapter_model()
     initial = harness.snapshot(model.variables)
     sam_model = keras_sam.SAMModel(model)
     sam_model.compile(optimizer=_sam(), loss="mse", jit_compile=True)
-    x, y = _batches(1)[0]
+    x, y = harness.adapter_batches(1)[0]
     with pytest.raises(
         ValueError, match=r"`jit_compile=True` \(`torch.compile`\) is not supported"
     ):
@@ -211,27 +190,7 @@ def _quadratic_loop(optimizer, steps, bad_steps=()):
 
 
 def test_closure_loop_with_a_loss_scale_optimizer_inside_sam():
-    # Loss scaling in float32 is exact (the scales are powers of two): the trajectory is
-    # bitwise that of SAM without it, so both passes were scaled and unscaled once.
-    scaled = keras_sam.SAM(
-        keras.optimizers.LossScaleOptimizer(
-            keras.optimizers.SGD(0.1, momentum=0.9), initial_scale=8.0, dynamic_growth_steps=2
-        ),
-        rho=0.2,
-    )
-    plain = keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.2)
-    _, history = _quadratic_loop(scaled, 5, bad_steps=(2,))
-    _, want = _quadratic_loop(plain, 4)
-    good = [h for i, h in enumerate(history) if i != 2]
-    for (_, got), (_, expected) in zip(good, want, strict=True):
-        np.testing.assert_array_equal(got, expected)
-    np.testing.assert_array_equal(history[2][1], history[1][1])  # the NaN step: no change
-    lso = scaled.inner_optimizer
-    # 8 -> 16 after two finite steps, 8 after the NaN, 16 after two more.
-    assert float(harness.to_numpy(lso.dynamic_scale)) == 16.0
-    assert int(harness.to_numpy(lso.step_counter)) == 0
-    assert int(harness.to_numpy(scaled.iterations)) == 4
-    assert int(harness.to_numpy(scaled.skipped_steps)) == 1
+    harness.check_loss_scale_inside_sam(_quadratic_loop)
 
 
 def test_closure_loop_accumulates_and_keeps_the_partial_sum_between_steps(rng):

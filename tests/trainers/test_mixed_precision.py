@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_sam
+from tests import harness
 from tests.harness import fragile_model, snapshot
 
 if keras.backend.backend() == "tensorflow":
@@ -163,27 +164,7 @@ def _quadratic_loop(optimizer, steps, bad_steps=()):
 
 @pytest.mark.backends("tensorflow")  # the TensorFlow custom loop
 def test_custom_loop_with_a_loss_scale_optimizer_inside_sam():
-    # Loss scaling in float32 is exact (the scales are powers of two): the trajectory is
-    # bitwise that of SAM without it, so both passes were scaled and unscaled once.
-    scaled = keras_sam.SAM(
-        keras.optimizers.LossScaleOptimizer(
-            keras.optimizers.SGD(0.1, momentum=0.9), initial_scale=8.0, dynamic_growth_steps=2
-        ),
-        rho=0.2,
-    )
-    plain = keras_sam.SAM(keras.optimizers.SGD(0.1, momentum=0.9), rho=0.2)
-    _, history = _quadratic_loop(scaled, 5, bad_steps=(2,))
-    _, want = _quadratic_loop(plain, 4)
-    good = [h for i, h in enumerate(history) if i != 2]
-    for (_, got), (_, expected) in zip(good, want, strict=True):
-        np.testing.assert_array_equal(got, expected)
-    np.testing.assert_array_equal(history[2][1], history[1][1])  # the NaN step: no change
-    lso = scaled.inner_optimizer
-    # 8 -> 16 after two finite steps, 8 after the NaN, 16 after two more.
-    assert float(lso.dynamic_scale.numpy()) == 16.0
-    assert int(lso.step_counter.numpy()) == 0
-    assert int(scaled.iterations.numpy()) == 4
-    assert int(scaled.skipped_steps.numpy()) == 1
+    harness.check_loss_scale_inside_sam(_quadratic_loop)
 
 
 def test_zero_gradient_under_mixed_float16_gives_no_nan(rng):
