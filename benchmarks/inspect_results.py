@@ -262,12 +262,14 @@ def _stat(values, spec):
     return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
 
 
-def write_section(path, text):
+def write_section(path, text, start=START, end=END):
+    """Replaces the section between the markers `start` and `end` of `path` by `text`
+    (which carries them), or appends `text` the first time."""
     path = Path(path)
     current = path.read_text() if path.is_file() else ""
-    if START in current and END in current:
-        before = current[: current.index(START)]
-        after = current[current.index(END) + len(END) :]
+    if start in current and end in current:
+        before = current[: current.index(start)]
+        after = current[current.index(end) + len(end) :]
         updated = before + text.strip() + after
     else:
         updated = current.rstrip() + "\n\n" + text.strip() + "\n"

@@ -261,6 +261,13 @@ def _add_run_arguments(parser, label_noise=0.0):
         help="looksam, periodic_sam: a two-pass step every k steps",
     )
     parser.add_argument(
+        "--sam-start",
+        type=_fraction,
+        default=defaults.sam_start,
+        help="late-phase SAM: the fraction of the training steps taken with rho 0, one "
+        "pass each, before the method's rho starts (0.9: SAM in the last 10 %% of the steps)",
+    )
+    parser.add_argument(
         "--num-batch-splits",
         type=_positive_int,
         default=defaults.num_batch_splits,
@@ -321,6 +328,7 @@ def _config(args, method, epochs=None):
         rho=args.rho,  # None: the method's default (ASAM's scaled)
         alpha=args.alpha,
         k=args.k,
+        sam_start=args.sam_start,
         num_batch_splits=args.num_batch_splits,
         model=args.model,
         optimizer=args.optimizer,

@@ -43,6 +43,9 @@ class RunConfig:
     rho: float | None = None  # None: DEFAULT_RHO, times ASAM_RHO_SCALE for asam
     alpha: float | None = None  # gsam (0.4) and looksam (0.7); None: the method's default
     k: int = 5  # looksam, periodic_sam: the period of the two-pass steps
+    # Late-phase SAM: the fraction of the training steps taken with rho = 0 (one pass
+    # each) before the method's rho starts; 0: from the first step.
+    sam_start: float = 0.0
     num_batch_splits: int = 4  # m-sharpness for SAM methods: m = batch_size / num_batch_splits
     model: str = "cnn"  # see keras_sam.models.MODELS
     optimizer: str = "sgd"  # the inner optimizer: sgd | adam | adamw
@@ -91,6 +94,11 @@ class RunConfig:
             raise ValueError(
                 "`eval_examples` must be an integer >= 0 (0: the whole test set). "
                 f"Received: eval_examples={self.eval_examples!r}"
+            )
+        if not (isinstance(self.sam_start, (int, float)) and 0 <= self.sam_start < 1):
+            raise ValueError(
+                "`sam_start` must be a fraction of the training in [0, 1) (0: SAM from the "
+                f"first step). Received: sam_start={self.sam_start!r}"
             )
         if not 0 <= self.label_noise <= 1:
             raise ValueError(
@@ -168,6 +176,13 @@ def build_optimizer(config, steps):
         return inner
     alpha = {} if config.alpha is None else {"alpha": config.alpha}
     rho = config.rho
+    if config.sam_start:
+        # rho is 0 (and the step takes one pass) for the first `sam_start` of the steps.
+        start = int(round(config.sam_start * steps))
+        if start > 0:  # `iterations` counts from 0: steps 0 to start - 1 take rho = 0
+            rho = keras.optimizers.schedules.PiecewiseConstantDecay(
+                [start - 1], [0.0, config.rho]
+            )
     if config.method in ("sam", "asam"):
         return methods.sam.SAM(inner, rho=rho, adaptive=config.method == "asam")
     if config.method == "gsam":

@@ -103,10 +103,13 @@ _SAVER = textwrap.dedent(
     from keras_sam import files
     model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256), keras.layers.Dense(64)])
     model.set_weights([np.full(w.shape, 2.0, "float32") for w in model.get_weights()])
-    use_files = sys.argv[2] == "atomic"
+    mode = sys.argv[2]
+    if mode == "sam_model":  # SAMModel.save writes atomically by itself
+        import keras_sam
+        model = keras_sam.SAMModel(model)
     print("ready", flush=True)
     while True:
-        if use_files:
+        if mode == "atomic":
             files.save_model(model, sys.argv[1])
         else:
             model.save(sys.argv[1])
@@ -134,9 +137,11 @@ def _kill_while_saving(path, mode, rng):
 @pytest.mark.slow
 # The atomic write is keras_sam.files, the same on every backend: one session runs it.
 @pytest.mark.backends("tensorflow")
-def test_sigkill_during_save_leaves_a_loadable_file(tmp_path):
-    # Each kill lands at a random moment of back-to-back saves; the file must then load,
-    # holding either the old weights (1.0) or the new ones (2.0), every time.
+@pytest.mark.parametrize("mode", ["atomic", "sam_model"])
+def test_sigkill_during_save_leaves_a_loadable_file(tmp_path, mode):
+    # Each kill lands at a random moment of back-to-back saves (`keras_sam.files.save_model`,
+    # or `SAMModel.save` itself); the file must then load, holding either the old weights
+    # (1.0) or the new ones (2.0), every time.
     rng = np.random.default_rng(0)
     path = tmp_path / "model.keras"
     old = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256), keras.layers.Dense(64)])
@@ -144,7 +149,7 @@ def test_sigkill_during_save_leaves_a_loadable_file(tmp_path):
     mid_save = 0
     for _ in range(8):
         old.save(path)
-        assert _kill_while_saving(path, "atomic", rng) == -signal.SIGKILL
+        assert _kill_while_saving(path, mode, rng) == -signal.SIGKILL
         loaded = keras.saving.load_model(path)
         values = {float(np.unique(w).item()) for w in loaded.get_weights()}
         assert values in ({1.0}, {2.0})

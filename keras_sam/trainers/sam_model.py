@@ -1,12 +1,13 @@
 """`SAMModel`: trains any Keras model with SAM through `fit`."""
 
 import numbers
+import os
 import warnings
 from typing import Any
 
 import keras
 
-from keras_sam import backends
+from keras_sam import backends, files
 from keras_sam.methods.sam import SAM
 
 
@@ -141,6 +142,27 @@ class SAMModel(keras.Model):
         return result
 
     # ------------------------------------------------------------- checkpoints
+    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+        """`keras.Model.save`, written atomically to a `.keras` file.
+
+        Keras writes the archive in place, so a kill mid-save would leave a truncated
+        file where the last good one was. Here a `.keras` path is written to a
+        temporary file in the same folder, then moved over `filepath`
+        (`keras_sam.files.replace_atomically`): a kill leaves the previous file whole.
+        Other targets (an unzipped save, a file object, `overwrite=False` over an
+        existing file, which asks first) are Keras's own save.
+        """
+        path = os.fspath(filepath) if isinstance(filepath, (str, os.PathLike)) else None
+        if (
+            path is None
+            or not path.endswith(".keras")
+            or zipped is False
+            or (not overwrite and os.path.exists(path))
+        ):
+            return super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
+        with files.replace_atomically(path) as temporary:
+            super().save(temporary, overwrite=True, zipped=zipped, **kwargs)
+
     def _rng_states(self):
         """The inner model's seed-generator states: its variables that are not weights."""
         weights = {id(w) for w in self.model.weights}
