@@ -92,15 +92,17 @@ def _max_difference(a, b):
     )
 
 
-@pytest.mark.parametrize("loop", ["fit", "loop"])
+@pytest.mark.parametrize("loop", ["fit", "loop", "fit_under_data_parallel"])
 def test_per_replica_equals_one_process_with_a_part_per_process(processes, one_process, loop):
     for runs in processes:
-        run = runs[f"{loop}_per_replica"]
+        run = runs[
+            "fit_data_parallel" if loop == "fit_under_data_parallel" else f"{loop}_per_replica"
+        ]
         _assert_weights_close(run, one_process["one_part_per_process"])
         assert run["iterations"] == runs_on.STEPS
         # ... and differs from the synchronized step (each process perturbs with its own
         # gradient).
-        assert _max_difference(run, runs[f"{loop}_synchronized"]) > 1e-4
+        assert _max_difference(run, runs["fit_synchronized"]) > 1e-4
 
 
 @pytest.mark.parametrize("loop", ["fit", "loop"])
@@ -136,6 +138,7 @@ def test_all_reduces_per_step(processes):
             assert runs[f"{loop}_per_replica"]["all_reduces"] == [[68]] * steps
             # Synchronized: the clean gradient first, then the same buffer.
             assert runs[f"{loop}_synchronized"]["all_reduces"] == [[67], [68]] * steps
+        assert runs["fit_data_parallel"]["all_reduces"] == [[68]] * steps
         # BatchNorm's moving statistics travel in the same buffer.
         batch_norm = runs["fit_batch_norm"]["all_reduces"]
         assert batch_norm == [[68 + 2 * 8 + 2 * 8]] * steps

@@ -87,6 +87,17 @@ def closure_loop(mode, x, y, batch_size):
     return model, opt
 
 
+def fit_under_data_parallel(x, y, batch_size):
+    """`fit` with `keras.distribution.DataParallel` set: on PyTorch, Keras 3.15 accepts it
+    (with the devices given) and changes nothing; the processes do the work."""
+    devices = [f"cpu:{i}" for i in range(PROCESSES)]
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    try:
+        return fit("per_replica", x, y, batch_size)
+    finally:
+        keras.distribution.set_distribution(None)
+
+
 def summary(model, opt, all_reduces=None):
     return {
         "weights": [w.tolist() for w in model.get_weights()],
@@ -119,6 +130,7 @@ def main():
         "loop_synchronized": lambda: closure_loop("synchronized", x, y, batch),
         "fit_nan": lambda: fit("per_replica", x_nan, y, batch),
         "fit_batch_norm": lambda: fit("per_replica", x, y, batch, batch_norm=True),
+        "fit_data_parallel": lambda: fit_under_data_parallel(x, y, batch),
     }
     results = {}
     for name, run in runs.items():
