@@ -27,8 +27,9 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def processes():
+def processes(tmp_path_factory):
     """The JSON each of the 2 processes printed, by rank."""
+    logs = tmp_path_factory.mktemp("torch_distribution")
     script = os.path.join(os.path.dirname(__file__), "torch_distribution.py")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(
@@ -39,27 +40,37 @@ def processes():
         WORLD_SIZE=str(runs_on.PROCESSES),
         PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
     )
-    started = [
-        subprocess.Popen(
-            [sys.executable, script],
-            env=dict(env, RANK=str(rank)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    # Output to files, not pipes: a process blocked on a full pipe would block the other
+    # in the all-reduce.
+    files = [
+        (open(logs / f"stdout{rank}", "w+"), open(logs / f"stderr{rank}", "w+"))
         for rank in range(runs_on.PROCESSES)
     ]
-    outputs = []
+    started = [
+        subprocess.Popen(
+            [sys.executable, script], env=dict(env, RANK=str(rank)), stdout=out, stderr=err
+        )
+        for rank, (out, err) in enumerate(files)
+    ]
     try:
         for process in started:
-            stdout, stderr = process.communicate(timeout=TIMEOUT)
-            assert process.returncode == 0, stderr[-3000:]
-            outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+            process.wait(timeout=TIMEOUT)
+        for out, err in files:
+            out.seek(0), err.seek(0)
+        failures = [
+            f"process {rank} exited with {process.returncode}:\n{err.read()[-2000:]}"
+            for rank, (process, (_, err)) in enumerate(zip(started, files))
+            if process.returncode != 0
+        ]
+        assert not failures, "\n".join(failures)
+        outputs = [json.loads(out.read().strip().splitlines()[-1]) for out, _ in files]
     finally:
         for process in started:  # no orphans: a process still running is killed
             if process.poll() is None:
                 process.kill()
-                process.communicate()
+                process.wait()
+        for out, err in files:
+            out.close(), err.close()
     assert [o["rank"] for o in outputs] == list(range(runs_on.PROCESSES))
     return [o["runs"] for o in outputs]
 
