@@ -87,6 +87,12 @@ def one_process():
             "per_replica", x, y, global_batch, num_batch_splits=splits
         ),
         "nan": runs_on.fit("per_replica", runs_on.X_NAN, y, global_batch, num_batch_splits=splits),
+        "accumulation": runs_on.fit(
+            "per_replica", x, y, global_batch, num_batch_splits=splits, accumulation=2
+        ),
+        "mixed_float16": runs_on.fit(
+            "per_replica", x, y, global_batch, num_batch_splits=splits, policy="mixed_float16"
+        ),
     }
 
 
@@ -164,3 +170,25 @@ def test_a_nan_on_one_process_skips_the_step_on_every_process(processes, one_pro
         assert run["skipped_steps"] == runs_on.EPOCHS
         assert run["iterations"] == runs_on.STEPS - runs_on.EPOCHS
         _assert_weights_close(run, one_process["nan"])
+
+
+def test_gradient_accumulation_over_processes(processes, one_process):
+    """Each micro-batch's SAM gradient is averaged over the processes, then accumulated:
+    one process with a part per process and the same accumulation."""
+    _, reference = one_process["accumulation"]
+    assert int(reference.iterations.numpy()) == runs_on.STEPS // 2
+    for runs in processes:
+        run = runs["fit_accumulation"]
+        assert run["iterations"] == runs_on.STEPS // 2
+        assert run["all_reduces"] == [[68]] * runs_on.STEPS
+        _assert_weights_close(run, one_process["accumulation"])
+
+
+def test_mixed_float16_over_processes(processes, one_process):
+    """Both passes loss-scaled in each process; the same step as one process."""
+    for runs in processes:
+        run = runs["fit_mixed_float16"]
+        assert run["iterations"] == runs_on.STEPS
+        _assert_weights_close(run, one_process["mixed_float16"])
+        # ... which is not the float32 step (the passes ran in float16).
+        assert _max_difference(run, runs["fit_per_replica"]) > 1e-5

@@ -43,9 +43,12 @@ def build(batch_norm=False):
     return keras.Sequential(layers + [keras.layers.Dense(3)])
 
 
-def optimizer(mode):
+def optimizer(mode, accumulation=None):
     return keras_sam.SAM(
-        keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1, distributed_perturbation=mode
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        rho=0.1,
+        distributed_perturbation=mode,
+        gradient_accumulation_steps=accumulation,
     )
 
 
@@ -56,17 +59,34 @@ def shard(array, rank):
     return batches[:, rank].reshape((-1,) + array.shape[1:])
 
 
-def fit(mode, x, y, batch_size, num_batch_splits=None, batch_norm=False):
-    """`SAMModel.fit`; returns the model's variables and the optimizer."""
-    model = build(batch_norm)
-    model.set_weights(initial_weights(batch_norm))
-    sam_model = keras_sam.SAMModel(model, num_batch_splits=num_batch_splits)
-    sam_model.compile(
-        optimizer=optimizer(mode),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    sam_model.fit(x, y, batch_size=batch_size, epochs=EPOCHS, shuffle=False, verbose=0)
-    return model, sam_model.optimizer
+def fit(
+    mode,
+    x,
+    y,
+    batch_size,
+    num_batch_splits=None,
+    batch_norm=False,
+    accumulation=None,
+    policy="float32",
+):
+    """`SAMModel.fit`; returns the model and the SAM optimizer."""
+    initial = initial_weights(batch_norm)
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = build(batch_norm)
+        model.set_weights(initial)
+        sam_model = keras_sam.SAMModel(model, num_batch_splits=num_batch_splits)
+        sam_model.compile(
+            optimizer=optimizer(mode, accumulation),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        sam_model.fit(x, y, batch_size=batch_size, epochs=EPOCHS, shuffle=False, verbose=0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    opt = sam_model.optimizer
+    if isinstance(opt, keras.optimizers.LossScaleOptimizer):  # mixed_float16
+        opt = opt.inner_optimizer
+    return model, opt
 
 
 def closure_loop(mode, x, y, batch_size):
@@ -131,6 +151,8 @@ def main():
         "fit_nan": lambda: fit("per_replica", x_nan, y, batch),
         "fit_batch_norm": lambda: fit("per_replica", x, y, batch, batch_norm=True),
         "fit_data_parallel": lambda: fit_under_data_parallel(x, y, batch),
+        "fit_accumulation": lambda: fit("per_replica", x, y, batch, accumulation=2),
+        "fit_mixed_float16": lambda: fit("per_replica", x, y, batch, policy="mixed_float16"),
     }
     results = {}
     for name, run in runs.items():
