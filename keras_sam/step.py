@@ -197,12 +197,37 @@ class Backend:
 
     # ------------------------------------------------------------ distribution
     def num_replicas(self):
-        """Replicas whose gradients the wrapped optimizer sums (1: none, or global SPMD)."""
+        """Replicas that each run the step on their own share of the global batch (1:
+        none, or one global SPMD program)."""
         return 1
+
+    def replica_loss_divisor(self):
+        """What each replica's loss is divided by: the number of replicas where the loss
+        is a share of the global batch's mean (Keras's `compute_loss` and
+        `tf.nn.compute_average_loss` under `tf.distribute`), 1 where it is the mean of
+        the replica's own batch. Its gradient times this is the replica's own mean
+        gradient."""
+        return self.num_replicas()
 
     def all_reduce_mean(self, tensors):
         """The mean over the replicas of each tensor (identity without replicas)."""
         return tensors
+
+    def reduce_replicas(self, gradients, state, updates, finite):
+        """The step's results made the same on every replica (several replicas only).
+
+        `gradients` are this replica's final (mean) gradients, None where none; `state`
+        the method's new state values; `updates` the clean passes' `(variable, value)`
+        state updates; `finite` this replica's verdict. Returns the four as the step
+        commits them. The default is `tf.distribute`'s: the method's state is averaged;
+        the gradients are divided by the number of replicas, as the wrapped optimizer
+        sums them; the strategy aggregates the updates; `decide` takes the vote.
+        """
+        replicas = self.num_replicas()
+        if state:  # the replicas keep one state: the average of their updates
+            state = self.all_reduce_mean(state)
+        gradients = [None if g is None else self.scaled(g, 1.0 / replicas) for g in gradients]
+        return gradients, state, updates, finite
 
     def check_context(self):
         """Raises if a step cannot run here (TensorFlow: outside `strategy.run`)."""
@@ -269,7 +294,7 @@ def _part(backend, roles, compute, variables, weights, pending, factor):
     and the step commits them at the end.
 
     `factor` turns the raw gradients into the part's mean gradient: one over the loss
-    scale, times the number of replicas.
+    scale, times `Backend.replica_loss_divisor`.
     """
     method = roles.method
     state = method.state_variables
@@ -373,11 +398,12 @@ def compute_step(backend, roles, computes, part_weights, variables):
     everything was finite.
     """
     replicas = backend.num_replicas()
+    divisor = backend.replica_loss_divisor() if replicas > 1 else 1
     factor = None
     if roles.scaler is not None:
-        factor = replicas / roles.scaler.dynamic_scale
-    elif replicas > 1:
-        factor = float(replicas)
+        factor = divisor / roles.scaler.dynamic_scale
+    elif divisor > 1:
+        factor = float(divisor)
 
     weights = [ops.convert_to_tensor(v.value) for v in variables]
     pending = {}
@@ -399,12 +425,12 @@ def compute_step(backend, roles, computes, part_weights, variables):
     ]
     if floating:
         finite = ops.logical_and(finite, backend.all_finite(floating))
+    updates = list(pending.values())
     if replicas > 1:
-        if state:  # the replicas keep one state: the average of their updates
-            state = backend.all_reduce_mean(state)
-        # The wrapped optimizer sums the replicas' gradients.
-        gradients = [None if g is None else backend.scaled(g, 1.0 / replicas) for g in gradients]
-    return parts, gradients, state, list(pending.values()), finite
+        gradients, state, updates, finite = backend.reduce_replicas(
+            gradients, state, updates, finite
+        )
+    return parts, gradients, state, updates, finite
 
 
 def _finish(backend, roles, variables, gradients, state, updates, finite):
@@ -542,15 +568,15 @@ def model_step(backend, sam_model, data):
     # The logs average over the steps that were applied: a skipped step (a NaN batch)
     # adds nothing to `loss`, the metrics or `sharpness`, and shows in `skipped_steps`.
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    replicas = backend.num_replicas()
+    divisor = backend.replica_loss_divisor() if backend.num_replicas() > 1 else 1
     batch_size = ops.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
 
     def update_metrics():
         # `compute_loss` divides by the replica count under tf.distribute; report per
         # replica.
-        sam_model._loss_tracker.update_state(result.loss * replicas, sample_weight=batch_size)
+        sam_model._loss_tracker.update_state(result.loss * divisor, sample_weight=batch_size)
         sam_model.sharpness_tracker.update_state(
-            result.sharpness * replicas, sample_weight=result.second_pass
+            result.sharpness * divisor, sample_weight=result.second_pass
         )
         sam_model.second_pass_tracker.update_state(result.second_pass)
         sam_model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)

@@ -42,8 +42,8 @@ ONLY = {
     ],
 }
 ONLY["jax"] = ["backends/test_jax.py", "backends/test_jax_distribution.py"]
-ONLY["torch"] = ["backends/test_torch.py"]
-collect_ignore = ["backends/jax_distribution.py"] + [
+ONLY["torch"] = ["backends/test_torch.py", "backends/test_torch_distribution.py"]
+collect_ignore = ["backends/jax_distribution.py", "backends/torch_distribution.py"] + [
     path for backend, paths in ONLY.items() if backend != BACKEND for path in paths
 ]
 

@@ -58,6 +58,18 @@ def _gradient(value, leaves, create_graph=False):
 # the step's conditionals are Python `if`s on the tensors' values. The rest of the step
 # runs under `torch.no_grad()`: only the passes build a graph, and the commit assigns
 # the variables in place as Keras's own PyTorch trainer does.
+#
+# Data parallel. Keras 3.15 has no `keras.distribution` for PyTorch (its torch backend has
+# no `distribution_lib`: `DataParallel()` cannot list devices, and with devices given it
+# changes nothing), and its PyTorch trainer and optimizers never all-reduce: Keras's
+# multi-GPU guide wraps the model in `torch.nn.parallel.DistributedDataParallel`, whose
+# hooks average the gradients in `loss.backward()`, which the SAM step never calls. So
+# the adapter does it with `torch.distributed`: when a process group is initialized, each
+# of its processes is a replica running the step on its own batch, and the step ends with
+# one all-reduce of one flat buffer: the final gradients, the method's state, the clean
+# pass's floating state updates (BatchNorm statistics) and the processes' vote on whether
+# every pass was finite. The synchronized mode averages the clean gradient first (one
+# more all-reduce).
 
 
 class Torch(step.Backend):
@@ -82,6 +94,60 @@ class Torch(step.Backend):
     def cond(self, pred, true_fn, false_fn):
         return true_fn() if bool(pred) else false_fn()
 
+    def num_replicas(self):
+        """The processes of `torch.distributed`'s default group (1 when none is set up)."""
+        return world_size()
+
+    def replica_loss_divisor(self):
+        return 1  # each process's loss is the mean of its own batch
+
+    def all_reduce_mean(self, tensors):
+        """The mean over the processes: one all-reduce (SUM, then / processes) of one
+        flat buffer per dtype."""
+        tensors = [torch.as_tensor(t) for t in tensors]
+        processes = world_size()
+        if processes == 1 or not tensors:
+            return tensors
+        groups = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault(t.dtype, []).append(i)
+        means = [None] * len(tensors)
+        for indices in groups.values():
+            flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            flat = flat / processes
+            pieces = torch.split(flat, [tensors[i].numel() for i in indices])
+            for i, piece in zip(indices, pieces):
+                means[i] = piece.reshape(tensors[i].shape)
+        return means
+
+    def reduce_replicas(self, gradients, state, updates, finite):
+        """One all-reduce: the mean gradients (the wrapped optimizer sees the mean over
+        the processes), the mean of the method's state and of the floating updates (the
+        rest, seed states and counters, is the same on every process), and the vote: a
+        process whose passes were not all finite makes every process skip."""
+        present = [i for i, g in enumerate(gradients) if g is not None]
+        averaged_state = [i for i, value in enumerate(state) if _is_floating(value)]
+        averaged_updates = [i for i, (_, value) in enumerate(updates) if _is_floating(value)]
+        vote = torch.logical_not(torch.as_tensor(finite)).to(torch.float32).reshape(1)
+        means = iter(
+            self.all_reduce_mean(
+                [gradients[i] for i in present]
+                + [state[i] for i in averaged_state]
+                + [updates[i][1] for i in averaged_updates]
+                + [vote]
+            )
+        )
+        gradients, state, updates = list(gradients), list(state), list(updates)
+        for i in present:
+            gradients[i] = next(means)
+        for i in averaged_state:
+            state[i] = next(means)
+        for i in averaged_updates:
+            updates[i] = (updates[i][0], next(means))
+        finite = next(means)[0] == 0
+        return gradients, state, updates, finite
+
     def stateful_cond(self, pred, true_fn, false_fn, tracked):
         del tracked  # eager: the branch taken assigns the variables itself
         if bool(pred):
@@ -91,6 +157,18 @@ class Torch(step.Backend):
 
 
 BACKEND = Torch()
+
+
+def world_size():
+    """The number of processes of `torch.distributed`'s default group; 1 without one."""
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_world_size()
+    return 1
+
+
+def _is_floating(value):
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
 def _tensor(value):

@@ -95,8 +95,9 @@ class SAM(keras.optimizers.Optimizer):
     A step whose loss or gradients are NaN or infinite, in either pass, is skipped:
     nothing changes but `skipped_steps` (and the loss scale under mixed precision, where
     Keras's `LossScaleOptimizer` wraps `SAM`, or `SAM` wraps it in a custom loop). Under
-    `tf.distribute`, `distributed_perturbation` says whether each replica perturbs with
-    its own gradient; `gradient_accumulation_steps` accumulates SAM gradients over
+    `tf.distribute`, `keras.distribution.DataParallel` (JAX) or `torch.distributed`
+    (PyTorch), `distributed_perturbation` says whether each replica perturbs with its own
+    gradient; `gradient_accumulation_steps` accumulates SAM gradients over
     micro-batches.
 
     Args:
@@ -122,14 +123,15 @@ class SAM(keras.optimizers.Optimizer):
             a class with `get_config`. Each form survives `get_config` and `.keras`
             files; one that could not (a lambda, a `functools.partial`, anything
             unregistered) is refused here. Defaults to `None`.
-        distributed_perturbation: how the replicas of a `tf.distribute` strategy
-            perturb. `"per_replica"`: each replica perturbs the weights with its own
-            clean gradient and no gradient is all-reduced before the perturbed pass
-            (m-sharpness with m = the per-replica batch, as in the paper; one
-            all-reduce per step, as for plain training). `"synchronized"`: the clean
-            gradient is all-reduced first, so every replica takes the same
+        distributed_perturbation: how the replicas perturb (of a `tf.distribute`
+            strategy, of `keras.distribution.DataParallel` on JAX, or the processes of
+            `torch.distributed` on PyTorch). `"per_replica"`: each replica perturbs the
+            weights with its own clean gradient and no gradient is all-reduced before
+            the perturbed pass (m-sharpness with m = the per-replica batch, as in the
+            paper; one all-reduce per step, as for plain training). `"synchronized"`:
+            the clean gradient is all-reduced first, so every replica takes the same
             perturbation, that of the global batch (two all-reduces per step; for SAM
-            and ASAM the same step as on one device). Ignored without a strategy.
+            and ASAM the same step as on one device). Ignored on one replica.
             Defaults to `"per_replica"`.
         gradient_accumulation_steps: int >= 1 or `None`. With `k > 1`, each call
             (each `fit` batch, or each `optimize` call) is one micro-batch: it takes

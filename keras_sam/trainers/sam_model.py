@@ -32,7 +32,9 @@ class SAMModel(keras.Model):
     in a `keras.optimizers.LossScaleOptimizer`; both passes are then loss-scaled, and a
     step with a non-finite value in either pass is skipped and lowers the scale. Under
     `tf.distribute` strategies, build and compile the `SAMModel` in `strategy.scope()`;
-    the SAM optimizer's `distributed_perturbation` says how the replicas perturb.
+    on PyTorch, each process of an initialized `torch.distributed` group is a replica
+    training on its own shard. The SAM optimizer's `distributed_perturbation` says how
+    the replicas perturb.
 
     Checkpoints: besides the weights, a `SAMModel` saves the inner model's random-seed
     state (dropout masks), in `.keras` files and in `tf.train.Checkpoint`s, which Keras
