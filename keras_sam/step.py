@@ -25,6 +25,7 @@ subclass `Backend` below. This module is written with `keras.ops` and never impo
 backend.
 """
 
+import contextlib
 import typing
 
 import keras
@@ -121,6 +122,17 @@ class Backend:
         `(variable, value)` state updates the pass would have made.
         """
         raise NotImplementedError
+
+    def same_randomness(self):
+        """A context in which a pass draws the random numbers of the last clean pass.
+
+        The perturbed pass runs in it, so that it sees the clean pass's dropout masks,
+        and the random state after the step is the one after the clean passes (a rho=0
+        step draws what a plain step draws). Keras's seed generators are variables that
+        the stateless scope already rewinds; a backend with a global generator of its
+        own (PyTorch's unseeded dropout) overrides this.
+        """
+        return contextlib.nullcontext()
 
     # ---------------------------------------------------------------- gradients
     def prepare(self, gradient, factor, sparse_ok):
@@ -324,9 +336,10 @@ def _part(backend, roles, compute, variables, weights, pending, factor):
             state, values, lambda: method.perturbation(rows, variables)
         )
         perturbed = [backend.perturb(w, e, g) for w, e, g in zip(weights, perturbation, gradients)]
-        _, loss_sam, perturbed_gradients, _ = backend.gradients(
-            compute, variables, perturbed, pending, scale
-        )
+        with backend.same_randomness():
+            _, loss_sam, perturbed_gradients, _ = backend.gradients(
+                compute, variables, perturbed, pending, scale
+            )
         perturbed_gradients = [
             None if g is None else backend.prepare(pg, factor, sparse_ok)
             for g, pg in zip(gradients, perturbed_gradients)

@@ -180,9 +180,7 @@ def build_optimizer(config, steps):
         # rho is 0 (and the step takes one pass) for the first `sam_start` of the steps.
         start = int(round(config.sam_start * steps))
         if start > 0:  # `iterations` counts from 0: steps 0 to start - 1 take rho = 0
-            rho = keras.optimizers.schedules.PiecewiseConstantDecay(
-                [start - 1], [0.0, config.rho]
-            )
+            rho = keras.optimizers.schedules.PiecewiseConstantDecay([start - 1], [0.0, config.rho])
     if config.method in ("sam", "asam"):
         return methods.sam.SAM(inner, rho=rho, adaptive=config.method == "asam")
     if config.method == "gsam":

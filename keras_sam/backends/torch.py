@@ -1,5 +1,6 @@
 """The PyTorch adapter: what keras_sam needs of torch and cannot write with `keras.ops`."""
 
+import contextlib
 import sys
 
 import keras
@@ -73,7 +74,32 @@ def _gradient(value, leaves, create_graph=False):
 
 
 class Torch(step.Backend):
+    # Keras's PyTorch dropout without a `seed` draws its mask from torch's global
+    # generator, not from a Keras seed generator: each clean pass records that generator's
+    # state before and after it, and the perturbed pass replays it (`same_randomness`).
+    _before_clean = _after_clean = None
+    _replaying = False
+
     def gradients(self, compute, variables, values, pending, scale):
+        if not self._replaying:
+            self._before_clean = _rng_state()
+        try:
+            return self._gradients(compute, variables, values, pending, scale)
+        finally:
+            if not self._replaying:
+                self._after_clean = _rng_state()
+
+    @contextlib.contextmanager
+    def same_randomness(self):
+        _set_rng_state(self._before_clean)
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = False
+            _set_rng_state(self._after_clean)
+
+    def _gradients(self, compute, variables, values, pending, scale):
         leaves = [v.detach().requires_grad_(True) for v in values]
         scope = step.RecordingScope(
             state_mapping=list(pending.values()) + list(zip(variables, leaves))
@@ -157,6 +183,21 @@ class Torch(step.Backend):
 
 
 BACKEND = Torch()
+
+
+def _rng_state():
+    """torch's global generators' states: the CPU one, and CUDA's once it is in use."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state):
+    if state is None:
+        return
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def world_size():

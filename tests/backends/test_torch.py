@@ -229,3 +229,41 @@ def test_closure_loop_accumulates_and_keeps_the_partial_sum_between_steps(rng):
     )
     harness.assert_weights_close(model.get_weights(), want, rtol=1e-5, atol=1e-6)
     assert int(harness.to_numpy(optimizer.iterations)) == 1
+
+
+def _unseeded_dropout_run(optimizer):
+    """Two epochs of `fit` on a model whose Dropout has no seed: Keras's PyTorch dropout
+    then draws its masks from torch's global generator."""
+    keras.utils.set_random_seed(7)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = rng.integers(0, 3, 64)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.set_weights(
+        [np.full(w.shape, 0.1, "float32") + 0.01 * i for i, w in enumerate(model.get_weights())]
+    )
+    sam_model = keras_sam.SAMModel(model)
+    sam_model.compile(
+        optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    sam_model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    return [w.numpy() for w in model.weights], torch.get_rng_state()
+
+
+def test_unseeded_dropout_gives_both_passes_the_same_mask():
+    # At rho = 1e-20, `w + e` rounds to `w` (the weights are about 0.1): the perturbed
+    # pass is a second clean pass (rho = 0 itself would skip it). With the clean pass's
+    # masks replayed it gives the clean gradient, and the step is plain SGD's bitwise;
+    # the global generator then ends where plain training leaves it (one draw per step).
+    plain, plain_rng = _unseeded_dropout_run(keras.optimizers.SGD(0.1))
+    sam, sam_rng = _unseeded_dropout_run(keras_sam.SAM(keras.optimizers.SGD(0.1), rho=1e-20))
+    for a, b in zip(plain, sam):
+        np.testing.assert_array_equal(a, b)
+    assert torch.equal(plain_rng, sam_rng)

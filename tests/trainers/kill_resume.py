@@ -51,7 +51,10 @@ def main(case, backup_dir, out, kill_at):
             keras.Input((6,)),
             keras.layers.Dense(16, activation="relu"),
             keras.layers.BatchNormalization(),
-            keras.layers.Dropout(0.3),
+            # Unseeded, its masks come from a Keras seed generator, which SAMModel
+            # checkpoints; except on PyTorch, where Keras draws an unseeded dropout mask
+            # from torch's global generator, which no checkpoint holds (docs/reliability.md).
+            keras.layers.Dropout(0.3, seed=3 if keras.backend.backend() == "torch" else None),
             keras.layers.Dense(3),
         ]
     )
