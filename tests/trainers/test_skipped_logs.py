@@ -3,6 +3,7 @@ backend)."""
 
 import keras
 import numpy as np
+import pytest
 
 import keras_sam
 
@@ -82,3 +83,28 @@ def test_an_infinite_batchnorm_statistic_skips_the_step(rng):
     assert int(sam_model.optimizer.skipped_steps.numpy()) == 1
     for a, v in zip(before, model.variables, strict=True):
         np.testing.assert_array_equal(a, v.numpy(), err_msg=v.path)
+
+
+# Keras warns at the end of data of unknown length, whose end it finds by running out.
+@pytest.mark.filterwarnings("ignore:Your input ran out of data")
+def test_second_pass_rate_on_data_of_unknown_length(rng):
+    # A Python generator has no length: Keras runs steps until it is exhausted. The rate
+    # must count the 10 steps taken (5 of them two-pass with k=2), not one step more.
+    x = rng.normal(size=(80, 4)).astype("float32")
+    y = rng.integers(0, 3, 80)
+
+    def batches():
+        for i in range(10):
+            yield x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
+
+    for method in (keras_sam.PeriodicSAM, keras_sam.LookSAM):
+        sam_model = keras_sam.SAMModel(_model())
+        optimizer = method(keras.optimizers.SGD(0.05), rho=0.05, k=2)
+        sam_model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        history = sam_model.fit(batches(), epochs=1, shuffle=False, verbose=0).history
+        assert int(optimizer.iterations) == 10
+        assert int(optimizer.second_passes) == 5
+        assert history["second_pass_rate"] == [0.5], method.__name__
