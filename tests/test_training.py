@@ -205,6 +205,7 @@ def test_rho_defaults_to_the_methods_own_and_asams_is_ten_times_sams():
         {"optimizer": "lbfgs"},
         {"alpha": -0.5},
         {"k": 0},
+        {"sam_start": 1.0},
     ],
 )
 def test_run_config_validation_names_the_argument(kwargs):
