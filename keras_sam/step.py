@@ -705,6 +705,8 @@ def _raise_cardinality_error(batch):
         "Data cardinality is ambiguous. Make sure all arrays contain the same number of samples."
     )
     for label, data in zip(["x", "y", "sample_weight"], batch):
+        if data is None:
+            continue
         sizes = ", ".join(str(t.shape[0]) for t in keras.tree.flatten(data) if t is not None)
         message += f"'{label}' sizes: {sizes}\n"
     raise ValueError(message)
