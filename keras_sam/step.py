@@ -3,12 +3,14 @@
 A step runs, for each part of the batch (one part, or `num_batch_splits` parts for
 m-sharpness): the clean pass at `w`; the method's decision whether to take the perturbed
 pass; the perturbed pass at `w + e`; the method's final gradient. It then takes one
-decision for the whole step: when a loss or a gradient of any pass is NaN or infinite,
-the step is skipped (nothing changes but `skipped_steps` and, under loss scaling, the loss
-scale); otherwise the clean pass's state updates (BatchNorm statistics, seeds) and the
-method's state are committed and the wrapped optimizer steps (under gradient
-accumulation: the SAM gradient is added to the sums, and the optimizer steps every k-th
-micro-batch).
+decision for the whole step: when a loss or a gradient of any pass, or a state update
+it would commit, is NaN or infinite, the step is skipped (nothing changes but
+`skipped_steps` and, under loss scaling, the loss scale); otherwise the clean pass's state
+updates (BatchNorm statistics, seeds) and the method's state are committed and the
+wrapped optimizer steps (under gradient accumulation: the SAM gradient is added to the
+sums, and the optimizer steps every k-th micro-batch). What the optimizer wrote (weights,
+slots, sums) is checked in turn: if any of it is NaN or infinite, every variable is
+restored from a copy taken before the commit and the step is skipped all the same.
 
 Nothing is written to a variable before that decision. Both passes run inside a
 `keras.StatelessScope` whose state mapping gives the trained variables as tensors: the
