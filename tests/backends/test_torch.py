@@ -229,3 +229,24 @@ def test_closure_loop_accumulates_and_keeps_the_partial_sum_between_steps(rng):
     )
     harness.assert_weights_close(model.get_weights(), want, rtol=1e-5, atol=1e-6)
     assert int(harness.to_numpy(optimizer.iterations)) == 1
+
+
+def test_closure_loop_skips_a_step_that_overflows_adam():
+    # A loss of about 1e30: its gradient is finite, Adam's second moment is not. Adam
+    # updates its tensors in place; the step restores them and the weights.
+    variable = keras.Variable(np.array([1.0, -2.0], "float32"))
+    optimizer = keras_sam.SAM(keras.optimizers.Adam(0.1), rho=0.1)
+
+    def step(scale):
+        return optimizer.optimize(lambda: (None, scale * torch.sum(variable.value**2)), [variable])
+
+    step(1.0)
+    variables = [variable] + optimizer.variables
+    before = harness.snapshot(variables)
+    _, loss, _ = step(1e30)
+    assert np.isfinite(float(loss))
+    for a, v in zip(before, variables, strict=True):
+        if v is not optimizer.skipped_steps:
+            np.testing.assert_array_equal(a, harness.to_numpy(v), err_msg=v.path)
+    assert int(optimizer.skipped_steps.numpy()) == 1
+    assert int(optimizer.iterations.numpy()) == 1
