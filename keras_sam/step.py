@@ -3,12 +3,14 @@
 A step runs, for each part of the batch (one part, or `num_batch_splits` parts for
 m-sharpness): the clean pass at `w`; the method's decision whether to take the perturbed
 pass; the perturbed pass at `w + e`; the method's final gradient. It then takes one
-decision for the whole step: when a loss or a gradient of any pass is NaN or infinite,
-the step is skipped (nothing changes but `skipped_steps` and, under loss scaling, the loss
-scale); otherwise the clean pass's state updates (BatchNorm statistics, seeds) and the
-method's state are committed and the wrapped optimizer steps (under gradient
-accumulation: the SAM gradient is added to the sums, and the optimizer steps every k-th
-micro-batch).
+decision for the whole step: when a loss or a gradient of any pass, or a state update
+it would commit, is NaN or infinite, the step is skipped (nothing changes but
+`skipped_steps` and, under loss scaling, the loss scale); otherwise the clean pass's state
+updates (BatchNorm statistics, seeds) and the method's state are committed and the
+wrapped optimizer steps (under gradient accumulation: the SAM gradient is added to the
+sums, and the optimizer steps every k-th micro-batch). What the optimizer wrote (weights,
+slots, sums) is checked in turn: if any of it is NaN or infinite, every variable is
+restored from a copy taken before the commit and the step is skipped all the same.
 
 Nothing is written to a variable before that decision. Both passes run inside a
 `keras.StatelessScope` whose state mapping gives the trained variables as tensors: the
@@ -266,7 +268,13 @@ class Backend:
         return fn(*args)
 
     def dynamic_split(self, batch, num_splits):
-        """Splits a batch whose size is known only when the step runs."""
+        """Splits a batch whose size is known only when the step runs.
+
+        Returns `num_splits` parts, their weights and their sizes (tensors). A part
+        that would be empty (a batch smaller than `num_splits`) reads the batch's first
+        example instead, with weight 0 and size 0: the step drops its state updates
+        and outputs, so it changes nothing (see `split_batch`).
+        """
         raise ValueError(
             f"num_batch_splits={num_splits} needs batches of a known size on the "
             f"{keras.backend.backend()} backend."
@@ -297,7 +305,7 @@ def stateless_run(variables, values, fn):
     return result, [scope.get_current_value(v) for v in variables]
 
 
-def _part(backend, roles, compute, variables, weights, pending, factor):
+def _part(backend, roles, compute, variables, weights, pending, factor, real=None):
     """Runs the passes of one part and returns its final gradients (`Part`).
 
     The method's state is read and assigned only inside stateless scopes: the new
@@ -307,6 +315,13 @@ def _part(backend, roles, compute, variables, weights, pending, factor):
 
     `factor` turns the raw gradients into the part's mean gradient: one over the loss
     scale, times `Backend.replica_loss_divisor`.
+
+    `real` (a boolean tensor, or None for True) is False for a stand-in for an empty
+    part (`Backend.dynamic_split`): its state updates are dropped, so the next part
+    reads the state as it was before it. Its other results need no mask: it runs on
+    the batch's first example with the state the part holding that example reads, so
+    it computes exactly what that part computes (finite when that one is), and it has
+    weight 0.
     """
     method = roles.method
     state = method.state_variables
@@ -366,6 +381,9 @@ def _part(backend, roles, compute, variables, weights, pending, factor):
 
     finite = backend.all_finite([loss, loss_sam] + [gradients[i] for i in present] + list(descent))
     for variable, value in clean_updates:
+        if real is not None:
+            before = pending[id(variable)][1] if id(variable) in pending else variable.value
+            value = ops.where(real, value, before)
         pending[id(variable)] = (variable, value)
     final = [None] * len(gradients)
     for i, g in zip(present, descent):
@@ -403,8 +421,11 @@ def prepare_step(backend, optimizer, variables):
     return roles
 
 
-def compute_step(backend, roles, computes, part_weights, variables):
+def compute_step(backend, roles, computes, part_weights, variables, real=None):
     """Runs the passes of every part; writes nothing.
+
+    `real`: None, or one boolean tensor per part, False for a stand-in for an empty
+    part (see `_part`).
 
     Returns the parts' `Part` results, the step's final gradients, the method's new
     state, the clean passes' state updates (`(variable, value)` pairs) and whether
@@ -420,7 +441,11 @@ def compute_step(backend, roles, computes, part_weights, variables):
 
     weights = [ops.convert_to_tensor(v.value) for v in variables]
     pending = {}
-    parts = [_part(backend, roles, c, variables, weights, pending, factor) for c in computes]
+    real = real or [None] * len(computes)
+    parts = [
+        _part(backend, roles, c, variables, weights, pending, factor, r)
+        for c, r in zip(computes, real)
+    ]
     if len(parts) == 1:
         gradients, state = parts[0].gradients, parts[0].state
     else:
@@ -484,6 +509,13 @@ def _finish(backend, roles, variables, gradients, state, updates, finite):
             total.assign(ops.zeros_like(total.value))
 
     def take_step(*args):
+        # The wrapped optimizer's new weights and slots exist only once it has applied
+        # the step (Keras's TensorFlow optimizers refuse `stateless_apply`, and its
+        # PyTorch ones update their tensors in place): the step keeps what it may
+        # change, applies, checks what was written and, if any of it is NaN or
+        # infinite (Adam's second moment overflowing, say), restores it all and skips.
+        # On JAX the step is a pure function: the "snapshot" is the old values.
+        snapshot = [ops.copy(v.value) for v in tracked]
         if steps == 1:
             backend.run_in_replicas(apply_now, *args)
         else:
@@ -497,8 +529,18 @@ def _finish(backend, roles, variables, gradients, state, updates, finite):
                 micro_steps.assign(ops.zeros_like(micro_steps.value))
 
             backend.decide(full, step_with_the_sums, lambda: None, tracked)
-        if scaler is not None:
-            _grow_loss_scale(scaler)
+
+        def keep():
+            if scaler is not None:
+                _grow_loss_scale(scaler)
+
+        def roll_back():
+            for variable, value in zip(tracked, snapshot):
+                variable.assign(value)
+            skip_step()
+
+        written = backend.all_finite([v.value for v in checked])
+        backend.decide(written, keep, roll_back, tracked)
 
     def skip_step(*args):
         del args
@@ -509,7 +551,21 @@ def _finish(backend, roles, variables, gradients, state, updates, finite):
             scaler.dynamic_scale.assign(scaler.dynamic_scale.value * 0.5)
 
     tracked = _unique(list(variables) + update_variables + list(roles.outer.variables))
+    # What the wrapped optimizer writes (the weights, its slots) and the accumulated sums.
+    checked = [
+        v
+        for v in _unique(list(variables) + list(applier.variables) + _sums(method))
+        if _is_floating(v)
+    ]
     backend.decide(finite, take_step, skip_step, tracked, args=args)
+
+
+def _sums(method):
+    """The gradient and state sums of gradient accumulation (none without it)."""
+    if method.accumulation_steps == 1:
+        return []
+    _, gradient_sums, state_sums = method.accumulation_variables
+    return list(gradient_sums) + list(state_sums)
 
 
 def _is_floating(tensor):
@@ -551,7 +607,9 @@ def model_step(backend, sam_model, data):
     def replica_step(data):
         """The passes over this replica's batch; writes nothing."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        parts, weights = split_batch(backend, (x, y, sample_weight), sam_model.num_batch_splits)
+        parts, weights, sizes = split_batch(
+            backend, (x, y, sample_weight), sam_model.num_batch_splits
+        )
         computes = []
         for x_part, y_part, weight_part in parts:
 
@@ -563,10 +621,12 @@ def model_step(backend, sam_model, data):
                 return y_pred, loss, None
 
             computes.append(compute)
+        real = None if sizes is None else [ops.greater(s, 0) for s in sizes]
         results, gradients, state, updates, finite = compute_step(
-            backend, roles, computes, weights, variables
+            backend, roles, computes, weights, variables, real
         )
-        return StepResult(gradients, state, updates, finite, *_summary(backend, results, weights))
+        summary = _summary(backend, results, weights, sizes)
+        return StepResult(gradients, state, updates, finite, *summary)
 
     readable = _unique(
         sam_model.trainable_variables
@@ -615,15 +675,23 @@ class StepResult(typing.NamedTuple):
     sharpness: object
 
 
-def _summary(backend, results, weights):
-    """The predictions, clean loss, two-pass fraction and sharpness of a step's parts."""
+def _summary(backend, results, weights, sizes=None):
+    """The predictions, clean loss, two-pass fraction and sharpness of a step's parts.
+
+    `sizes` (tensors, or None): each part's number of examples; a stand-in for an empty
+    part adds no predictions.
+    """
     if len(results) == 1:
         result = results[0]
         second_pass = ops.cast(result.second_pass, "float32")
         return result.outputs, result.loss, second_pass, result.loss_sam - result.loss
-    outputs = keras.tree.map_structure(
-        lambda *p: backend.concatenate(p), *[r.outputs for r in results]
-    )
+    outputs = [r.outputs for r in results]
+    if sizes is not None:
+        outputs = [
+            keras.tree.map_structure(lambda t, size=size: t[:size], o)
+            for o, size in zip(outputs, sizes)
+        ]
+    outputs = keras.tree.map_structure(lambda *p: backend.concatenate(p), *outputs)
     loss = backend.weighted_sum([r.loss for r in results], weights)
     second_pass = backend.weighted_sum(
         [ops.cast(r.second_pass, "float32") for r in results], weights
@@ -638,32 +706,51 @@ def _summary(backend, results, weights):
 def split_batch(backend, batch, num_splits):
     """Splits every tensor of `batch` along axis 0 into `num_splits` nearly equal parts.
 
-    Returns the parts and their weights (part size over batch size). Sizes differ by at
-    most one when the split is uneven.
+    Returns the parts, their weights (part size over batch size) and, for a batch whose
+    size is known only when the step runs, the parts' sizes as tensors (else None).
+    Sizes differ by at most one when the split is uneven. A batch smaller than
+    `num_splits` (the last batch of an epoch, say) is split into as many parts of one
+    example as it has examples: statically, that many parts; at run time, `num_splits`
+    parts of which the empty ones take no part in the step (see `dynamic_split`).
+
+    Tensors of different sizes (an `x` batch of 8 and a `y` batch of 7) get Keras's own
+    error for arrays of different sizes, before anything changes.
     """
     if not num_splits or num_splits == 1:
-        return [batch], [1.0]
-    first = next(t for t in keras.tree.flatten(batch) if t is not None)
-    static_size = first.shape[0]
-    if static_size is None:
+        return [batch], [1.0], None
+    flat = keras.tree.flatten(batch)
+    static_sizes = [t.shape[0] for t in flat if t is not None]
+    if any(size is None for size in static_sizes):
         return backend.dynamic_split(batch, num_splits)
-    if static_size < num_splits:
-        raise ValueError(
-            f"A batch of {static_size} examples cannot be split into "
-            f"num_batch_splits={num_splits} parts: use a batch of at least "
-            f"{num_splits} examples or fewer splits."
-        )
+    if len(set(static_sizes)) > 1:
+        _raise_cardinality_error(batch)
+    static_size = static_sizes[0]
+    num_splits = min(num_splits, static_size)
+    if num_splits <= 1:
+        return [batch], [1.0], None
     sizes = [(static_size + i) // num_splits for i in range(num_splits)]
     weights = [s / static_size for s in sizes]
     ends = [sum(sizes[: i + 1]) for i in range(num_splits)]
     starts = [0] + ends[:-1]
 
-    flat = keras.tree.flatten(batch)
     pieces = [
         [None] * num_splits if t is None else [t[a:b] for a, b in zip(starts, ends)] for t in flat
     ]
     parts = [keras.tree.pack_sequence_as(batch, [p[i] for p in pieces]) for i in range(num_splits)]
-    return parts, weights
+    return parts, weights, None
+
+
+def _raise_cardinality_error(batch):
+    """Keras's `fit` error for arrays of different sizes, for one batch."""
+    message = (
+        "Data cardinality is ambiguous. Make sure all arrays contain the same number of samples."
+    )
+    for label, data in zip(["x", "y", "sample_weight"], batch):
+        if data is None:
+            continue
+        sizes = ", ".join(str(t.shape[0]) for t in keras.tree.flatten(data) if t is not None)
+        message += f"'{label}' sizes: {sizes}\n"
+    raise ValueError(message)
 
 
 def check_variables(variables):

@@ -65,7 +65,7 @@ def hessian_vector_product(function, values, vector):
 # Inside `tf.function`, a run-time error stops the step when the failing op feeds the
 # loss (`loss = tf.debugging.check_numerics(loss, ...)`). TensorFlow does not order an
 # assertion whose result feeds nothing before other ops, so such an assertion can fail
-# after the step was applied: make the loss depend on it.
+# after the step was applied, and XLA drops assertions: the step has none.
 
 
 class TensorFlow(step.Backend):
@@ -191,21 +191,34 @@ class TensorFlow(step.Backend):
         super().build(optimizer, variables)
 
     def dynamic_split(self, batch, num_splits):
-        first = next(t for t in keras.tree.flatten(batch) if t is not None)
+        """`num_splits` parts, alike eagerly, in a graph and under XLA (no assertion).
+
+        A batch smaller than `num_splits` gives empty parts, which read the batch's
+        first example instead and are dropped by the step (`step.split_batch`). Each
+        tensor is cut by its own size: when `x` and `y` differ, the parts' losses raise
+        Keras's error for tensors of different sizes, which the commit depends on.
+        """
+        flat = keras.tree.flatten(batch)
+        first = next(t for t in flat if t is not None)
         size = tf.shape(first)[0]
-        tf.debugging.assert_greater_equal(
-            size,
-            num_splits,
-            message=f"num_batch_splits={num_splits} needs batches of at least {num_splits}",
-        )
         sizes = [(size + i) // num_splits for i in range(num_splits)]
         weights = [tf.cast(s, "float32") / tf.cast(size, "float32") for s in sizes]
-        flat = keras.tree.flatten(batch)
-        pieces = [[None] * num_splits if t is None else tf.split(t, sizes) for t in flat]
+
+        def cut(t):
+            own = tf.shape(t)[0]
+            own_sizes = [(own + i) // num_splits for i in range(num_splits)]
+            pieces, start = [], 0
+            for part_size in own_sizes:
+                begin = tf.where(part_size > 0, start, 0)
+                pieces.append(t[begin : begin + tf.maximum(part_size, 1)])
+                start = start + part_size
+            return pieces
+
+        pieces = [[None] * num_splits if t is None else cut(t) for t in flat]
         parts = [
             keras.tree.pack_sequence_as(batch, [p[i] for p in pieces]) for i in range(num_splits)
         ]
-        return parts, weights
+        return parts, weights, sizes
 
 
 BACKEND = TensorFlow()

@@ -48,8 +48,9 @@ class SAMModel(keras.Model):
             many parts, each part gets its own perturbation, and the parts' SAM gradients
             are averaged, weighted by part size. A batch that the number does not divide
             (an epoch's last batch, say) is split into parts whose sizes differ by at
-            most one; a batch smaller than the number is an error. BatchNorm statistics
-            are then updated once per part. Defaults to `None` (one perturbation for the
+            most one; a batch smaller than the number into parts of one example (the
+            same eagerly, compiled and under XLA). BatchNorm statistics are then updated
+            once per part. Defaults to `None` (one perturbation for the
             whole batch).
         **kwargs: passed to `keras.Model` (e.g. `name`).
 

@@ -107,3 +107,30 @@ def test_jax_never_imports_tensorflow():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_stateless_loop_skips_a_step_that_overflows_adam():
+    # A loss of about 1e30: its gradient is finite, Adam's second moment is not. The
+    # jitted step returns the state it was given, but for `skipped_steps`.
+    variable = keras.Variable(np.array([1.0, -2.0], "float32"))
+    optimizer = keras_sam.SAM(keras.optimizers.Adam(0.1), rho=0.1)
+    optimizer.build([variable])
+
+    @jax.jit
+    def train_step(state, scale):
+        def compute():
+            return None, scale * keras.ops.sum(variable.value**2)
+
+        return optimizer.stateless_optimize(state, compute, [variable], [])
+
+    state = ([variable.value], [], [v.value for v in optimizer.variables])
+    state, _ = train_step(state, 1.0)
+    new_state, (_, loss, _) = train_step(state, 1e30)
+    assert np.isfinite(float(loss))
+    skipped = [id(v) for v in optimizer.variables].index(id(optimizer.skipped_steps))
+    for group, new_group in zip(state, new_state, strict=True):
+        for i, (a, b) in enumerate(zip(group, new_group, strict=True)):
+            if group is state[2] and i == skipped:
+                assert int(b) == int(a) + 1
+            else:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -267,3 +267,24 @@ def test_unseeded_dropout_gives_both_passes_the_same_mask():
     for a, b in zip(plain, sam):
         np.testing.assert_array_equal(a, b)
     assert torch.equal(plain_rng, sam_rng)
+
+
+def test_closure_loop_skips_a_step_that_overflows_adam():
+    # A loss of about 1e30: its gradient is finite, Adam's second moment is not. Adam
+    # updates its tensors in place; the step restores them and the weights.
+    variable = keras.Variable(np.array([1.0, -2.0], "float32"))
+    optimizer = keras_sam.SAM(keras.optimizers.Adam(0.1), rho=0.1)
+
+    def step(scale):
+        return optimizer.optimize(lambda: (None, scale * torch.sum(variable.value**2)), [variable])
+
+    step(1.0)
+    variables = [variable] + optimizer.variables
+    before = harness.snapshot(variables)
+    _, loss, _ = step(1e30)
+    assert np.isfinite(float(loss))
+    for a, v in zip(before, variables, strict=True):
+        if v is not optimizer.skipped_steps:
+            np.testing.assert_array_equal(a, harness.to_numpy(v), err_msg=v.path)
+    assert int(optimizer.skipped_steps.numpy()) == 1
+    assert int(optimizer.iterations.numpy()) == 1

@@ -150,8 +150,9 @@ def _reference_fit(params, x, t, batch_size, epochs, lr, momentum, rho, l2=0.0, 
         losses, sharpness, sizes = [], [], []
         for start in range(0, len(x), batch_size):
             xb, tb = x[start : start + batch_size], t[start : start + batch_size]
+            # A batch smaller than `splits` is split into parts of one example.
             loss, loss_sam, grads = reference.mlp_split_sam_gradient(
-                params, xb, tb, rho, splits=splits, l2=l2
+                params, xb, tb, rho, splits=min(splits, len(xb)), l2=l2
             )
             params, velocities = reference.sgd_momentum(params, grads, velocities, lr, momentum)
             losses.append(loss)
@@ -199,11 +200,23 @@ def test_regularization_losses_in_both_passes_and_the_loss_and_sharpness_logs(
         assert max(np.max(np.abs(a - b)) for a, b in zip(want, unregularized, strict=True)) > 1e-3
 
 
-def test_m_sharpness_refuses_a_batch_smaller_than_the_number_of_splits(rng):
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [9, 10, 3])
+def test_m_sharpness_splits_a_batch_smaller_than_the_number_of_splits_into_single_examples(
+    rng, mode, n
+):
+    # Batches of 4 with num_batch_splits=4: the last batch of an epoch of 9 or 10 holds
+    # 1 or 2 examples, a whole epoch of 3 is one batch of 3. Such a batch is trained as
+    # parts of one example each, alike eagerly, compiled and under XLA (where its size
+    # is known only when the step runs): the reference is m-sharpness with
+    # min(4, batch size) parts, every step applied.
     params = reference.mlp_init(rng)
-    x, t = rng.normal(size=(3, 3)), rng.normal(size=(3, 2))
-    with pytest.raises(ValueError, match="cannot be split into num_batch_splits=4"):
-        _fit_mlp(params, x, t, "compiled", batch_size=3, epochs=1, rho=0.1, splits=4)
+    x, t = rng.normal(size=(n, 3)), rng.normal(size=(n, 2))
+    model, history = _fit_mlp(params, x, t, mode, batch_size=4, epochs=2, rho=0.1, splits=4)
+    want, logs = _reference_fit(params, x, t, 4, 2, 0.1, 0.9, 0.1, splits=4)
+    harness.assert_weights_close(model.get_weights(), want)
+    np.testing.assert_allclose(history["loss"], [g["loss"] for g in logs], rtol=1e-5)
+    assert history["skipped_steps"] == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -205,6 +205,27 @@ def test_a_nan_on_one_replica_skips_the_step_on_both(strategy, rng):
     assert int(sam_model.optimizer.iterations.numpy()) == 1
 
 
+def test_an_adam_overflow_on_one_replica_skips_the_step_on_both(strategy, rng):
+    # The second replica's examples weigh 1e30: every loss and gradient is finite, but
+    # Adam's second moment overflows once the optimizer has all-reduced the gradients.
+    # The decision, taken after the optimizer wrote, restores every replica's copy.
+    params = reference.mlp_init(rng)
+    x, t = _data(rng, n=8)
+    with strategy.scope():
+        sam_model = keras_sam.SAMModel(harness.mlp(params))
+        sam_model.compile(optimizer=keras_sam.SAM(keras.optimizers.Adam(0.01), rho=0.1), loss="mse")
+    sam_model.fit(x, t, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)  # a good step first
+    variables = sam_model.weights + sam_model.optimizer.inner_optimizer.variables
+    before = [np.array(v.numpy(), copy=True) for v in variables]
+    weights = np.r_[np.ones(4), np.full(4, 1e30)].astype("float32")
+    sam_model.fit(x, t, sample_weight=weights, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+    for a, v in zip(before, variables, strict=True):
+        np.testing.assert_array_equal(a, v.numpy(), err_msg=v.path)
+    _assert_replicas_identical(strategy, sam_model.weights + sam_model.optimizer.variables)
+    assert int(sam_model.optimizer.skipped_steps.numpy()) == 1
+    assert int(sam_model.optimizer.iterations.numpy()) == 1
+
+
 def test_mixed_float16_on_two_replicas_equals_splitting_the_batch_on_one_device(strategy, rng):
     params = reference.mlp_init(rng)
     x, t = _data(rng)
