@@ -70,15 +70,7 @@ def pytest_configure(config):
     )
 
 
-# Run first in their process: TensorFlow keeps collective-op state per process, and
-# `tf.distribute.MirroredStrategy` collectives created after many other tests' graphs
-# were seen to abort with a shape mismatch between replicas (TensorFlow's collective
-# instance keys; cf. tensorflow/tensorflow#62790), never when these tests run first.
-FIRST = ("trainers/test_distribute.py",)
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: not any(item.nodeid.startswith(f"tests/{p}") for p in FIRST))
     for item in items:
         marker = item.get_closest_marker("backends")
         if marker is not None and BACKEND not in marker.args:
@@ -102,6 +94,10 @@ def _fresh_state():
     # cost up to 2 s a test on a busy 2-core machine (TensorFlow and torch loaded).
     keras.backend.clear_session(free_memory=BACKEND != "torch")
     keras.utils.set_random_seed(1234)
+    if BACKEND == "tensorflow":
+        from tests import harness
+
+        harness.fresh_collective_keys()
     yield
     keras.config.set_dtype_policy("float32")
 

@@ -334,3 +334,24 @@ def check_loss_scale_inside_sam(quadratic_loop):
     assert int(to_numpy(lso.step_counter)) == 0
     assert int(to_numpy(scaled.iterations)) == 4
     assert int(to_numpy(scaled.skipped_steps)) == 1
+
+
+# ------------------------------------------------------------- tf.distribute keys
+_COLLECTIVE_KEY_BASES = iter(range(10_000, 10**9, 10_000))
+
+
+def fresh_collective_keys():
+    """Gives the `MirroredStrategy`s this test creates collective keys no earlier test used.
+
+    Every `tf.distribute.MirroredStrategy` numbers its collective groups from
+    `1 + MirroredStrategy._collective_key_base` (0 by default) and their instances from
+    100, and TensorFlow keeps each (group, instance) key's tensor shape for the life of
+    the process. A second strategy over the same devices thus reuses the first one's keys,
+    and a collective of another shape aborts ("Shape mismatch in the collective instance
+    100 ... expected shape [195] but another member ... [32]"; tensorflow/tensorflow#62790).
+    The TensorFlow session's every test calls it first (tests/conftest.py), and so must a
+    fixture that creates a strategy for a whole module.
+    """
+    import tensorflow as tf
+
+    tf.distribute.MirroredStrategy._collective_key_base = next(_COLLECTIVE_KEY_BASES)

@@ -19,8 +19,8 @@ GLOBAL_BATCH = 8
 
 @pytest.fixture(scope="module")
 def strategy():
-    # One strategy for the module: TensorFlow's own tests avoid many strategies per
-    # process (collective keys).
+    # One strategy for the module, with collective keys of its own.
+    harness.fresh_collective_keys()
     devices = tf.config.list_logical_devices("CPU")
     assert len(devices) >= 2, "conftest.py configures two logical CPU devices"
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
