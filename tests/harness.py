@@ -229,6 +229,9 @@ RESUME_OPTIMIZERS = {
     "LookSAM+SGD": lambda: keras_sam.LookSAM(
         keras.optimizers.SGD(0.05, momentum=0.9), rho=0.1, k=2
     ),
+    "MomentumSAM+SGD": lambda: keras_sam.MomentumSAM(
+        keras.optimizers.SGD(0.05, momentum=0.9), rho=0.5
+    ),
     "SAM accumulating": lambda: keras_sam.SAM(
         keras.optimizers.SGD(0.05, momentum=0.9), rho=0.1, gradient_accumulation_steps=3
     ),

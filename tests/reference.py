@@ -234,14 +234,20 @@ def looksam_step(params, x, t, state, step, rho, k, alpha):
     return [gi + scale * vi for gi, vi in zip(g, g_v, strict=True)], state, False
 
 
-def momentum_sam_step(params, x, t, state, step, rho, momentum, adaptive=False, eta=0.01):
+def momentum_sam_step(
+    params, x, t, state, step, rho, momentum, adaptive=False, eta=0.01, mask=None
+):
     """Momentum-SAM: ONE pass, at w - rho T^2 v / ||T v|| (T = 1 unless `adaptive`; v = 0
-    at the start gives the pass at w); v = momentum v + g; descend from w with g."""
+    at the start gives the pass at w); v = momentum v + g; descend from w with g. With
+    `mask`, only the parameters where it is True move (norm over those only)."""
     v = state.get("v", [np.zeros_like(p) for p in params])
+    mask = mask or [True] * len(params)
+    chosen = [(p, -vi) for p, vi, m in zip(params, v, mask, strict=True) if m]
     scales = None
     if adaptive:
-        scales = [np.abs(p) + eta if p.ndim == 2 else np.ones_like(p) for p in params]
-    e = perturbation([-vi for vi in v], _rate(rho, step), scales=scales)
+        scales = [np.abs(p) + eta if p.ndim == 2 else np.ones_like(p) for p, _ in chosen]
+    e_chosen = iter(perturbation([d for _, d in chosen], _rate(rho, step), scales=scales))
+    e = [next(e_chosen) if m else np.zeros_like(p) for p, m in zip(params, mask, strict=True)]
     _, g = mlp_loss_and_grads(_at(params, e), x, t)
     v = [momentum * vi + gi for vi, gi in zip(v, g, strict=True)]
     return g, {"v": v}, False

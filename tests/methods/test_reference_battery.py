@@ -186,6 +186,11 @@ CASES = {
         reference.adam_update(ADAM_LR),
         state={"momentum": ("v", 5e-5)},
     ),
+    "momentum_sam_perturb_regex": Case(
+        lambda: keras_sam.MomentumSAM(_sgd(), rho=0.5, momentum=0.8, perturb=r"/head/"),
+        _ref(reference.momentum_sam_step, rho=0.5, momentum=0.8, mask=HEAD),
+        state={"momentum": ("v", 5e-5)},
+    ),
     "momentum_sam_2_splits": Case(
         lambda: keras_sam.MomentumSAM(_sgd(), rho=0.5, momentum=0.8),
         _ref(reference.momentum_sam_step, rho=0.5, momentum=0.8),
