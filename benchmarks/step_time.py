@@ -115,6 +115,9 @@ METHODS = {
     "late-phase SAM, before its start": lambda inner: keras_sam.SAM(
         inner, rho=keras_sam.LatePhaseRho(0.05, start_step=10**9)
     ),
+    # The same one pass decided when the step is traced: what the step's transaction (the
+    # finite check, the commit-or-skip) costs over plain, without the `tf.cond`.
+    "SAM, rho=0": lambda inner: keras_sam.SAM(inner, rho=0.0),
 }
 # The goal over plain of the one-pass methods (issue 12).
 GOALS = {"MomentumSAM (rho=3)": 1.05, "late-phase SAM, before its start": 1.02}
