@@ -189,8 +189,12 @@ def compare_methods(batches, rounds, steps, jit):
         name: (float(optimizers[name].second_passes.numpy()) - count) / (rounds * steps)
         for name, count in before.items()
     }
-    # MomentumSAM never takes a second pass.
-    passes |= {n: 0.0 for n, o in optimizers.items() if isinstance(o, keras_sam.MomentumSAM)}
+    # MomentumSAM never takes a second pass, nor does SAM at rho=0.
+    passes |= {
+        n: 0.0
+        for n, o in optimizers.items()
+        if isinstance(o, keras_sam.MomentumSAM) or o.rho_is_positive() is False
+    }
     return times, passes
 
 
