@@ -43,7 +43,8 @@ DEFAULT_RHO = 0.1
 ASAM_RHO_SCALE = 10.0
 # Momentum-SAM's distance along the momentum. keras_sam.MomentumSAM defaults to the paper's
 # 3 (large ResNets and ViTs); on the Fashion-MNIST CNN at 40 % label noise (seed 0, 40
-# epochs) 3 stalled at chance level and 1 did best of 0.1, 0.3 and 1 (docs/methods.md).
+# epochs) 3 and 2 stalled at chance level and 1 did best of 0.1, 0.3 and 1
+# (docs/methods.md).
 MOMENTUM_SAM_RHO = 1.0
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
