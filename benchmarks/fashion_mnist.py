@@ -203,6 +203,7 @@ VARIANT_NAMES = {
     "looksam": "LookSAM (k 5, alpha 0.7)",
     "periodic_sam": "SAM every 5 steps",
     "aesam": "AESAM (margin 0)",
+    "momentum_sam": "Momentum-SAM (one pass)",
 }
 
 

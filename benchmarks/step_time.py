@@ -25,7 +25,9 @@ Keras 2's.
 With `--methods`, a third comparison times every method's custom-loop step against the
 plain step, all interleaved in each round: SAM, GSAM, Friendly-SAM, LookSAM (k=5),
 SAM every 5 steps and AESAM (whose cost depends on the fraction of two-pass steps it
-chooses, reported alongside).
+chooses, reported alongside), and the one-pass steps: MomentumSAM (goal: 1.05 or less
+over plain) and late-phase SAM (`LatePhaseRho`) in an epoch before its start, where
+`rho` is 0 (goal: 1.02 or less).
 
 With `--distributed`, the custom-loop steps run under `tf.distribute.MirroredStrategy`
 on two logical CPU devices (one global batch split between them): plain, SAM with
@@ -107,7 +109,18 @@ METHODS = {
     "LookSAM (k=5)": lambda inner: keras_sam.LookSAM(inner, rho=0.05, k=5),
     "PeriodicSAM (k=5)": lambda inner: keras_sam.PeriodicSAM(inner, rho=0.05, k=5),
     "AESAM (margin=0)": lambda inner: keras_sam.AESAM(inner, rho=0.05),
+    # One pass a step, at w - rho v / ||v||: goal 1.05 or less over plain.
+    "MomentumSAM (rho=3)": lambda inner: keras_sam.MomentumSAM(inner, rho=3.0),
+    # Late-phase SAM in an epoch before its start: rho 0, one pass; goal 1.02 or less.
+    "late-phase SAM, before its start": lambda inner: keras_sam.SAM(
+        inner, rho=keras_sam.LatePhaseRho(0.05, start_step=10**9)
+    ),
+    # The same one pass decided when the step is traced: what the step's transaction (the
+    # finite check, the commit-or-skip) costs over plain, without the `tf.cond`.
+    "SAM, rho=0": lambda inner: keras_sam.SAM(inner, rho=0.0),
 }
+# The goal over plain of the one-pass methods (issue 12).
+GOALS = {"MomentumSAM (rho=3)": 1.05, "late-phase SAM, before its start": 1.02}
 
 
 def method_steps(batches, jit):
@@ -166,7 +179,7 @@ def compare_methods(batches, rounds, steps, jit):
     before = {
         name: float(opt.second_passes.numpy())
         for name, opt in optimizers.items()
-        if opt.skips_second_pass
+        if opt.may_skip_second_pass
     }
     times = {name: [] for name in functions}
     for _ in range(rounds):
@@ -175,6 +188,12 @@ def compare_methods(batches, rounds, steps, jit):
     passes = {
         name: (float(optimizers[name].second_passes.numpy()) - count) / (rounds * steps)
         for name, count in before.items()
+    }
+    # MomentumSAM never takes a second pass, nor does SAM at rho=0.
+    passes |= {
+        n: 0.0
+        for n, o in optimizers.items()
+        if isinstance(o, keras_sam.MomentumSAM) or o.rho_is_positive() is False
     }
     return times, passes
 
@@ -199,6 +218,10 @@ def report_methods(times, passes, jit):
             f"| {name} | {median(values) * 1e3:.1f} | **{median(ratios):.3f}** | "
             f"{min(ratios):.2f} - {max(ratios):.2f} | {over_sam:.3f} | {fraction:.0%} |"
         )
+    for name, goal in GOALS.items():
+        ratio = median([v / p for v, p in zip(times[name], plain)])
+        verdict = "met" if ratio <= goal else "NOT met"
+        print(f"\n{name} over plain: {ratio:.3f} (goal {goal:.2f} or less: {verdict})")
 
 
 def timed(step, steps):

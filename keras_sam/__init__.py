@@ -6,7 +6,9 @@ __all__ = [
     "AESAM",
     "FriendlySAM",
     "GSAM",
+    "LatePhaseRho",
     "LookSAM",
+    "MomentumSAM",
     "NORMALIZATION_LAYERS",
     "PeriodicSAM",
     "ProportionalRho",
@@ -24,9 +26,11 @@ _PUBLIC = {
     "GSAM": "keras_sam.methods.gsam",
     "FriendlySAM": "keras_sam.methods.friendly_sam",
     "LookSAM": "keras_sam.methods.looksam",
+    "MomentumSAM": "keras_sam.methods.momentum_sam",
     "PeriodicSAM": "keras_sam.methods.switching",
     "AESAM": "keras_sam.methods.switching",
     "ProportionalRho": "keras_sam.methods.schedules",
+    "LatePhaseRho": "keras_sam.methods.schedules",
     "SAMModel": "keras_sam.trainers.sam_model",
 }
 

@@ -14,6 +14,7 @@ from keras_sam.training import (
     DEFAULT_RHO,
     METHOD_ALIASES,
     METHODS,
+    MOMENTUM_SAM_RHO,
     OPTIMIZERS,
     SCHEDULES,
     RunConfig,
@@ -245,7 +246,9 @@ def _add_run_arguments(parser, label_noise=0.0):
         help=f"SAM radius (default: {DEFAULT_RHO:g}, and {ASAM_RHO_SCALE * DEFAULT_RHO:g} for "
         f"asam: ASAM's scale-invariant radius wants about {ASAM_RHO_SCALE:g} times SAM's. "
         f"keras_sam.SAM defaults to the paper's 0.05 for clean data; {DEFAULT_RHO:g} is the "
-        "value of the label-noise runs in docs/RESULTS.md)",
+        "value of the label-noise runs in docs/RESULTS.md. momentum_sam: the distance of its "
+        f"one pass along the momentum, default {MOMENTUM_SAM_RHO:g}: its paper's 3 stalled on "
+        "the cnn model)",
     )
     parser.add_argument(
         "--alpha",

@@ -1,12 +1,13 @@
 """The SAM step, written once for every backend.
 
 A step runs, for each part of the batch (one part, or `num_batch_splits` parts for
-m-sharpness): the clean pass at `w`; the method's decision whether to take the perturbed
-pass; the perturbed pass at `w + e`; the method's final gradient. It then takes one
-decision for the whole step: when a loss or a gradient of any pass, or a state update
-it would commit, is NaN or infinite, the step is skipped (nothing changes but
-`skipped_steps` and, under loss scaling, the loss scale); otherwise the clean pass's state
-updates (BatchNorm statistics, seeds) and the method's state are committed and the
+m-sharpness): the clean pass at `w` (at a point the method chose beforehand, for a method
+with an `initial_perturbation` such as MomentumSAM); the method's decision whether to
+take the perturbed pass; the perturbed pass at `w + e`; the method's final gradient. It
+then takes one decision for the whole step: when a loss or a gradient of any pass, or a
+state update it would commit, is NaN or infinite, the step is skipped (nothing changes
+but `skipped_steps` and, under loss scaling, the loss scale); otherwise the clean pass's
+state updates (BatchNorm statistics, seeds) and the method's state are committed and the
 wrapped optimizer steps (under gradient accumulation: the SAM gradient is added to the
 sums, and the optimizer steps every k-th micro-batch). What the optimizer wrote (weights,
 slots, sums) is checked in turn: if any of it is NaN or infinite, every variable is
@@ -308,6 +309,8 @@ def stateless_run(variables, values, fn):
 def _part(backend, roles, compute, variables, weights, pending, factor, real=None):
     """Runs the passes of one part and returns its final gradients (`Part`).
 
+    The first pass is at `weights`, shifted by the method's `initial_perturbation` if
+    it gives one; the perturbed pass, if taken, is relative to the first pass's point.
     The method's state is read and assigned only inside stateless scopes: the new
     values are returned. The clean pass's own state updates (BatchNorm statistics,
     seed generators, metrics) are added to `pending`, so that the next part reads them
@@ -329,6 +332,11 @@ def _part(backend, roles, compute, variables, weights, pending, factor, real=Non
     sparse_ok = method.sparse_gradients_supported and not synchronized
     scale = None if roles.scaler is None else roles.scaler.dynamic_scale
 
+    values = [v.value for v in state]
+    # The first pass is at `w`, or at `w + e` for a method that shifts it (MomentumSAM).
+    shift, values = stateless_run(state, values, lambda: method.initial_perturbation(variables))
+    if shift is not None:
+        weights = [backend.perturb(w, e, None) for w, e in zip(weights, shift)]
     outputs, loss, gradients, clean_updates = backend.gradients(
         compute, variables, weights, pending, scale
     )
@@ -340,7 +348,6 @@ def _part(backend, roles, compute, variables, weights, pending, factor, real=Non
         for i, g in zip(present, reduced):
             gradients[i] = g
     rows = [backend.rows(g) for g in gradients]
-    values = [v.value for v in state]
 
     decision, values = stateless_run(
         state, values, lambda: method.needs_second_pass(rows, variables)

@@ -142,6 +142,7 @@ class Run:
     iterations: int
     skipped_steps: int
     second_passes: float | None  # None for methods that never skip the perturbed pass
+    # (by their own rule or a rho schedule)
     state: list  # (variable name, value) of the method's `state_variables`
     inner_variables: list  # the wrapped optimizer's variables
     history: dict
@@ -191,7 +192,7 @@ def result(sam_model, history=None):
         optimizer = optimizer.inner_optimizer
     is_sam = isinstance(optimizer, keras_sam.SAM)
     second_passes = None
-    if is_sam and optimizer.skips_second_pass:
+    if is_sam and optimizer.may_skip_second_pass:
         second_passes = float(to_numpy(optimizer.second_passes))
     return Run(
         weights=[np.array(w, copy=True) for w in sam_model.model.get_weights()],
@@ -227,6 +228,9 @@ RESUME_OPTIMIZERS = {
     "SAM+Adam": lambda: keras_sam.SAM(keras.optimizers.Adam(0.01), rho=0.1),
     "LookSAM+SGD": lambda: keras_sam.LookSAM(
         keras.optimizers.SGD(0.05, momentum=0.9), rho=0.1, k=2
+    ),
+    "MomentumSAM+SGD": lambda: keras_sam.MomentumSAM(
+        keras.optimizers.SGD(0.05, momentum=0.9), rho=0.5
     ),
     "SAM accumulating": lambda: keras_sam.SAM(
         keras.optimizers.SGD(0.05, momentum=0.9), rho=0.1, gradient_accumulation_steps=3

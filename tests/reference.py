@@ -159,10 +159,19 @@ def trajectory(step_fn, params, batches, update):
 # the start) and the step number, and returns (descent gradients, new state, two_pass).
 
 
+def _rate(rho, step):
+    """`rho` at `step`: a number, or a function of the step (a schedule)."""
+    return rho(step) if callable(rho) else rho
+
+
 def sam_step(params, x, t, state, step, rho, splits=1, **kw):
     """SAM or ASAM (`adaptive=True`), with m-sharpness over `splits` parts; `rho` may be
-    a function of the step (a schedule)."""
-    rate = rho(step) if callable(rho) else rho
+    a function of the step (a schedule). A step with `rho = 0` is one pass (the clean
+    gradient)."""
+    rate = _rate(rho, step)
+    if rate == 0:
+        _, _, grads = mlp_split_sam_gradient(params, x, t, 0.0, splits=splits, **kw)
+        return grads, state, False
     _, _, grads = mlp_split_sam_gradient(params, x, t, rate, splits=splits, **kw)
     return grads, state, True
 
@@ -190,27 +199,58 @@ def gsam_step(params, x, t, state, step, rho, alpha):
 
 
 def friendly_sam_step(params, x, t, state, step, rho, sigma, lmbda):
-    """F-SAM, the paper's order: m = lmbda m + (1 - lmbda) g; d = g - sigma m."""
+    """F-SAM, the paper's order: m = lmbda m + (1 - lmbda) g; d = g - sigma m. At
+    `rho = 0`: m updated, the clean gradient."""
     _, g = mlp_loss_and_grads(params, x, t)
     m = state.get("m", [np.zeros_like(p) for p in params])
     m = [lmbda * mi + (1 - lmbda) * gi for mi, gi in zip(m, g, strict=True)]
+    rate = _rate(rho, step)
+    if rate == 0:
+        return g, {"m": m}, False
     d = [gi - sigma * mi for gi, mi in zip(g, m, strict=True)]
-    _, g_s = mlp_loss_and_grads(_at(params, perturbation(d, rho)), x, t)
+    _, g_s = mlp_loss_and_grads(_at(params, perturbation(d, rate)), x, t)
     return g_s, {"m": m}, True
 
 
 def looksam_step(params, x, t, state, step, rho, k, alpha):
-    """LookSAM: SAM and the stored g_v every k steps; g + alpha ||g|| / ||g_v|| g_v otherwise."""
+    """LookSAM: SAM and the stored g_v every k steps; g + alpha ||g|| / ||g_v|| g_v otherwise.
+
+    A step with `rho = 0` is a plain step (g); on a k-th one, g_v = 0 (SAM's component
+    orthogonal to g at rho = 0)."""
     _, g = mlp_loss_and_grads(params, x, t)
     g_v = state.get("g_v", [np.zeros_like(p) for p in params])
+    rate = _rate(rho, step)
+    if rate == 0:
+        if step % k == 0:
+            g_v = [np.zeros_like(p) for p in params]
+        return g, {"g_v": g_v}, False
     if step % k == 0:
-        _, g_s = mlp_loss_and_grads(_at(params, perturbation(g, rho)), x, t)
+        _, g_s = mlp_loss_and_grads(_at(params, perturbation(g, rate)), x, t)
         c = _flat_dot(g_s, g) / _flat_dot(g, g)
         g_v = [gs - c * gi for gs, gi in zip(g_s, g, strict=True)]
         return g_s, {"g_v": g_v}, True
     v_norm = _flat_norm(g_v)
     scale = alpha * _flat_norm(g) / v_norm if v_norm > 0 else 0.0
     return [gi + scale * vi for gi, vi in zip(g, g_v, strict=True)], state, False
+
+
+def momentum_sam_step(
+    params, x, t, state, step, rho, momentum, adaptive=False, eta=0.01, mask=None
+):
+    """Momentum-SAM: ONE pass, at w - rho T^2 v / ||T v|| (T = 1 unless `adaptive`; v = 0
+    at the start gives the pass at w); v = momentum v + g; descend from w with g. With
+    `mask`, only the parameters where it is True move (norm over those only)."""
+    v = state.get("v", [np.zeros_like(p) for p in params])
+    mask = mask or [True] * len(params)
+    chosen = [(p, -vi) for p, vi, m in zip(params, v, mask, strict=True) if m]
+    scales = None
+    if adaptive:
+        scales = [np.abs(p) + eta if p.ndim == 2 else np.ones_like(p) for p, _ in chosen]
+    e_chosen = iter(perturbation([d for _, d in chosen], _rate(rho, step), scales=scales))
+    e = [next(e_chosen) if m else np.zeros_like(p) for p, m in zip(params, mask, strict=True)]
+    _, g = mlp_loss_and_grads(_at(params, e), x, t)
+    v = [momentum * vi + gi for vi, gi in zip(v, g, strict=True)]
+    return g, {"v": v}, False
 
 
 def periodic_sam_step(params, x, t, state, step, rho, k):

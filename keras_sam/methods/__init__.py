@@ -2,8 +2,10 @@
 
 A method never runs a model. The trainer asks it, per step (per part under m-sharpness):
 
+- `initial_perturbation(variables)`: None (the first pass at `w`), or the `e` at which
+  the first pass is taken instead (MomentumSAM), chosen before any gradient;
 - `needs_second_pass(gradients, variables)`: a Python bool, or a boolean tensor decided
-  inside the compiled step;
+  inside the compiled step (SAM's: `rho > 0`);
 - `perturbation(gradients, variables)`: the `e(w)` of the perturbed pass;
 - `descent_gradients(gradients, perturbed_gradients, variables)`: what the wrapped
   optimizer descends with after two passes;
@@ -16,4 +18,12 @@ the whole step has succeeded. A new variant is one class overriding the hooks it
 
 # Importing any method registers them all, so that a saved model compiled with any of
 # them loads after `import keras_sam.methods` (or any public method name).
-from keras_sam.methods import friendly_sam, gsam, looksam, sam, schedules, switching  # noqa: E402,F401
+from keras_sam.methods import (  # noqa: E402,F401
+    friendly_sam,
+    gsam,
+    looksam,
+    momentum_sam,
+    sam,
+    schedules,
+    switching,
+)

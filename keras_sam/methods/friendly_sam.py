@@ -24,7 +24,8 @@ class FriendlySAM(SAM):
     ```
 
     `m` starts at zero and is state of this optimizer (one slot per variable, in
-    checkpoints). It is updated on every step that takes the perturbed pass.
+    checkpoints). It is updated on every step, also on those where a `rho` schedule is
+    0, which take one pass and descend with `g`.
 
     When to use it: in place of SAM, at the same cost (two passes per step, plus one
     slot of memory per weight); the paper reports consistent small gains over SAM on
@@ -67,16 +68,32 @@ class FriendlySAM(SAM):
 
     def perturbation(self, gradients, variables):
         directions = []
-        for g, v in zip(gradients, variables):
+        for g, new in zip(gradients, self._update_averages(gradients, variables)):
             if g is None:
                 directions.append(None)
+                continue
+            direction = keras.ops.cast(g, new.dtype) - self.sigma * new
+            directions.append(keras.ops.cast(direction, g.dtype))
+        return self.perturbation_along(directions, variables)
+
+    def one_pass_gradients(self, gradients, variables):
+        # A step where `rho` is 0: the moving average is fed as on every other step.
+        self._update_averages(gradients, variables)
+        return gradients
+
+    def _update_averages(self, gradients, variables):
+        """`m = lmbda * m + (1 - lmbda) * g`, assigned; returns the new `m` (None where
+        no gradient)."""
+        averages = []
+        for g, v in zip(gradients, variables):
+            if g is None:
+                averages.append(None)
                 continue
             average = self._averages[v]
             new = self.lmbda * average.value + (1.0 - self.lmbda) * keras.ops.cast(g, average.dtype)
             average.assign(new)
-            direction = keras.ops.cast(g, new.dtype) - self.sigma * new
-            directions.append(keras.ops.cast(direction, g.dtype))
-        return self.perturbation_along(directions, variables)
+            averages.append(new)
+        return averages
 
     def get_config(self):
         return super().get_config() | {"sigma": self.sigma, "lmbda": self.lmbda}

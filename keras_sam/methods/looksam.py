@@ -73,9 +73,8 @@ class LookSAM(SAM):
         self._orthogonal = self.add_state_slots(var_list, "orthogonal_gradient")
 
     def needs_second_pass(self, gradients, variables):
-        if not super().needs_second_pass(gradients, variables):
-            return False
-        return self.count_second_pass(self.every_k_steps(self.k))
+        del gradients, variables
+        return self.decide_second_pass(self.every_k_steps(self.k))
 
     def descent_gradients(self, gradients, perturbed_gradients, variables):
         orthogonal = maths.orthogonal_component(perturbed_gradients, gradients)
@@ -86,10 +85,27 @@ class LookSAM(SAM):
         return perturbed_gradients
 
     def one_pass_gradients(self, gradients, variables):
+        positive = self.rho_is_positive()
+        if positive is False:
+            return gradients
         stored = [
             None if g is None else self._orthogonal[v].value for g, v in zip(gradients, variables)
         ]
-        return maths.looksam_gradients(gradients, stored, self.alpha)
+        combined = maths.looksam_gradients(gradients, stored, self.alpha)
+        if positive is True:
+            return combined
+        # A step where the `rho` schedule is 0 is a plain step, and a k-th one stores
+        # SAM's orthogonal component at rho = 0, which is zero (what the two passes
+        # would compute, up to rounding).
+        ops = keras.ops
+        clear = ops.logical_and(ops.logical_not(positive), self.every_k_steps(self.k))
+        for v, g in zip(variables, gradients):
+            if g is not None:
+                slot = self._orthogonal[v]
+                slot.assign(ops.where(clear, ops.zeros_like(slot.value), slot.value))
+        return [
+            None if g is None else ops.where(positive, c, g) for g, c in zip(gradients, combined)
+        ]
 
     def get_config(self):
         return super().get_config() | {"k": self.k, "alpha": self.alpha}

@@ -84,7 +84,9 @@ class SAM(keras.optimizers.Optimizer):
     ```
 
     The cost is two forward-backward passes per step. `rho=0` skips the second pass and
-    is exactly (bitwise) the wrapped optimizer. `learning_rate` and `iterations` are
+    is exactly (bitwise) the wrapped optimizer; so does every step where a `rho`
+    schedule is 0 (late-phase SAM, `keras_sam.LatePhaseRho`, costs one pass per step
+    before its start). `learning_rate` and `iterations` are
     those of the wrapped optimizer; base-optimizer arguments such as `clipnorm` or
     `weight_decay` belong on it, and apply to the final gradient only.
 
@@ -105,7 +107,9 @@ class SAM(keras.optimizers.Optimizer):
             (a string identifier such as `"sgd"` is accepted too).
         rho: float >= 0 (finite in float32), the radius of the neighbourhood, or a
             schedule of the step (a `keras.optimizers.schedules.LearningRateSchedule`,
-            evaluated at `iterations`; see `keras_sam.ProportionalRho`). Defaults to `0.05`
+            evaluated at `iterations`; see `keras_sam.ProportionalRho` and
+            `keras_sam.LatePhaseRho`; a step where it is 0 takes one pass, and
+            `SAMModel` then logs `second_pass_rate`). Defaults to `0.05`
             (the paper's value for SGD; ASAM usually wants about 10x more).
         adaptive: bool, use ASAM's scale-invariant neighbourhood. Defaults to `False`.
         eta: float >= 0, ASAM's offset in `T_w = |w| + eta`. Ignored unless
@@ -160,8 +164,11 @@ class SAM(keras.optimizers.Optimizer):
           https://arxiv.org/abs/2102.11600
     """
 
-    # Whether some steps take one pass only (then `SAMModel` logs `second_pass_rate`).
+    # Whether the method's own rule makes some steps take one pass only (a `rho`
+    # schedule may too: see `may_skip_second_pass`).
     skips_second_pass = False
+    # Whether a step measures the sharpness `L(w + e) - L(w)` (then `SAMModel` logs it).
+    measures_sharpness = True
 
     def __init__(
         self,
@@ -216,11 +223,24 @@ class SAM(keras.optimizers.Optimizer):
         """Whether this step takes the perturbed pass.
 
         A Python bool (decided once, when the step is traced) or a scalar boolean
-        tensor (decided per step, run under `tf.cond`). SAM takes it unless `rho` is
-        the number 0.
+        tensor (decided per step, inside the compiled step: the pass not taken is not
+        run). SAM takes it when `rho > 0`: always for a positive number, never for the
+        number 0, and, for a schedule, on the steps where it is positive.
         """
         del gradients, variables
-        return not (isinstance(self.rho, float) and self.rho == 0)
+        return self.decide_second_pass(True)
+
+    def initial_perturbation(self, variables):
+        """Where the first pass is taken: `w + e` with this `e` (None: at `w`).
+
+        Called before any gradient of the step; it may read the method's state.
+        Returns None (SAM's first pass is the clean pass at `w`), or one perturbation
+        per variable (None where that variable is not moved). The first pass's
+        gradients are then those at `w + e`, and so are its loss and its state updates
+        (BatchNorm statistics); the weights themselves never hold `w + e`.
+        """
+        del variables
+        return None
 
     def perturbation(self, gradients, variables):
         """The perturbation `e(w)` for these clean gradients (None where not perturbed)."""
@@ -294,6 +314,42 @@ class SAM(keras.optimizers.Optimizer):
         if isinstance(self.perturb, tuple):
             return f"({_class_names(self.perturb)})"
         return repr(self.perturb)
+
+    def rho_is_positive(self):
+        """Whether `rho > 0` at this step: a Python bool for a number, a boolean tensor
+        for a schedule."""
+        if isinstance(self.rho, keras.optimizers.schedules.LearningRateSchedule):
+            return keras.ops.greater(self.current_rho(), 0.0)
+        return self.rho > 0
+
+    def decide_second_pass(self, decision):
+        """This step's decision: the method's own `decision` (a bool or a boolean tensor)
+        and `rho > 0`. Counted in `second_passes` when the method has the counter.
+
+        A step with `rho = 0` takes one pass: with a `rho` schedule the decision is a
+        tensor, so the perturbed pass is not run on the steps where it is 0.
+        """
+        positive = self.rho_is_positive()
+        if positive is False or decision is False:
+            return False
+        if positive is True:
+            combined = decision
+        elif decision is True:
+            combined = positive
+        else:
+            combined = keras.ops.logical_and(positive, decision)
+        if self.may_skip_second_pass:
+            combined = self.count_second_pass(combined)
+        return combined
+
+    @property
+    def may_skip_second_pass(self):
+        """Whether some steps may take one pass only: by the method's own rule
+        (`skips_second_pass`), or because `rho` is a schedule, which may be 0. Then
+        `second_passes` counts the two-pass steps and `SAMModel` logs
+        `second_pass_rate`."""
+        schedule = isinstance(self.rho, keras.optimizers.schedules.LearningRateSchedule)
+        return self.skips_second_pass or schedule
 
     def every_k_steps(self, k):
         """A boolean: whether `iterations` is a multiple of `k` (Python True for k=1)."""
@@ -452,7 +508,7 @@ class SAM(keras.optimizers.Optimizer):
             self._gradient_sums = [
                 self.add_variable_from_reference(v, name="gradient_sum") for v in var_list
             ]
-        if self.skips_second_pass:
+        if self.may_skip_second_pass:
             # Fractional under m-sharpness, where each part decides for itself.
             self._second_passes = self.add_state_variable(name="second_passes")
 

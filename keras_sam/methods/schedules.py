@@ -1,4 +1,7 @@
-"""`ProportionalRho`: a radius that follows the learning rate, as GSAM's paper does."""
+"""Schedules of `rho`: `ProportionalRho`, a radius that follows the learning rate, as GSAM's
+paper does; `LatePhaseRho`, SAM from a given step on only."""
+
+import numbers
 
 import keras
 
@@ -90,3 +93,65 @@ class ProportionalRho(keras.optimizers.schedules.LearningRateSchedule):
             "lr_max": self.lr_max,
             "lr_min": self.lr_min,
         }
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class LatePhaseRho(keras.optimizers.schedules.LearningRateSchedule):
+    """`rho` from step `start_step` on, 0 before it: late-phase SAM in one line.
+
+    ```
+    rho_t = 0     for t < start_step    # one pass: a step of the wrapped optimizer
+    rho_t = rho   for t >= start_step   # SAM's two passes
+    ```
+
+    SAM applied only at the end of training has been reported to keep most of its
+    effect on generalization (Zhou et al., ICLR 2025). The steps before `start_step`
+    take one forward-backward pass (the perturbed pass is not run), so a run costs
+    `1 + f` passes per step, where `f` is the fraction of steps from `start_step` on.
+    `t` is the optimizer's `iterations`, counted from 0: with `steps_per_epoch` steps
+    an epoch, `start_step=E * steps_per_epoch` starts SAM with the (E+1)-th epoch.
+    Usable as `rho` of every keras_sam method; `SAMModel` logs `second_pass_rate`, the
+    fraction of two-pass steps.
+
+    `keras.optimizers.schedules.PiecewiseConstantDecay([b], [0.0, rho])` does the same
+    with `start_step = b + 1` (its value at step `b` is still the first one).
+
+    Args:
+        rho: float >= 0, the radius from `start_step` on.
+        start_step: int >= 0, the first step with `rho`.
+
+    Example:
+
+    ```python
+    steps_per_epoch = 390
+    opt = keras_sam.SAM(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        rho=keras_sam.LatePhaseRho(0.05, start_step=150 * steps_per_epoch),
+    )   # epochs 1-150 plain (one pass a step), 151 on SAM
+    ```
+
+    Reference:
+        Zhou et al., Sharpness-Aware Minimization Efficiently Selects Flatter Minima
+        Late in Training, ICLR 2025.
+    """
+
+    def __init__(self, rho: float, start_step: int) -> None:
+        rho = _check_number("rho", rho, minimum=0.0, float32=True)
+        if (
+            isinstance(start_step, bool)
+            or not isinstance(start_step, numbers.Integral)
+            or start_step < 0
+        ):
+            raise ValueError(
+                f"`start_step` must be an integer >= 0. Received: start_step={start_step!r}"
+            )
+        self.rho = rho
+        self.start_step = int(start_step)
+
+    def __call__(self, step):
+        ops = keras.ops
+        started = ops.greater_equal(step, self.start_step)
+        return ops.where(started, ops.cast(self.rho, "float32"), ops.cast(0.0, "float32"))
+
+    def get_config(self):
+        return {"rho": self.rho, "start_step": self.start_step}

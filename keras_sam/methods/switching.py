@@ -48,9 +48,8 @@ class PeriodicSAM(SAM):
         self.k = k
 
     def needs_second_pass(self, gradients, variables):
-        if not super().needs_second_pass(gradients, variables):
-            return False
-        return self.count_second_pass(self.every_k_steps(self.k))
+        del gradients, variables
+        return self.decide_second_pass(self.every_k_steps(self.k))
 
     def get_config(self):
         return super().get_config() | {"k": self.k}
@@ -124,8 +123,11 @@ class AESAM(SAM):
         self._observations = self.add_state_variable(name="observations")
 
     def needs_second_pass(self, gradients, variables):
-        if not super().needs_second_pass(gradients, variables):
+        del variables
+        if self.rho_is_positive() is False:
             return False
+        # The statistics see every step's gradient, also those where a `rho` schedule
+        # is 0 (which take one pass whatever the statistics say).
         ops = keras.ops
         squared = ops.square(maths.global_norm(gradients))
         first = ops.equal(self._observations.value, 0.0)
@@ -141,7 +143,7 @@ class AESAM(SAM):
         self._variance.assign(variance)
         self._observations.assign(self._observations.value + 1.0)
         decision = ops.greater_equal(squared, mean + self.at_step(self.margin) * ops.sqrt(variance))
-        return self.count_second_pass(decision)
+        return self.decide_second_pass(decision)
 
     def get_config(self):
         return super().get_config() | {"margin": serialize_rate(self.margin), "decay": self.decay}

@@ -21,8 +21,11 @@ class SAMModel(keras.Model):
     statistics, dropout seeds and metrics are updated by the clean pass only, and the
     logs gain `sharpness`, the perturbed loss minus the clean loss, averaged over the
     epoch's two-pass steps; methods that skip the perturbed pass on some steps
-    (`LookSAM`, `PeriodicSAM`, `AESAM`) also log `second_pass_rate`, the fraction of
-    steps that took it. Regularization losses (`model.losses`) are part of both passes.
+    (`LookSAM`, `PeriodicSAM`, `AESAM`, and every method whose `rho` is a schedule,
+    which skips it where `rho` is 0) also log `second_pass_rate`, the fraction of
+    steps that took it. `MomentumSAM` takes one pass, at a perturbed point: its `loss`
+    is the loss there, and it logs no `sharpness`. Regularization losses
+    (`model.losses`) are part of both passes.
 
     Compiled with a plain Keras optimizer it trains exactly as the unwrapped model
     would. `evaluate` and `predict` are the inner model's, and `sam_model.model` is the
@@ -128,7 +131,9 @@ class SAMModel(keras.Model):
                     "PyTorch (set `KERAS_BACKEND`)."
                 )
             result = adapter.train_step(self, *args)
-            drop = () if optimizer.skips_second_pass else ("second_pass_rate",)
+            drop = () if optimizer.may_skip_second_pass else ("second_pass_rate",)
+            if not optimizer.measures_sharpness:  # MomentumSAM: no pass at `w`
+                drop += ("sharpness",)
         else:
             result = super().train_step(*args)
             drop = ("sharpness", "second_pass_rate")

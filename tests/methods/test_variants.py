@@ -172,10 +172,14 @@ def _variants():
             decay=0.8,
             epsilon=1e-9,
         ),
+        keras_sam.MomentumSAM(
+            keras.optimizers.SGD(0.1, momentum=0.9), rho=1.5, momentum=0.8, adaptive=True
+        ),
+        keras_sam.SAM(keras.optimizers.SGD(0.1), rho=keras_sam.LatePhaseRho(0.1, start_step=7)),
     ]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(7))
 def test_config_round_trip_keeps_every_argument(index):
     optimizer = _variants()[index]
     config = optimizer.get_config()
@@ -196,6 +200,20 @@ def test_config_round_trip_keeps_every_argument(index):
         (lambda: keras_sam.FriendlySAM("sgd", sigma=-1), r"`sigma` must be a finite number"),
         (lambda: keras_sam.AESAM("sgd", decay=1), r"`decay` must be in \[0, 1\)"),
         (lambda: keras_sam.AESAM("sgd", margin="1"), r"`margin` must be a finite number or"),
+        (lambda: keras_sam.MomentumSAM("sgd", momentum=1), r"`momentum` must be in \[0, 1\)"),
+        (
+            lambda: keras_sam.MomentumSAM("sgd", momentum=-0.1),
+            r"`momentum` must be a finite number >= 0. Received: momentum=-0.1",
+        ),
+        (
+            lambda: keras_sam.LatePhaseRho(0.1, start_step=-1),
+            r"`start_step` must be an integer >= 0. Received: start_step=-1",
+        ),
+        (
+            lambda: keras_sam.LatePhaseRho(0.1, start_step=2.5),
+            r"`start_step` must be an integer >= 0",
+        ),
+        (lambda: keras_sam.LatePhaseRho(-0.1, start_step=5), r"`rho` must be a finite number"),
         (lambda: keras_sam.SAM("sgd", perturb="("), r"`perturb` is not a valid regular"),
         (lambda: keras_sam.SAM("sgd", perturb=3), r"`perturb` must be None, a regular"),
         (lambda: keras_sam.SAM("sgd", perturb=(int,)), r"`perturb` must be None"),
