@@ -388,7 +388,7 @@ def main():
         "--msam-rhos",
         type=float,
         nargs="*",
-        default=[0.5, 1.0, 2.0, 4.0],
+        default=[0.3, 0.5, 1.0, 1.5],
         help="MomentumSAM's rho sweep (seed --seeds[0], noise --noise[0]); none: leave "
         "MomentumSAM out",
     )
