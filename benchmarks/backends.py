@@ -12,7 +12,10 @@ Each worker times, on the CNN of `step_time.py` (28x28x1 inputs, 10 classes, bat
 - the custom loop, compiled where the backend compiles: TensorFlow's `tf.function`
   (`tape.gradient` + `apply` against `SAM.optimize`), JAX's `jax.jit` (`stateless_apply`
   against `stateless_optimize`); on PyTorch, eager (`loss.backward()` + `apply` against
-  the closure form `SAM.optimize(closure, variables)`).
+  the closure form `SAM.optimize(closure, variables)`);
+- on PyTorch also the same CNN in bare `torch.nn`, plain (`loss.backward()` + SGD) and
+  with davda54's SAM optimizer (torch_reference.py), in the same rounds: keras-sam's
+  steps over bare torch's.
 
     python benchmarks/backends.py [--backend tensorflow jax torch] [--rounds 9] [--steps 20]
 """
@@ -170,12 +173,31 @@ def worker(steps):
         run()
         return run
 
+    def bare_torch_timer(sam):
+        import torch_reference
+
+        model, one = torch_reference.steps(x[:batch], y[:batch], sam)
+        assert torch_reference.parameter_count(model) == cnn().count_params()
+
+        def run():
+            one()
+            start = time.perf_counter()
+            for _ in range(steps):
+                loss = one()
+            float(loss)
+            return (time.perf_counter() - start) / steps
+
+        run()
+        return run
+
     timers = {
         "fit_plain": fit_timer(False),
         "fit_sam": fit_timer(True),
         "loop_plain": loop_timer(False),
         "loop_sam": loop_timer(True),
     }
+    if backend == "torch":  # the same CNN and SAM in bare PyTorch (torch_reference.py)
+        timers |= {"bare_plain": bare_torch_timer(False), "bare_sam": bare_torch_timer(True)}
     print(json.dumps({"ready": backend}), flush=True)
     for line in sys.stdin:
         if line.strip() != "round":
@@ -185,6 +207,37 @@ def worker(steps):
 
 
 # ------------------------------------------------------------------------ coordinator
+def report_bare_torch(results):
+    """keras-sam on PyTorch against the same CNN and SAM (davda54's) in bare PyTorch."""
+    r = {k: [x[k] for x in results] for k in results[0]}
+
+    def ratio(a, b):
+        values = [x / y for x, y in zip(r[a], r[b])]
+        return f"{statistics.median(values):.3f} ({min(values):.2f} - {max(values):.2f})"
+
+    print(
+        "\nPyTorch: keras-sam against bare torch (torch.nn CNN, davda54 SAM), ms per step;"
+        " ratios are medians (ranges) of the per-round ratios"
+    )
+    print("| step | plain | SAM | SAM / plain | plain over bare | SAM over bare |")
+    print("|---|---|---|---|---|---|")
+    for label, plain, sam in (
+        ("bare torch (davda54 SAM)", "bare_plain", "bare_sam"),
+        ("keras-sam `fit`", "fit_plain", "fit_sam"),
+        ("keras-sam closure loop", "loop_plain", "loop_sam"),
+    ):
+        over = (
+            ("1", "1")
+            if plain == "bare_plain"
+            else (ratio(plain, "bare_plain"), ratio(sam, "bare_sam"))
+        )
+        print(
+            f"| {label} | {1e3 * statistics.median(r[plain]):.1f}"
+            f" | {1e3 * statistics.median(r[sam]):.1f} | {ratio(sam, plain)}"
+            f" | {over[0]} | {over[1]} |"
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -243,6 +296,8 @@ def main(argv=None):
             f" {1e3 * median(r['loop_plain']):>11.1f} {1e3 * median(r['loop_sam']):>9.1f}"
             f" {median([s / p for s, p in zip(r['loop_sam'], r['loop_plain'])]):>10.3f}"
         )
+    if "torch" in rounds:
+        report_bare_torch(rounds["torch"])
     if "tensorflow" in rounds and len(rounds) > 1:
         tf_fit = [x["fit_sam"] for x in rounds["tensorflow"]]
         for backend, results in rounds.items():
