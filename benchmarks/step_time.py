@@ -43,7 +43,9 @@ mixed over float32 for each. On a CPU float16 is emulated and slower than float3
 With `--backend jax` (or `torch`, or several: `--backend tensorflow jax torch`), the
 comparison runs on those Keras backends instead, one process each, interleaved across
 them: `fit` and each backend's compiled custom loop, SAM over plain, and SAM's `fit` step
-on each backend against TensorFlow's (benchmarks/backends.py).
+on each backend against TensorFlow's (benchmarks/backends.py). On PyTorch it also times
+the same CNN in bare `torch.nn` with davda54's SAM loop and plain SGD, in the same rounds
+(benchmarks/torch_reference.py; run that file to profile the steps).
 
     python benchmarks/step_time.py [--rounds 15] [--steps 20] [--jit] [--methods]
                                    [--distributed] [--mixed-precision] [--keras2]
