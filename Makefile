@@ -66,8 +66,11 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps "tf_keras~=$$($(BIN)/python -c 'from importlib.metadata import packages_distributions as p, version as v; print(v(p()["tensorflow"][0]).rsplit(".", 1)[0])').0"
 	$(BIN)/python benchmarks/step_time.py --jit --keras2
 
+# The label-noise study, then the accuracy-against-cost frontier of the cheaper methods
+# (each a section of docs/RESULTS.md; finished runs under runs/ are not trained again).
 results: $(STAMP) data
 	$(BIN)/python benchmarks/fashion_mnist.py
+	$(BIN)/python benchmarks/frontier.py
 
 # Diagnostics: what a Hessian-vector product and a 21x21 landscape cost; and the Hessian,
 # sharpness and landscapes of the models `make results` saved (a section of docs/RESULTS.md).

@@ -43,6 +43,7 @@ METHODS = (
     "sam",
     "looksam:alpha=0.2",
     "looksam:alpha=0.2,k=10",
+    "looksam:alpha=0.2,k=15",
     "periodic_sam",
     "aesam",
     f"momentum_sam:rho={MSAM_RHO}",
@@ -54,6 +55,7 @@ NAMES = {
     "sam": "SAM",
     "looksam_alpha0.2": "LookSAM (k 5, alpha 0.2)",
     "looksam_alpha0.2_k10": "LookSAM (k 10, alpha 0.2)",
+    "looksam_alpha0.2_k15": "LookSAM (k 15, alpha 0.2)",
     "periodic_sam": "SAM every 5 steps",
     "aesam": "AESAM (margin 0)",
     "momentum_sam": "MomentumSAM (rho {rho:g})",
@@ -208,8 +210,9 @@ def time_epochs(args, specs):
         if fraction is None:
             per_round = [t / p for t, p in zip(seconds[spec], seconds["plain"])]
         else:
+            # `fraction` of the steps before SAM starts (one pass), the rest with SAM.
             per_round = [
-                ((1 - fraction) * b + fraction * a) / p
+                (fraction * b + (1 - fraction) * a) / p
                 for b, a, p in zip(
                     seconds[spec + " before"], seconds[spec + " after"], seconds["plain"]
                 )
@@ -284,8 +287,12 @@ def section(args, rows, specs, sweep, msam_rho, ratios, plain_ms):
         for spec in specs:
             row = rows[(noise, spec)]
             mean, spread = fashion_mnist._stats(row["final"])
-            kept = (mean - plain) / (sam - plain) if spec != "plain" and sam != plain else None
-            kept_cell = "" if kept is None else f"{100 * kept:.0f} %"
+            if spec == "plain":
+                kept_cell = ""
+            elif abs(sam - plain) < 1:  # no gain to keep: the ratio would be noise
+                kept_cell = f"n/a (SAM {sam - plain:+.2f})"
+            else:
+                kept_cell = f"{100 * (mean - plain) / (sam - plain):.0f} %"
             lines.append(
                 f"| {_name(spec, msam_rho)} | {row['passes']:.2f} | {ratios[spec]:.2f} "
                 f"| {mean:.2f} ± {spread:.2f} | {', '.join(f'{a:.2f}' for a in row['final'])} "

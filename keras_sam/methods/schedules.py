@@ -132,7 +132,7 @@ class LatePhaseRho(keras.optimizers.schedules.LearningRateSchedule):
 
     Reference:
         Zhou et al., Sharpness-Aware Minimization Efficiently Selects Flatter Minima
-        Late in Training, ICLR 2025.
+        Late in Training, ICLR 2025. https://arxiv.org/abs/2410.10373
     """
 
     def __init__(self, rho: float, start_step: int) -> None:
