@@ -99,25 +99,9 @@ def worker(steps):
                 return train_step(xb, yb)
 
         elif backend == "torch":
-            import torch
+            import torch_reference
 
-            trainable = model.trainable_variables
-
-            def one():
-                if sam:
-
-                    def closure():
-                        pred = model(xb, training=True)
-                        return pred, loss_fn(yb, pred)
-
-                    return optimizer.optimize(closure, trainable)[1]
-                pred = model(xb, training=True)
-                loss = loss_fn(yb, pred)
-                model.zero_grad()
-                loss.backward()
-                with torch.no_grad():
-                    optimizer.apply([v.value.grad for v in trainable], trainable)
-                return loss
+            one = torch_reference.keras_loop_step(model, optimizer, loss_fn, xb, yb, sam)
 
         else:
             import jax

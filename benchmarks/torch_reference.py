@@ -122,6 +122,30 @@ def steps(x, y, sam):
 
 
 # ---------------------------------------------------------------------- the profile
+def keras_loop_step(model, optimizer, loss_fn, xb, yb, sam):
+    """One step of a Keras model's custom loop on PyTorch: keras-sam's closure loop when
+    `sam`, else `loss.backward()` and the optimizer's `apply`. Returns a callable."""
+    trainable = model.trainable_variables
+
+    def one():
+        if sam:
+
+            def closure():
+                pred = model(xb, training=True)
+                return pred, loss_fn(yb, pred)
+
+            return optimizer.optimize(closure, trainable)[1]
+        pred = model(xb, training=True)
+        loss = loss_fn(yb, pred)
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            optimizer.apply([v.value.grad for v in trainable], trainable)
+        return loss
+
+    return one
+
+
 def profile(count=10, top=12):
     """Profiles `count` steps of each: bare torch and keras-sam, plain and SAM (custom
     loop, the closure form). Prints the self CPU time of the torch operators
@@ -153,25 +177,7 @@ def profile(count=10, top=12):
         if sam:
             optimizer = keras_sam.SAM(optimizer, rho=0.05)
         optimizer.build(model.trainable_variables)
-        trainable = model.trainable_variables
-
-        def one():
-            if sam:
-
-                def closure():
-                    pred = model(xb, training=True)
-                    return pred, loss_fn(yb, pred)
-
-                return optimizer.optimize(closure, trainable)[1]
-            pred = model(xb, training=True)
-            loss = loss_fn(yb, pred)
-            model.zero_grad()
-            loss.backward()
-            with torch.no_grad():
-                optimizer.apply([v.value.grad for v in trainable], trainable)
-            return loss
-
-        return one
+        return keras_loop_step(model, optimizer, loss_fn, xb, yb, sam)
 
     runs = {
         "bare torch, plain": steps(x, y, sam=False)[1],
