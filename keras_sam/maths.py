@@ -11,22 +11,64 @@ densified, so duplicate indices are already summed and the norm is the true one.
 from keras import ops
 
 
-def global_norm(tensors):
+def global_norm(tensors, norms=None):
     """Euclidean norm of a list of tensors taken as one vector, in float32.
 
-    `None` entries and empty tensors are skipped. The sum of squares is taken after
-    dividing by the largest magnitude, so gradients of size 1e-30 or 1e+30 neither
-    underflow to 0 nor overflow to inf (a plain `sqrt(sum(g**2))` does both in float32).
+    `None` entries and empty tensors are skipped. It is one sum of squares per tensor
+    (`tensor_norms`), and the per-tensor norms are combined scaled by their largest,
+    so the combination neither overflows nor underflows. Only when that norm is not
+    finite or is below 1e-15 (a sum of squares may have overflowed float32, or lost
+    precision to underflow) is it taken again the slow way, every tensor divided by the
+    largest magnitude first (a conditional: that pass runs only then). So gradients of size
+    1e-30 or 1e+30 neither underflow to 0 nor overflow to inf, where a plain
+    `sqrt(sum(g**2))` does both in float32.
 
     Args:
         tensors: list of tensors (any float dtype) or `None`.
+        norms: optional, the float32 norm of each tensor that is present (not `None`,
+            not empty), in order, already taken (by the SAM step, which takes them
+            anyway); `None` takes them here.
 
     Returns:
         A float32 scalar; 0 when there is no entry or every entry is zero.
     """
-    present = [ops.cast(t, "float32") for t in tensors if t is not None and _size(t) != 0]
+    present = [t for t in tensors if t is not None and _size(t) != 0]
     if not present:
         return ops.zeros((), "float32")
+    if norms is None:
+        norms = tensor_norms(present)
+    fast = combined_norm(norms)
+    # Far from float32's underflow and finite: the sums of squares were exact enough.
+    in_range = ops.logical_and(ops.isfinite(fast), fast > _SMALLEST_FAST_NORM)
+    return ops.cond(in_range, lambda: fast, lambda: _rescaled_norm(present))
+
+
+# Below this norm a float32 sum of squares may have lost precision to underflow
+# (squares below 1.2e-38 lose precision, below 1.4e-45 vanish; above 1e-30 a sum of
+# a hundred million of them is still exact to float32 precision).
+_SMALLEST_FAST_NORM = 1e-15
+
+
+def tensor_norms(tensors):
+    """The float32 Euclidean norm of each tensor, as a float32 vector: one sum of
+    squares per tensor (XLA fuses the square into the sum)."""
+    return ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(t, "float32")))) for t in tensors])
+
+
+def combined_norm(norms):
+    """The norm of the concatenation of tensors of these norms (a float32 vector):
+    `m * sqrt(sum((n / m)**2))` with `m` the largest, which neither overflows nor
+    underflows. NaN or inf in `norms` gives NaN or inf."""
+    norms = ops.convert_to_tensor(norms)
+    largest = ops.max(norms)
+    divisor = ops.where(largest > 0, largest, ops.ones_like(largest))
+    return divisor * ops.sqrt(ops.sum(ops.square(norms / divisor)))
+
+
+def _rescaled_norm(present):
+    """The norm with every tensor divided by the largest magnitude first: exact at any
+    scale, at the price of a second pass over the tensors."""
+    present = [ops.cast(t, "float32") for t in present]
     largest = ops.max(ops.stack([ops.max(ops.abs(t)) for t in present]))
     # Divide by 1 when everything is zero: the norm is then exactly 0, never NaN.
     divisor = ops.where(largest > 0, largest, ops.ones_like(largest))
@@ -34,7 +76,7 @@ def global_norm(tensors):
     return divisor * ops.sqrt(sum_of_squares)
 
 
-def sam_perturbation(gradients, rho, epsilon=1e-12, scales=None):
+def sam_perturbation(gradients, rho, epsilon=1e-12, scales=None, norm=None):
     """The weight perturbation `e(w)` of SAM, or of ASAM when `scales` are given.
 
     ```
@@ -51,6 +93,8 @@ def sam_perturbation(gradients, rho, epsilon=1e-12, scales=None):
         epsilon: float, added to the norm. Defaults to `1e-12`.
         scales: optional list, one entry per gradient: a tensor `T` of the gradient's
             shape, or `None` for `T = 1`. Defaults to `None` (plain SAM).
+        norm: optional float32 scalar, `||T * g||` already taken. Defaults to `None`
+            (taken here, with `global_norm`).
 
     Returns:
         A list like `gradients`: one tensor per gradient, `None` where it was `None`.
@@ -63,7 +107,9 @@ def sam_perturbation(gradients, rho, epsilon=1e-12, scales=None):
             f"Received: len(scales)={len(scales)}, len(gradients)={len(gradients)}"
         )
     scaled = [_times(s, g) for g, s in zip(gradients, scales)]
-    factor = ops.cast(rho, "float32") / (global_norm(scaled) + epsilon)
+    if norm is None:
+        norm = global_norm(scaled)
+    factor = ops.cast(rho, "float32") / (norm + epsilon)
     perturbation = []
     for g, s, sg in zip(gradients, scales, scaled):
         if g is None:

@@ -34,6 +34,7 @@ import typing
 import keras
 from keras import ops
 
+from keras_sam import maths
 from keras_sam.methods.sam import SAM, SYNCHRONIZED
 
 
@@ -166,7 +167,14 @@ class Backend:
             total = term if total is None else total + term
         return total
 
+    def norms(self, tensors):
+        """The float32 Euclidean norm of each tensor, as a float32 vector: one reduction
+        per tensor. The step's finite check and SAM's norm both read them."""
+        return maths.tensor_norms(tensors)
+
     def all_finite(self, tensors):
+        """Whether every entry of every tensor is finite (element by element: the exact
+        check of `verify_optimizer_step`, not on the step's usual path)."""
         checks = [ops.all(ops.isfinite(t)) for t in tensors if t is not None]
         return ops.all(ops.stack(checks))
 
@@ -186,8 +194,21 @@ class Backend:
 
         `ok` is this replica's verdict; under a distribution every replica must take
         the same branch (TensorFlow overrides this with a cross-replica decision).
+
+        The default, for a functional backend (JAX): both outcomes are computed, each
+        recording its assignments, and every variable either assigns gets
+        `where(ok, taken, skipped)`. The selection fuses into the computation of the
+        new value (the optimizer's update), so no branch carries every variable and no
+        buffer is copied; the skip outcome is a counter. `tracked` is unused here.
         """
-        self.stateful_cond(ok, lambda: take_step(*args), lambda: skip_step(*args), tracked)
+        del tracked
+        taken = _recorded(lambda: take_step(*args))
+        skipped = _recorded(lambda: skip_step(*args))
+        for variable in _unique(list(taken.values()) + list(skipped.values())):
+            key, current = id(variable), variable.value
+            if_taken = taken.value(key, current)
+            if_skipped = skipped.value(key, current)
+            variable.assign(ops.where(ok, if_taken, ops.cast(if_skipped, if_taken.dtype)))
 
     def stateful_cond(self, pred, true_fn, false_fn, tracked):
         """Runs `true_fn()` if `pred`, else `false_fn()`; both may assign `tracked`.
@@ -294,6 +315,25 @@ class Part(typing.NamedTuple):
     finite: object  # whether every loss and gradient of the part is finite
 
 
+class _Assignments(dict):
+    """`id(variable) -> variable` of what a recorded call assigned, with the values."""
+
+    def __init__(self, updates):
+        super().__init__((id(v), v) for v, _ in updates)
+        self._values = {id(v): value for v, value in updates}
+
+    def value(self, key, default):
+        return self._values.get(key, default)
+
+
+def _recorded(fn):
+    """Runs `fn()` with its assignments recorded, not written; returns them."""
+    scope = RecordingScope()
+    with scope:
+        fn()
+    return _Assignments(scope.updates())
+
+
 def stateless_run(variables, values, fn):
     """Calls `fn()` with `variables` reading `values`.
 
@@ -325,77 +365,195 @@ def _part(backend, roles, compute, variables, weights, pending, factor, real=Non
     the batch's first example with the state the part holding that example reads, so
     it computes exactly what that part computes (finite when that one is), and it has
     weight 0.
+
+    The part's verdict (`Part.finite`) costs no pass of its own over the clean
+    gradients: their per-tensor norms, taken once, give both the perturbation's norm
+    and the check (`_tame`). The final gradients take one reduction each.
     """
     method = roles.method
-    state = method.state_variables
-    synchronized = backend.num_replicas() > 1 and (method.distributed_perturbation == SYNCHRONIZED)
-    sparse_ok = method.sparse_gradients_supported and not synchronized
-    scale = None if roles.scaler is None else roles.scaler.dynamic_scale
-
-    values = [v.value for v in state]
+    run = _PartRun(backend, roles, compute, variables, pending, factor)
+    values = [v.value for v in method.state_variables]
     # The first pass is at `w`, or at `w + e` for a method that shifts it (MomentumSAM).
-    shift, values = stateless_run(state, values, lambda: method.initial_perturbation(variables))
+    shift, values = run.stateless(values, lambda: method.initial_perturbation(variables))
     if shift is not None:
         weights = [backend.perturb(w, e, None) for w, e in zip(weights, shift)]
-    outputs, loss, gradients, clean_updates = backend.gradients(
-        compute, variables, weights, pending, scale
+    outputs, loss, clean_updates = run.clean_pass(weights)
+    decision, values = run.stateless(
+        values, lambda: method.needs_second_pass(run.clean.rows, variables)
     )
-    gradients = [backend.prepare(g, factor, sparse_ok) for g in gradients]
-    present = [i for i, g in enumerate(gradients) if g is not None]
-    if synchronized:
-        # Every replica perturbs with the gradient of the global batch.
-        reduced = backend.all_reduce_mean([gradients[i] for i in present])
-        for i, g in zip(present, reduced):
-            gradients[i] = g
-    rows = [backend.rows(g) for g in gradients]
-
-    decision, values = stateless_run(
-        state, values, lambda: method.needs_second_pass(rows, variables)
-    )
-
-    def two_passes(values=values):
-        perturbation, values = stateless_run(
-            state, values, lambda: method.perturbation(rows, variables)
-        )
-        perturbed = [backend.perturb(w, e, g) for w, e, g in zip(weights, perturbation, gradients)]
-        with backend.same_randomness():
-            _, loss_sam, perturbed_gradients, _ = backend.gradients(
-                compute, variables, perturbed, pending, scale
-            )
-        perturbed_gradients = [
-            None if g is None else backend.prepare(pg, factor, sparse_ok)
-            for g, pg in zip(gradients, perturbed_gradients)
-        ]
-        descent, values = stateless_run(
-            state,
-            values,
-            lambda: method.descent_gradients(gradients, perturbed_gradients, variables),
-        )
-        return loss_sam, [descent[i] for i in present], values
-
-    def one_pass(values=values):
-        descent, values = stateless_run(
-            state, values, lambda: method.one_pass_gradients(gradients, variables)
-        )
-        return loss, [descent[i] for i in present], values
-
     if isinstance(decision, bool):
-        loss_sam, descent, values = two_passes() if decision else one_pass()
+        if decision:
+            loss_sam, descent, values, descent_tame = run.two_passes(weights, values, release=True)
+        else:
+            loss_sam, descent, values, descent_tame = run.one_pass(values, loss)
         second_pass = 1.0 if decision else 0.0
     else:
-        loss_sam, descent, values = backend.cond(decision, two_passes, one_pass)
+        loss_sam, descent, values, descent_tame = backend.cond(
+            decision,
+            lambda: run.two_passes(weights, values),
+            lambda: run.one_pass(values, loss),
+        )
         second_pass = ops.cast(decision, "float32")
 
-    finite = backend.all_finite([loss, loss_sam] + [gradients[i] for i in present] + list(descent))
+    finite = ops.all(
+        ops.stack(
+            [ops.isfinite(ops.cast(loss, "float32")), ops.isfinite(ops.cast(loss_sam, "float32"))]
+            + [run.clean.tame, descent_tame]
+        )
+    )
     for variable, value in clean_updates:
         if real is not None:
             before = pending[id(variable)][1] if id(variable) in pending else variable.value
             value = ops.where(real, value, before)
         pending[id(variable)] = (variable, value)
-    final = [None] * len(gradients)
-    for i, g in zip(present, descent):
+    final = [None] * len(variables)
+    for i, g in zip(run.present, descent):
         final[i] = g
     return Part(outputs, loss, loss_sam, final, second_pass, list(values), finite)
+
+
+class _Clean(typing.NamedTuple):
+    """The clean pass's gradients as the method reads them, and their norms."""
+
+    gradients: list  # one per variable, None where none
+    rows: list  # what a method reads of each (a sparse gradient's rows)
+    norms: object  # float32 norm of each present gradient's rows, a vector (or None)
+    tame: object  # whether every loss gradient is finite with finite squares
+
+
+class _PartRun:
+    """The passes of one part, as named steps: the clean pass, then either the perturbed
+    pass or the one-pass gradient. Holds what they share; `clean` is dropped before the
+    perturbed pass when the method's final gradient does not read it (SAM), so that a
+    step holds one parameter-sized buffer beyond plain training's during that pass."""
+
+    def __init__(self, backend, roles, compute, variables, pending, factor):
+        method = roles.method
+        self.backend, self.method, self.compute = backend, method, compute
+        self.variables, self.pending, self.factor = variables, pending, factor
+        self.state = method.state_variables
+        self.synchronized = backend.num_replicas() > 1 and (
+            method.distributed_perturbation == SYNCHRONIZED
+        )
+        self.sparse_ok = method.sparse_gradients_supported and not self.synchronized
+        self.scale = None if roles.scaler is None else roles.scaler.dynamic_scale
+        self.clean = None
+        self.present = []
+
+    def stateless(self, values, fn):
+        """`fn()` with the method's state reading `values`; returns its result and the
+        state's new values."""
+        return stateless_run(self.state, values, fn)
+
+    def clean_pass(self, weights):
+        """The gradients at `weights` (`self.clean`); returns the outputs, the loss and
+        the pass's state updates."""
+        backend = self.backend
+        outputs, loss, gradients, updates = backend.gradients(
+            self.compute, self.variables, weights, self.pending, self.scale
+        )
+        gradients = [backend.prepare(g, self.factor, self.sparse_ok) for g in gradients]
+        self.present = [i for i, g in enumerate(gradients) if g is not None]
+        if self.synchronized:
+            # Every replica perturbs with the gradient of the global batch.
+            reduced = backend.all_reduce_mean([gradients[i] for i in self.present])
+            for i, g in zip(self.present, reduced):
+                gradients[i] = g
+        rows = [backend.rows(g) for g in gradients]
+        norms = _norms(backend, [rows[i] for i in self.present])
+        self.clean = _Clean(gradients, rows, norms, _tame(norms))
+        return outputs, loss, updates
+
+    def two_passes(self, weights, values, release=False):
+        """The perturbed pass; returns its loss, the final gradients of the present
+        variables, the method's new state and whether those gradients are tame.
+
+        `release`: whether this is the only branch (a decision taken when the step is
+        traced), so that the clean gradients may be let go once used.
+        """
+        backend, method, clean = self.backend, self.method, self.clean
+        present_rows = [clean.rows[i] for i in self.present]
+        with method._gradient_norms(present_rows, clean.norms):
+            perturbation, values = self.stateless(
+                values, lambda: method.perturbation(clean.rows, self.variables)
+            )
+        perturbed = _perturbed_weights(backend, weights, perturbation, clean.gradients)
+        del perturbation, present_rows
+        gradients = clean.gradients
+        if release and not _reads_clean_gradients(method):
+            # SAM descends with the perturbed gradient alone: let the clean one go.
+            gradients = [None] * len(gradients)
+            self.clean = clean = clean._replace(gradients=None, rows=None)
+        with backend.same_randomness():
+            _, loss_sam, perturbed_gradients, _ = backend.gradients(
+                self.compute, self.variables, perturbed, self.pending, self.scale
+            )
+        del perturbed
+        present = set(self.present)
+        perturbed_gradients = [
+            backend.prepare(pg, self.factor, self.sparse_ok) if i in present else None
+            for i, pg in enumerate(perturbed_gradients)
+        ]
+        descent, values = self.stateless(
+            values,
+            lambda: method.descent_gradients(gradients, perturbed_gradients, self.variables),
+        )
+        descent = [descent[i] for i in self.present]
+        return loss_sam, descent, values, self._tame(descent)
+
+    def one_pass(self, values, loss):
+        """The final gradients without the perturbed pass (the clean loss stands for the
+        perturbed one)."""
+        clean = self.clean
+        descent, values = self.stateless(
+            values, lambda: self.method.one_pass_gradients(clean.gradients, self.variables)
+        )
+        descent = [descent[i] for i in self.present]
+        return loss, descent, values, self._tame(descent)
+
+    def _tame(self, descent):
+        """Whether the final gradients are tame; free when they are the clean ones."""
+        clean = self.clean
+        if clean.gradients is not None and all(
+            d is clean.gradients[i] for d, i in zip(descent, self.present)
+        ):
+            return clean.tame
+        return _tame(_norms(self.backend, [self.backend.rows(d) for d in descent]))
+
+
+def _reads_clean_gradients(method):
+    """Whether the method's final gradient after two passes reads the clean one (GSAM,
+    LookSAM: yes; SAM: no)."""
+    return type(method).descent_gradients is not SAM.descent_gradients
+
+
+def _perturbed_weights(backend, weights, perturbation, gradients):
+    """`w + e` for each variable, each `e` let go once used (eagerly, the step then
+    holds `e` and `w + e` together for one tensor at a time, not for all)."""
+    perturbation = list(perturbation)
+    perturbed = []
+    for i, weight in enumerate(weights):
+        e, perturbation[i] = perturbation[i], None
+        perturbed.append(backend.perturb(weight, e, gradients[i]))
+    return perturbed
+
+
+# A tensor whose float32 norm is below 2**63 has every square finite in float32 (each
+# below 2**126): a tame gradient cannot overflow Adam's second moment, for one. NaN and
+# inf are never below it.
+TAME_NORM = 2.0**63
+
+
+def _norms(backend, tensors):
+    """The float32 norm of each tensor (`Backend.norms`), None for no tensor."""
+    return backend.norms(tensors) if tensors else None
+
+
+def _tame(norms):
+    """Whether every norm is below `TAME_NORM` (True for none)."""
+    if norms is None:
+        return ops.convert_to_tensor(True)
+    return ops.all(ops.less(norms, TAME_NORM))
 
 
 def run_step(backend, optimizer, computes, part_weights, variables):
@@ -469,7 +627,7 @@ def compute_step(backend, roles, computes, part_weights, variables, real=None):
         value for value in state if _is_floating(value)
     ]
     if floating:
-        finite = ops.logical_and(finite, backend.all_finite(floating))
+        finite = ops.logical_and(finite, _tame(_norms(backend, floating)))
     updates = list(pending.values())
     if replicas > 1:
         gradients, state, updates, finite = backend.reduce_replicas(
@@ -480,91 +638,143 @@ def compute_step(backend, roles, computes, part_weights, variables, real=None):
 
 def _finish(backend, roles, variables, gradients, state, updates, finite):
     """Commits the step and applies it, or skips it (alike on every replica)."""
-    method, scaler, applier = roles.method, roles.scaler, roles.applier
-    state_variables = method.state_variables
-    update_variables = [v for v, _ in updates]
-    steps = method.accumulation_steps
-    present = [g is not None for g in gradients]
+    outcomes = _Outcomes(backend, roles, variables, gradients, [v for v, _ in updates])
     args = (gradients, [value for _, value in updates], list(state))
+    backend.decide(finite, outcomes.take, outcomes.skip, outcomes.tracked, args=args)
 
-    def commit(update_values, state_values):
-        for variable, value in zip(update_variables, update_values):
-            variable.assign(value)
-        for variable, value in zip(state_variables, state_values):
-            variable.assign(value)
 
-    def apply_now(gradients, update_values, state_values):
-        commit(update_values, state_values)
-        applier.apply(gradients, variables)
+class _Outcomes:
+    """What a step does once its passes are done, one method per outcome.
 
-    def accumulate(gradients, update_values, state_values):
-        commit(update_values, [])
-        _, gradient_sums, state_sums = method.accumulation_variables
-        for total, g in zip(gradient_sums, gradients):
-            if g is not None:
-                total.assign(total.value + ops.cast(backend.dense(g), total.dtype))
-        for total, value in zip(state_sums, state_values):
-            total.assign(total.value + value)
+    | verdict (`finite`)                   | what happens                                  |
+    |--------------------------------------|-----------------------------------------------|
+    | every loss finite, every gradient,   | `take`: commit the clean pass's state updates |
+    | state update and method state tame   | and the method's state, then `apply` (or,     |
+    | (`TAME_NORM`)                        | under accumulation, `accumulate`)             |
+    | anything else                        | `skip`: only `skipped_steps` (and, under loss |
+    |                                      | scaling, the loss scale) changes              |
 
-    def apply_accumulated():
-        _, gradient_sums, state_sums = method.accumulation_variables
-        averages = [total.value / steps if p else None for total, p in zip(gradient_sums, present)]
-        for variable, total in zip(state_variables, state_sums):
-            variable.assign(total.value / steps)
-        applier.apply(averages, variables)
-        for total in gradient_sums + state_sums:
-            total.assign(ops.zeros_like(total.value))
+    A tame gradient has finite squares, so the wrapped optimizer's update from it is
+    finite for Keras's optimizers (SGD, Adam's moments, ...): the step checks nothing
+    after it, and keeps no copy. With `verify_optimizer_step=True` it does: `take`
+    copies what the optimizer may write, applies, checks every value written and, if
+    any is NaN or infinite, restores the copy and skips (`verified_take`).
 
-    def take_step(*args):
-        # The wrapped optimizer's new weights and slots exist only once it has applied
-        # the step (Keras's TensorFlow optimizers refuse `stateless_apply`, and its
-        # PyTorch ones update their tensors in place): the step keeps what it may
-        # change, applies, checks what was written and, if any of it is NaN or
-        # infinite (Adam's second moment overflowing, say), restores it all and skips.
-        # On JAX the step is a pure function: the "snapshot" is the old values.
-        snapshot = [ops.copy(v.value) for v in tracked]
-        if steps == 1:
-            backend.run_in_replicas(apply_now, *args)
+    `take` and `skip` are called with `(gradients, update_values, state_values)`; under
+    `tf.distribute` from the cross-replica context, where `backend.run_in_replicas`
+    runs the per-replica parts.
+    """
+
+    def __init__(self, backend, roles, variables, gradients, update_variables):
+        method = roles.method
+        self.backend, self.method = backend, method
+        self.scaler, self.applier = roles.scaler, roles.applier
+        self.variables = variables
+        self.update_variables = update_variables
+        self.steps = method.accumulation_steps
+        self.present = [g is not None for g in gradients]
+        # Every variable an outcome may assign (for backends whose decision needs them).
+        self.tracked = _unique(list(variables) + update_variables + list(roles.outer.variables))
+
+    # ---------------------------------------------------------------- outcomes
+    def take(self, *args):
+        if self.method.verify_optimizer_step:
+            self.verified_take(*args)
         else:
-            backend.run_in_replicas(accumulate, *args)
-            micro_steps = method.accumulation_variables[0]
-            micro_steps.assign(micro_steps.value + 1)
-            full = ops.equal(micro_steps.value, steps)
+            self.apply_or_accumulate(*args)
+            self.grow_loss_scale()
 
-            def step_with_the_sums():
-                backend.run_in_replicas(apply_accumulated)
-                micro_steps.assign(ops.zeros_like(micro_steps.value))
-
-            backend.decide(full, step_with_the_sums, lambda: None, tracked)
-
-        def keep():
-            if scaler is not None:
-                _grow_loss_scale(scaler)
-
-        def roll_back():
-            for variable, value in zip(tracked, snapshot):
-                variable.assign(value)
-            skip_step()
-
-        written = backend.all_finite([v.value for v in checked])
-        backend.decide(written, keep, roll_back, tracked)
-
-    def skip_step(*args):
+    def skip(self, *args):
         del args
-        skipped = method.skipped_steps
+        skipped = self.method.skipped_steps
         skipped.assign(skipped.value + 1)
+        scaler = self.scaler
         if scaler is not None:
             scaler.step_counter.assign(ops.zeros_like(scaler.step_counter.value))
             scaler.dynamic_scale.assign(scaler.dynamic_scale.value * 0.5)
 
-    tracked = _unique(list(variables) + update_variables + list(roles.outer.variables))
-    # What the wrapped optimizer writes (the weights, its slots) and the accumulated sums.
-    checked = [
-        v
-        for v in _unique(list(variables) + list(applier.variables) + _sums(method))
-        if _is_floating(v)
-    ]
-    backend.decide(finite, take_step, skip_step, tracked, args=args)
+    def verified_take(self, *args):
+        """`take`, checked: what the optimizer wrote (weights, slots, sums) is verified,
+        and restored from a copy if any of it is NaN or infinite."""
+        backend, tracked = self.backend, self.tracked
+        snapshot = [ops.copy(v.value) for v in tracked]
+        self.apply_or_accumulate(*args)
+
+        def roll_back():
+            for variable, value in zip(tracked, snapshot):
+                variable.assign(value)
+            self.skip()
+
+        written = [v.value for v in self.checked()]
+        backend.decide(backend.all_finite(written), self.grow_loss_scale, roll_back, tracked)
+
+    # ------------------------------------------------------------------ parts
+    def apply_or_accumulate(self, gradients, update_values, state_values):
+        backend = self.backend
+        if self.steps == 1:
+            backend.run_in_replicas(self.apply, gradients, update_values, state_values)
+            return
+        backend.run_in_replicas(self.accumulate, gradients, update_values, state_values)
+        micro_steps = self.method.accumulation_variables[0]
+        micro_steps.assign(micro_steps.value + 1)
+        full = ops.equal(micro_steps.value, self.steps)
+        backend.stateful_cond(full, self.apply_accumulated, lambda: None, self.tracked)
+
+    def commit(self, update_values, state_values):
+        for variable, value in zip(self.update_variables, update_values):
+            variable.assign(value)
+        for variable, value in zip(self.method.state_variables, state_values):
+            variable.assign(value)
+
+    def apply(self, gradients, update_values, state_values):
+        self.commit(update_values, state_values)
+        self.applier.apply(gradients, self.variables)
+
+    def accumulate(self, gradients, update_values, state_values):
+        self.commit(update_values, [])
+        _, gradient_sums, state_sums = self.method.accumulation_variables
+        for total, g in zip(gradient_sums, gradients):
+            if g is not None:
+                total.assign(total.value + ops.cast(self.backend.dense(g), total.dtype))
+        for total, value in zip(state_sums, state_values):
+            total.assign(total.value + value)
+
+    def apply_accumulated(self):
+        def step_with_the_sums():
+            _, gradient_sums, state_sums = self.method.accumulation_variables
+            averages = [
+                total.value / self.steps if p else None
+                for total, p in zip(gradient_sums, self.present)
+            ]
+            for variable, total in zip(self.method.state_variables, state_sums):
+                variable.assign(total.value / self.steps)
+            self.applier.apply(averages, self.variables)
+            for total in gradient_sums + state_sums:
+                total.assign(ops.zeros_like(total.value))
+
+        self.backend.run_in_replicas(step_with_the_sums)
+        micro_steps = self.method.accumulation_variables[0]
+        micro_steps.assign(ops.zeros_like(micro_steps.value))
+
+    def grow_loss_scale(self):
+        """`LossScaleOptimizer`'s rule: double the scale after `dynamic_growth_steps`
+        applied steps."""
+        scaler = self.scaler
+        if scaler is None:
+            return
+        counter = scaler.step_counter.value
+        grow = ops.equal(counter, scaler.dynamic_growth_steps - 1)
+        scaler.step_counter.assign(ops.where(grow, ops.zeros_like(counter), counter + 1))
+        scale = scaler.dynamic_scale.value
+        scaler.dynamic_scale.assign(ops.where(grow, scale * 2.0, scale))
+
+    def checked(self):
+        """What the wrapped optimizer writes (the weights, its slots) and the sums."""
+        return [
+            v
+            for v in _unique(list(self.variables) + list(self.applier.variables) + _sums(self.method))
+            if _is_floating(v)
+        ]
 
 
 def _sums(method):
@@ -587,15 +797,6 @@ def _unique(variables):
             seen.add(id(v))
             result.append(v)
     return result
-
-
-def _grow_loss_scale(scaler):
-    """`LossScaleOptimizer`'s rule: double the scale after `dynamic_growth_steps` steps."""
-    counter = scaler.step_counter.value
-    grow = ops.equal(counter, scaler.dynamic_growth_steps - 1)
-    scaler.step_counter.assign(ops.where(grow, ops.zeros_like(counter), counter + 1))
-    scale = scaler.dynamic_scale.value
-    scaler.dynamic_scale.assign(ops.where(grow, scale * 2.0, scale))
 
 
 # ------------------------------------------------------------------------ model.fit

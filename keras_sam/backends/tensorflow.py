@@ -122,6 +122,13 @@ class TensorFlow(step.Backend):
             )
         return tf.add_n([tf.cast(w, t.dtype) * t for t, w in zip(tensors, weights)])
 
+    def norms(self, tensors):
+        """One fused kernel per tensor (`l2_loss`, the halved sum of squares), none
+        materializing the squares; float32 tensors are not copied."""
+        return tf.stack(
+            [tf.sqrt(2.0 * tf.nn.l2_loss(tf.cast(self.rows(t), tf.float32))) for t in tensors]
+        )
+
     def all_finite(self, tensors):
         checks = [tf.reduce_all(tf.math.is_finite(self.rows(t))) for t in tensors if t is not None]
         return tf.reduce_all(tf.stack(checks))

@@ -118,7 +118,34 @@ class Torch(step.Backend):
         return outputs, loss.detach(), list(gradients), updates
 
     def cond(self, pred, true_fn, false_fn):
-        return true_fn() if bool(pred) else false_fn()
+        return true_fn() if self._host_bool(pred) else false_fn()
+
+    def norms(self, tensors):
+        """`torch._foreach_norm`: the multi-tensor kernel `clip_grad_norm_` uses (one
+        launch for all float32 tensors on a GPU); other dtypes are reduced in float32."""
+        tensors = [torch.as_tensor(t) for t in tensors]
+        norms = [None] * len(tensors)
+        single = [i for i, t in enumerate(tensors) if t.dtype == torch.float32]
+        for i, norm in zip(single, torch._foreach_norm([tensors[i] for i in single], 2)):
+            norms[i] = norm
+        for i, t in enumerate(tensors):
+            if norms[i] is None:
+                norms[i] = torch.linalg.vector_norm(t, dtype=torch.float32)
+        return torch.stack(norms)
+
+    # The step's decisions are Python `if`s on tensors: reading one from a GPU waits for
+    # it (a host-device synchronization). The step reads its verdict twice (the commit,
+    # the metrics): the value read the first time is kept for the same tensor.
+    _last_read = (None, None)
+
+    def _host_bool(self, pred):
+        if isinstance(pred, bool):
+            return pred
+        tensor, value = self._last_read
+        if tensor is not pred:
+            value = bool(pred)
+            self._last_read = (pred, value)
+        return value
 
     def num_replicas(self):
         """The processes of `torch.distributed`'s default group (1 when none is set up)."""
@@ -176,10 +203,13 @@ class Torch(step.Backend):
 
     def stateful_cond(self, pred, true_fn, false_fn, tracked):
         del tracked  # eager: the branch taken assigns the variables itself
-        if bool(pred):
+        if self._host_bool(pred):
             true_fn()
         else:
             false_fn()
+
+    def decide(self, ok, take_step, skip_step, tracked, args=()):
+        self.stateful_cond(ok, lambda: take_step(*args), lambda: skip_step(*args), tracked)
 
 
 BACKEND = Torch()

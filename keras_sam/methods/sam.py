@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -94,7 +95,8 @@ class SAM(keras.optimizers.Optimizer):
     use it through `keras_sam.SAMModel(model).compile(optimizer=sam)` or through the
     custom-loop call `sam.optimize(grad_func, variables)`.
 
-    A step whose loss or gradients are NaN or infinite, in either pass, is skipped:
+    A step whose loss or gradients are NaN or infinite, in either pass (or whose
+    gradients are so large that their squares overflow float32), is skipped:
     nothing changes but `skipped_steps` (and the loss scale under mixed precision, where
     Keras's `LossScaleOptimizer` wraps `SAM`, or `SAM` wraps it in a custom loop). Under
     `tf.distribute`, `keras.distribution.DataParallel` (JAX) or `torch.distributed`
@@ -145,6 +147,16 @@ class SAM(keras.optimizers.Optimizer):
             (`SAMModel(num_batch_splits=k)` on their concatenation); the weights do
             not move on the other k-1 calls, and `iterations` counts the steps
             taken. Set it here, not on the wrapped optimizer. Defaults to `None`.
+        verify_optimizer_step: bool. A step is applied only when every loss is
+            finite and every gradient (and state update) is tame: finite, with a
+            float32 norm below 2**63, so that its squares are finite. From such
+            gradients Keras's optimizers write finite weights and slots, and the step
+            checks nothing after the optimizer and keeps no copy. `True` also checks
+            what the wrapped optimizer wrote, for an optimizer that could still
+            overflow (a custom one, say): before each step the weights, slots and
+            accumulation sums are copied, and restored (the step skipped) if any value
+            written is NaN or infinite; it costs one copy of those variables and a
+            pass over them per step. Defaults to `False`.
         name: string, the optimizer's name. Defaults to `None` (automatic).
 
     Example:
@@ -180,6 +192,7 @@ class SAM(keras.optimizers.Optimizer):
         perturb: str | tuple[type, ...] | Callable[[keras.Variable], bool] | None = None,
         distributed_perturbation: str = PER_REPLICA,
         gradient_accumulation_steps: int | None = None,
+        verify_optimizer_step: bool = False,
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -197,6 +210,7 @@ class SAM(keras.optimizers.Optimizer):
         eta = _check_number("eta", eta, minimum=0.0)
         epsilon = _check_epsilon(epsilon)
         perturb = _check_perturb(perturb)
+        verify_optimizer_step = _check_bool("verify_optimizer_step", verify_optimizer_step)
         super().__init__(learning_rate=0.0, name=name)
         # Created with `iterations`, not in `build`: a compiled but untrained model then
         # saves as many optimizer variables as it loads (as a plain SGD model does).
@@ -209,7 +223,9 @@ class SAM(keras.optimizers.Optimizer):
         self.distributed_perturbation = distributed_perturbation
         # Not `gradient_accumulation_steps`: the base class would accumulate by itself.
         self.accumulation_steps = gradient_accumulation_steps or 1
+        self.verify_optimizer_step = verify_optimizer_step
         self.inner_optimizer = optimizer
+        self._step_norms = None
         self._bound_variables = None
         self._state_variables = []
         self._state_sums = []
@@ -272,7 +288,42 @@ class SAM(keras.optimizers.Optimizer):
         mask = self.perturbed_mask(variables)
         directions = [d if m else None for d, m in zip(directions, mask)]
         scales = adaptive_scales(variables, self.eta) if self.adaptive else None
-        return maths.sam_perturbation(directions, self.current_rho(), self.epsilon, scales)
+        norm = None if scales is not None else self._known_norm(directions)
+        return maths.sam_perturbation(
+            directions, self.current_rho(), self.epsilon, scales, norm=norm
+        )
+
+    @contextlib.contextmanager
+    def _gradient_norms(self, tensors, norms):
+        """Within it, `perturbation_along` reads the norm of `tensors` (the step's
+        gradients) from `norms` (their float32 norms, which the step takes anyway for
+        its finite check) instead of taking it again: one pass over the gradients."""
+        self._step_norms = _StepNorms(tensors, norms)
+        try:
+            yield
+        finally:
+            self._step_norms = None
+
+    def _known_norm(self, directions):
+        """The norm of `directions` from the step's gradient norms, when they are the
+        step's gradients (else None: it is taken anew).
+
+        Used only with `epsilon >= 1e-12` (the default): the per-tensor sums of squares
+        are float32, exact to float32 precision down to norms of about 1e-15; below
+        that, underflow errs by at most about 1e-18 (for a billion entries), which
+        `epsilon` makes negligible in `||g|| + epsilon`. A smaller `epsilon` takes the
+        norm anew, with `maths.global_norm`'s rescaled pass where the norm is small.
+        """
+        step_norms = getattr(self, "_step_norms", None)
+        present = [d for d in directions if d is not None]
+        if step_norms is None or not present or self.epsilon < 1e-12:
+            return None
+        positions, norms = step_norms.positions, step_norms.norms
+        if any(id(d) not in positions for d in present):
+            return None
+        if len(present) == len(positions):
+            return maths.combined_norm(norms)
+        return maths.combined_norm(keras.ops.take(norms, [positions[id(d)] for d in present]))
 
     def perturbed_mask(self, variables):
         """One bool per variable: whether `perturb` selects it."""
@@ -556,6 +607,7 @@ class SAM(keras.optimizers.Optimizer):
             "gradient_accumulation_steps": (
                 None if self.accumulation_steps == 1 else self.accumulation_steps
             ),
+            "verify_optimizer_step": self.verify_optimizer_step,
         }
 
     @classmethod
@@ -572,6 +624,15 @@ class SAM(keras.optimizers.Optimizer):
                     value, custom_objects=custom_objects
                 )
         return cls(optimizer, perturb=perturb, **config)
+
+
+class _StepNorms:
+    """The step's gradient norms by gradient (a plain object: TensorFlow's tracking
+    would wrap a dict or tuple attribute, and refuses integer keys)."""
+
+    def __init__(self, tensors, norms):
+        self.positions = {id(t): i for i, t in enumerate(tensors)}
+        self.norms = norms
 
 
 class _Slots:

@@ -1,0 +1,353 @@
+"""SAM's cost in three regimes, on every backend: time per step and peak memory.
+
+Three workloads, each timed with `fit` on every Keras backend, one worker process per
+backend, the rounds interleaved across backends and, inside a worker, across methods
+(plain, SAM, LookSAM, MomentumSAM, bare, plain, ...), so that the machine's drift hits
+all alike:
+
+- `cnn`: the benchmarks' CNN (225k parameters), batch 128, SGD with momentum:
+  compute-bound, the two forward-backward passes set the step's time;
+- `mlp`: 1024 -> 4 x Dense(4096) -> 10 (54.6M parameters), batch 8, SGD with momentum:
+  weights-bound, every pass over the parameters counts;
+- `transformer`: a GPT-style causal language model (16.9M parameters: vocabulary 8192,
+  6 blocks of width 384, 6 heads), batch 4 x 64 tokens, AdamW: the fine-tuning regime.
+
+Methods: plain `fit`; `SAMModel` with SAM (rho 0.05), LookSAM (k=5) and MomentumSAM;
+and "bare": a two-pass SAM step written by hand on the same Keras model, as a user
+would write it in 30 lines (`bare_sam.py`: gradient, `e = rho g / ||g||`, `w += e`,
+gradient, `w -= e`, apply; no checks), run by the same `fit`. Reported: the median
+over rounds of each method's time over plain `fit`'s (wall clock, and the process's
+CPU time), and SAM's time over bare's.
+
+With `--memory`, the peak memory of one `fit` epoch over plain `fit`'s, in copies of
+the parameters, for SAM and bare, with SGD (momentum) and with Adam, on the MLP: each
+in a fresh process; on a CPU the process's peak resident memory (`ru_maxrss`), on a GPU
+the device's peak allocation (`torch.cuda.max_memory_allocated`, JAX's
+`peak_bytes_in_use`).
+
+The same command runs on a GPU when the backend sees one (PyTorch CUDA, JAX GPU); it
+needs only Keras, NumPy and the backends. `--dtype bfloat16` trains under Keras's
+`mixed_bfloat16` policy.
+
+    python benchmarks/regimes.py [--workloads cnn mlp transformer]
+        [--backends tensorflow jax torch] [--rounds 5] [--steps 4] [--dtype float32]
+        [--memory] [--json results.json]
+    python benchmarks/step_time.py --regimes ...      (the same)
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKLOADS = ("cnn", "mlp", "transformer")
+METHODS = ("plain", "SAM", "LookSAM k=5", "MomentumSAM", "bare")
+
+
+# ---------------------------------------------------------------------- workloads
+def workload(name, steps, seed=0):
+    """`(model, x, y, batch_size, make_optimizer, loss)` for `steps` batches."""
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, HERE)
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    xent = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if name == "cnn":
+        from cnn import cnn
+
+        batch = 128
+        x = rng.random((batch * steps, 28, 28, 1), dtype="float32")
+        y = rng.integers(0, 10, batch * steps)
+        return cnn(seed), x, y, batch, _sgd, xent
+    if name == "mlp":
+        batch = 8
+        layers = [keras.Input((1024,))]
+        layers += [keras.layers.Dense(4096, activation="relu") for _ in range(4)]
+        layers += [keras.layers.Dense(10)]
+        x = rng.random((batch * steps, 1024), dtype="float32")
+        y = rng.integers(0, 10, batch * steps)
+        return keras.Sequential(layers), x, y, batch, _sgd, xent
+    if name == "transformer":
+        batch, length, vocabulary = 4, 64, 8192
+        model = transformer_lm(vocabulary, length, width=384, depth=6, heads=6)
+        tokens = rng.integers(0, vocabulary, (batch * steps, length + 1))
+        return model, tokens[:, :-1], tokens[:, 1:], batch, _adamw, xent
+    raise ValueError(f"unknown workload {name!r}")
+
+
+def _sgd():
+    import keras
+
+    return keras.optimizers.SGD(0.01, momentum=0.9)
+
+
+def _adamw():
+    import keras
+
+    return keras.optimizers.AdamW(1e-4, weight_decay=0.01)
+
+
+def transformer_lm(vocabulary, length, width, depth, heads):
+    """A GPT-style causal language model in Keras layers: token and position
+    embeddings, `depth` pre-norm blocks (causal self-attention, a 4x MLP), logits."""
+    import keras
+    from keras import layers
+
+    tokens = keras.Input((length,), dtype="int32")
+    positions = keras.ops.arange(length)
+    h = layers.Embedding(vocabulary, width)(tokens) + layers.Embedding(length, width)(positions)
+    for _ in range(depth):
+        a = layers.LayerNormalization(epsilon=1e-5)(h)
+        a = layers.MultiHeadAttention(heads, width // heads)(a, a, use_causal_mask=True)
+        h = h + a
+        m = layers.LayerNormalization(epsilon=1e-5)(h)
+        m = layers.Dense(4 * width, activation="gelu")(m)
+        h = h + layers.Dense(width)(m)
+    h = layers.LayerNormalization(epsilon=1e-5)(h)
+    return keras.Model(tokens, layers.Dense(vocabulary)(h))
+
+
+def compiled(name, method, steps, make_optimizer=None):
+    """The model of workload `name` compiled for `method`; returns it, x, y, batch."""
+    import keras
+
+    import keras_sam
+
+    sys.path.insert(0, HERE)
+    from bare_sam import BareSAM
+
+    model, x, y, batch, default_optimizer, loss = workload(name, steps)
+    inner = (make_optimizer or default_optimizer)()
+    if method == "plain":
+        trained, optimizer = model, inner
+    elif method == "bare":
+        trained, optimizer = BareSAM(model, rho=0.05), inner
+    else:
+        trained = keras_sam.SAMModel(model)
+        optimizer = {
+            "SAM": lambda: keras_sam.SAM(inner, rho=0.05),
+            "LookSAM k=5": lambda: keras_sam.LookSAM(inner, rho=0.05, k=5),
+            "MomentumSAM": lambda: keras_sam.MomentumSAM(inner, rho=1.0),
+        }[method]()
+    trained.compile(optimizer=optimizer, loss=loss)
+    return trained, model, x, y, batch
+
+
+# ------------------------------------------------------------------------- worker
+def worker(workloads, steps):
+    import keras
+
+    class BatchEnds(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.wall, self.cpu = [], []
+
+        def on_train_batch_end(self, batch, logs=None):
+            # Reading the loss waits for the step (a GPU runs ahead of the host).
+            float(keras.ops.convert_to_numpy(logs["loss"]))
+            self.wall.append(time.perf_counter())
+            self.cpu.append(time.process_time())
+
+    def timer(name, method):
+        trained, _, x, y, batch = compiled(name, method, steps + 1)
+        ends = BatchEnds()
+
+        def run():
+            trained.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0,
+                        callbacks=[ends])
+            # The first step of each epoch is not counted (it waits for the data).
+            return (
+                (ends.wall[-1] - ends.wall[0]) / steps,
+                (ends.cpu[-1] - ends.cpu[0]) / steps,
+            )
+
+        run()  # compiles
+        return run
+
+    timers = {(w, m): timer(w, m) for w in workloads for m in METHODS}
+    print(json.dumps({"ready": keras.backend.backend(), "device": device_name()}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        result = {f"{w}|{m}": run() for (w, m), run in timers.items()}
+        print(json.dumps(result), flush=True)
+
+
+def device_name():
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if backend == "jax":
+        import jax
+
+        return jax.devices()[0].device_kind
+    return "cpu"
+
+
+# ------------------------------------------------------------------------- memory
+def memory_worker(workload_name, method, optimizer_name, steps):
+    """Prints the peak memory of `fit` of one method, and the parameters' bytes."""
+    import keras
+    import numpy as np
+
+    make = {"sgd": _sgd, "adam": lambda: keras.optimizers.Adam(1e-4)}[optimizer_name]
+    trained, model, x, y, batch = compiled(workload_name, method, steps, make)
+    trained.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    # A copy of the parameters: float32 (the variables' dtype, also under mixed_bfloat16).
+    parameter_bytes = 4 * sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    print(json.dumps({"peak": peak_bytes(), "parameter_bytes": parameter_bytes}), flush=True)
+
+
+def peak_bytes():
+    """The device's peak allocation on a GPU, else the process's peak resident memory."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            return device.memory_stats()["peak_bytes_in_use"]
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_memory(backends, steps, dtype):
+    """Peak over plain, in parameter copies: SAM and bare, SGD and Adam, on the MLP."""
+    results = {}
+    for backend in backends:
+        for optimizer in ("sgd", "adam"):
+            peaks = {}
+            for method in ("plain", "SAM", "bare"):
+                command = [sys.executable, __file__, "--memory-worker", "mlp", method, optimizer,
+                           "--steps", str(steps), "--dtype", dtype]
+                out = subprocess.run(command, env=_env(backend), capture_output=True, text=True,
+                                     check=True)
+                peaks[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            copies = {
+                m: (peaks[m]["peak"] - peaks["plain"]["peak"]) / peaks["plain"]["parameter_bytes"]
+                for m in ("SAM", "bare")
+            }
+            results[f"{backend}|{optimizer}"] = copies
+            print(f"{backend:<11} {optimizer:<5} peak over plain fit, in parameter copies:"
+                  f" SAM {copies['SAM']:.2f}, bare {copies['bare']:.2f}", flush=True)
+    return results
+
+
+# -------------------------------------------------------------------- coordinator
+def _env(backend):
+    return dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+
+
+def time_regimes(backends, workloads, rounds, steps, dtype):
+    workers = {}
+    for backend in backends:
+        command = [sys.executable, __file__, "--worker", "--steps", str(steps),
+                   "--dtype", dtype, "--workloads", *workloads]
+        workers[backend] = subprocess.Popen(command, stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True, env=_env(backend))
+    devices = {}
+    for backend, process in workers.items():
+        ready = json.loads(process.stdout.readline())
+        devices[backend] = ready["device"]
+    samples = {backend: [] for backend in workers}
+    for _ in range(rounds):
+        for backend, process in workers.items():
+            process.stdin.write("round\n")
+            process.stdin.flush()
+            samples[backend].append(json.loads(process.stdout.readline()))
+    for process in workers.values():
+        process.stdin.close()
+        process.wait()
+    return devices, samples
+
+
+def summarize(samples, workloads):
+    """Per backend and workload: ms per plain step, each method over plain (wall, CPU),
+    and SAM over bare (wall)."""
+    table = {}
+    for backend, rounds in samples.items():
+        for w in workloads:
+            def times(method, which):
+                return [r[f"{w}|{method}"][which] for r in rounds]
+
+            def ratio(a, b, which):
+                return statistics.median([x / y for x, y in zip(times(a, which), times(b, which))])
+
+            row = {"plain_ms": 1e3 * statistics.median(times("plain", 0))}
+            for m in METHODS[1:]:
+                row[m] = (ratio(m, "plain", 0), ratio(m, "plain", 1))
+            row["SAM / bare"] = (ratio("SAM", "bare", 0), ratio("SAM", "bare", 1))
+            table[f"{backend}|{w}"] = row
+    return table
+
+
+def print_table(table, devices, rounds, steps, dtype):
+    print(f"\n{rounds} interleaved rounds of {steps} steps, {dtype}; devices: "
+          + ", ".join(f"{b} {d}" for b, d in devices.items()))
+    print("Time over plain `fit`, median of the per-round ratios, wall (CPU):\n")
+    print("| backend | workload | plain ms/step | SAM | LookSAM k=5 | MomentumSAM | bare SAM |"
+          " SAM / bare |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, row in table.items():
+        backend, w = key.split("|")
+        cells = [f"{row[m][0]:.2f} ({row[m][1]:.2f})"
+                 for m in ("SAM", "LookSAM k=5", "MomentumSAM", "bare", "SAM / bare")]
+        print(f"| {backend} | {w} | {row['plain_ms']:.1f} | " + " | ".join(cells) + " |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax", "torch"],
+                        choices=["tensorflow", "jax", "torch"])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps a round")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--memory", action="store_true", help="also the peak-memory table")
+    parser.add_argument("--no-timing", action="store_true", help="only the memory table")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.dtype == "bfloat16" and (args.worker or args.memory_worker):
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    if args.worker:
+        return worker(args.workloads, args.steps)
+    if args.memory_worker:
+        return memory_worker(*args.memory_worker, args.steps)
+    results = {"dtype": args.dtype, "rounds": args.rounds, "steps": args.steps}
+    if not args.no_timing:
+        devices, samples = time_regimes(args.backends, args.workloads, args.rounds,
+                                        args.steps, args.dtype)
+        table = summarize(samples, args.workloads)
+        print_table(table, devices, args.rounds, args.steps, args.dtype)
+        results |= {"devices": devices, "samples": samples, "table": table}
+    if args.memory or args.no_timing:
+        print("\nPeak memory of `fit` over plain `fit`, MLP (54.6M parameters), batch 8:")
+        results["memory"] = measure_memory(args.backends, args.steps, args.dtype)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
