@@ -57,20 +57,21 @@ class BareSAM(keras.Model):
         value_and_grad = jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)
 
         def gradients(values):
-            (loss, (_, new_non_trainable, new_metrics)), grads = value_and_grad(
+            (_, (loss, y_pred, new_non_trainable, new_metrics)), grads = value_and_grad(
                 values, non_trainable, metrics, x, y, None, training=True,
                 optimizer_variables=optimizer_values,
             )
-            return loss, grads, new_non_trainable, new_metrics
+            return loss, y_pred, grads, new_non_trainable, new_metrics
 
-        loss, grads, non_trainable, metrics = gradients(trainable)
+        loss, y_pred, grads, non_trainable, new_metrics = gradients(trainable)
         norm = jax.numpy.sqrt(sum(jax.numpy.sum(jax.numpy.square(g)) for g in grads))
         scale = self.rho / (norm + RHO_EPSILON)
-        _, grads, _, _ = gradients([w + scale * g for w, g in zip(trainable, grads)])
+        grads = gradients([w + scale * g for w, g in zip(trainable, grads)])[2]
         trainable, optimizer_values = self.optimizer.stateless_apply(
             optimizer_values, grads, trainable
         )
-        return {"loss": loss}, (trainable, non_trainable, optimizer_values, metrics)
+        logs, metrics = self._update_metrics_variables(new_metrics, loss, x, y, y_pred, None)
+        return logs, (trainable, non_trainable, optimizer_values, metrics)
 
     # ------------------------------------------------------------------ PyTorch
     def _torch_train_step(self, data):

@@ -477,13 +477,21 @@ class _PartRun:
             perturbation, values = self.stateless(
                 values, lambda: method.perturbation(clean.rows, self.variables)
             )
-        perturbed = _perturbed_weights(backend, weights, perturbation, clean.gradients)
-        del perturbation, present_rows
+        del present_rows
         gradients = clean.gradients
         if release and not _reads_clean_gradients(method):
-            # SAM descends with the perturbed gradient alone: let the clean one go.
+            # SAM descends with the perturbed gradient alone: the clean one goes as
+            # `w + e` is formed, so that the step holds one more parameter-sized
+            # buffer than plain training, not two.
+            self.clean = clean._replace(gradients=None, rows=None)
+            released = [clean.gradients, clean.rows]
             gradients = [None] * len(gradients)
-            self.clean = clean = clean._replace(gradients=None, rows=None)
+        else:
+            released = []
+        perturbed = _perturbed_weights(
+            backend, weights, perturbation, clean.gradients, released
+        )
+        del clean, perturbation
         with backend.same_randomness():
             _, loss_sam, perturbed_gradients, _ = backend.gradients(
                 self.compute, self.variables, perturbed, self.pending, self.scale
@@ -527,14 +535,22 @@ def _reads_clean_gradients(method):
     return type(method).descent_gradients is not SAM.descent_gradients
 
 
-def _perturbed_weights(backend, weights, perturbation, gradients):
-    """`w + e` for each variable, each `e` let go once used (eagerly, the step then
-    holds `e` and `w + e` together for one tensor at a time, not for all)."""
-    perturbation = list(perturbation)
+def _perturbed_weights(backend, weights, perturbation, gradients, released=()):
+    """`w + e` for each variable.
+
+    Consumes `perturbation` (a list, emptied in place) and the lists in `released`
+    (the clean gradients and what the method read of them, emptied in place): each
+    entry is let go once its `w + e` exists, so that run eagerly the step holds them
+    and `w + e` together for one tensor at a time, not for all.
+    """
     perturbed = []
     for i, weight in enumerate(weights):
         e, perturbation[i] = perturbation[i], None
-        perturbed.append(backend.perturb(weight, e, gradients[i]))
+        gradient = gradients[i]
+        for entries in released:
+            entries[i] = None
+        perturbed.append(backend.perturb(weight, e, gradient))
+        del e, gradient
     return perturbed
 
 
