@@ -58,7 +58,13 @@ class BareSAM(keras.Model):
 
         def gradients(values):
             (_, (loss, y_pred, new_non_trainable, new_metrics)), grads = value_and_grad(
-                values, non_trainable, metrics, x, y, None, training=True,
+                values,
+                non_trainable,
+                metrics,
+                x,
+                y,
+                None,
+                training=True,
                 optimizer_variables=optimizer_values,
             )
             return loss, y_pred, grads, new_non_trainable, new_metrics

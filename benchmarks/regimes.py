@@ -116,7 +116,6 @@ def transformer_lm(vocabulary, length, width, depth, heads):
 
 def compiled(name, method, steps, make_optimizer=None):
     """The model of workload `name` compiled for `method`; returns it, x, y, batch."""
-    import keras
 
     import keras_sam
 
@@ -159,8 +158,9 @@ def worker(workloads, steps):
         ends = BatchEnds()
 
         def run():
-            trained.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0,
-                        callbacks=[ends])
+            trained.fit(
+                x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[ends]
+            )
             # The first step of each epoch is not counted (it waits for the data).
             return (
                 (ends.wall[-1] - ends.wall[0]) / steps,
@@ -234,34 +234,62 @@ def measure_memory(backends, steps, dtype):
         for optimizer in ("sgd", "adam"):
             peaks = {}
             for method in ("plain", "SAM", "bare"):
-                command = [sys.executable, __file__, "--memory-worker", "mlp", method, optimizer,
-                           "--steps", str(steps), "--dtype", dtype]
-                out = subprocess.run(command, env=_env(backend), capture_output=True, text=True,
-                                     check=True)
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--memory-worker",
+                    "mlp",
+                    method,
+                    optimizer,
+                    "--steps",
+                    str(steps),
+                    "--dtype",
+                    dtype,
+                ]
+                out = subprocess.run(
+                    command, env=_env(backend), capture_output=True, text=True, check=True
+                )
                 peaks[method] = json.loads(out.stdout.strip().splitlines()[-1])
             copies = {
                 m: (peaks[m]["peak"] - peaks["plain"]["peak"]) / peaks["plain"]["parameter_bytes"]
                 for m in ("SAM", "bare")
             }
             results[f"{backend}|{optimizer}"] = copies
-            print(f"{backend:<11} {optimizer:<5} peak over plain fit, in parameter copies:"
-                  f" SAM {copies['SAM']:.2f}, bare {copies['bare']:.2f}", flush=True)
+            print(
+                f"{backend:<11} {optimizer:<5} peak over plain fit, in parameter copies:"
+                f" SAM {copies['SAM']:.2f}, bare {copies['bare']:.2f}",
+                flush=True,
+            )
     return results
 
 
 # -------------------------------------------------------------------- coordinator
 def _env(backend):
-    return dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
-                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    return dict(
+        os.environ,
+        KERAS_BACKEND=backend,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
+    )
 
 
 def time_regimes(backends, workloads, rounds, steps, dtype):
     workers = {}
     for backend in backends:
-        command = [sys.executable, __file__, "--worker", "--steps", str(steps),
-                   "--dtype", dtype, "--workloads", *workloads]
-        workers[backend] = subprocess.Popen(command, stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, text=True, env=_env(backend))
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--steps",
+            str(steps),
+            "--dtype",
+            dtype,
+            "--workloads",
+            *workloads,
+        ]
+        workers[backend] = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(backend)
+        )
     devices = {}
     for backend, process in workers.items():
         ready = json.loads(process.stdout.readline())
@@ -284,6 +312,7 @@ def summarize(samples, workloads):
     table = {}
     for backend, rounds in samples.items():
         for w in workloads:
+
             def times(method, which):
                 return [r[f"{w}|{method}"][which] for r in rounds]
 
@@ -299,23 +328,33 @@ def summarize(samples, workloads):
 
 
 def print_table(table, devices, rounds, steps, dtype):
-    print(f"\n{rounds} interleaved rounds of {steps} steps, {dtype}; devices: "
-          + ", ".join(f"{b} {d}" for b, d in devices.items()))
+    print(
+        f"\n{rounds} interleaved rounds of {steps} steps, {dtype}; devices: "
+        + ", ".join(f"{b} {d}" for b, d in devices.items())
+    )
     print("Time over plain `fit`, median of the per-round ratios, wall (CPU):\n")
-    print("| backend | workload | plain ms/step | SAM | LookSAM k=5 | MomentumSAM | bare SAM |"
-          " SAM / bare |")
+    print(
+        "| backend | workload | plain ms/step | SAM | LookSAM k=5 | MomentumSAM | bare SAM |"
+        " SAM / bare |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for key, row in table.items():
         backend, w = key.split("|")
-        cells = [f"{row[m][0]:.2f} ({row[m][1]:.2f})"
-                 for m in ("SAM", "LookSAM k=5", "MomentumSAM", "bare", "SAM / bare")]
+        cells = [
+            f"{row[m][0]:.2f} ({row[m][1]:.2f})"
+            for m in ("SAM", "LookSAM k=5", "MomentumSAM", "bare", "SAM / bare")
+        ]
         print(f"| {backend} | {w} | {row['plain_ms']:.1f} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax", "torch"],
-                        choices=["tensorflow", "jax", "torch"])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["tensorflow", "jax", "torch"],
+        choices=["tensorflow", "jax", "torch"],
+    )
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="timed steps a round")
@@ -336,8 +375,9 @@ def main(argv=None):
         return memory_worker(*args.memory_worker, args.steps)
     results = {"dtype": args.dtype, "rounds": args.rounds, "steps": args.steps}
     if not args.no_timing:
-        devices, samples = time_regimes(args.backends, args.workloads, args.rounds,
-                                        args.steps, args.dtype)
+        devices, samples = time_regimes(
+            args.backends, args.workloads, args.rounds, args.steps, args.dtype
+        )
         table = summarize(samples, args.workloads)
         print_table(table, devices, args.rounds, args.steps, args.dtype)
         results |= {"devices": devices, "samples": samples, "table": table}

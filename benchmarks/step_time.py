@@ -50,6 +50,11 @@ the same CNN in bare `torch.nn` with davda54's SAM loop and plain SGD, in the sa
     python benchmarks/step_time.py [--rounds 15] [--steps 20] [--jit] [--methods]
                                    [--distributed] [--mixed-precision] [--keras2]
     python benchmarks/step_time.py --backend jax [torch] [--rounds 9] [--steps 20]
+    python benchmarks/step_time.py --regimes [--workloads cnn mlp transformer] [--memory]
+
+With `--regimes`, SAM's cost in three regimes (the CNN, a weights-bound MLP, a
+transformer language model) on every backend, against a bare two-pass SAM step, with
+peak memory in parameter copies: benchmarks/regimes.py.
 """
 
 import argparse
@@ -59,6 +64,14 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+if __name__ == "__main__" and "--regimes" in sys.argv:
+    # SAM's cost at three scales (CNN, weights-bound MLP, transformer) on every backend:
+    # benchmarks/regimes.py, one worker process per backend.
+    import regimes
+
+    regimes.main([a for a in sys.argv[1:] if a != "--regimes"])
+    sys.exit()
 
 if __name__ == "__main__" and any(a == "--backend" or a.startswith("--backend=") for a in sys.argv):
     # The same comparison on other Keras backends: benchmarks/backends.py, one worker

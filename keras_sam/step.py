@@ -463,10 +463,8 @@ class _PartRun:
             gradients = [None] * len(gradients)
         else:
             released = []
-        perturbed = _perturbed_weights(
-            backend, weights, perturbation, clean.gradients, released
-        )
-        del clean, perturbation
+        perturbed = _perturbed_weights(backend, weights, perturbation, clean.gradients, released)
+        clean = perturbation = None  # let them go (the lists are emptied already)
         with backend.same_randomness():
             _, loss_sam, perturbed_gradients, _ = backend.gradients(
                 self.compute, self.variables, perturbed, self.pending, self.scale
@@ -763,7 +761,9 @@ class _Outcomes:
         """What the wrapped optimizer writes (the weights, its slots) and the sums."""
         return [
             v
-            for v in _unique(list(self.variables) + list(self.applier.variables) + _sums(self.method))
+            for v in _unique(
+                list(self.variables) + list(self.applier.variables) + _sums(self.method)
+            )
             if _is_floating(v)
         ]
 

@@ -128,6 +128,10 @@ _RHO_RULE = r"`rho` must be a number or a `keras.optimizers.schedules.LearningRa
         ({"epsilon": 0}, r"`epsilon` must be a finite number > 0. Received: epsilon=0"),
         ({"epsilon": -1e-12}, r"`epsilon` .* Received: epsilon=-1e-12"),
         ({"adaptive": 1}, r"`adaptive` must be True or False. Received: adaptive=1"),
+        (
+            {"verify_optimizer_step": "yes"},
+            r"`verify_optimizer_step` must be True or False. Received: verify_optimizer_step=.yes.",
+        ),
         ({"clipnorm": 1.0}, r"does not take `clipnorm`: it belongs on the wrapped optimizer"),
         ({"learning_rate": 0.1}, r"does not take `learning_rate`"),
         ({"weight_decay": 0.1}, r"does not take `weight_decay`"),
@@ -167,6 +171,7 @@ def test_config_round_trip_keeps_every_argument():
         epsilon=1e-9,
         distributed_perturbation="synchronized",
         gradient_accumulation_steps=3,
+        verify_optimizer_step=True,
         name="my_sam",
     )
     config = sam.get_config()
@@ -180,7 +185,9 @@ def test_config_round_trip_keeps_every_argument():
         "perturb",
         "distributed_perturbation",
         "gradient_accumulation_steps",
+        "verify_optimizer_step",
     }
+    assert config["verify_optimizer_step"] is True
     revived = keras_sam.SAM.from_config(json.loads(json.dumps(config)))
     assert json.dumps(revived.get_config(), sort_keys=True) == json.dumps(config, sort_keys=True)
     assert revived.inner_optimizer.get_config() == inner.get_config()

@@ -1,6 +1,6 @@
-"""A step is a transaction, on every backend: what the wrapped optimizer would write is
-checked too, and a step that would write a NaN or an infinity changes nothing but
-`skipped_steps`; a batch whose arrays differ in size is refused before anything changes;
+"""A step is a transaction, on every backend: a step whose gradients would overflow the
+wrapped optimizer's state (or, with `verify_optimizer_step=True`, that would write a NaN
+or an infinity) changes nothing but `skipped_steps`; a batch whose arrays differ in size is refused before anything changes;
 the library holds no assertion that could fail after a step was applied.
 
 Backend-neutral: it runs in every backend's pytest session (see tests/conftest.py).
@@ -59,6 +59,47 @@ def test_an_optimizer_slot_overflow_skips_the_step_with_every_variable_intact(
             np.testing.assert_array_equal(harness.to_numpy(got), harness.to_numpy(want), got.path)
     slots = [harness.to_numpy(v) for v in sam_model.optimizer.inner_optimizer.variables]
     assert all(np.all(np.isfinite(s)) for s in slots)
+
+
+class _Overflowing(keras.optimizers.Optimizer):
+    """An optimizer whose update overflows float32 from any nonzero gradient: a tame
+    gradient (about 1) times 1e30 twice."""
+
+    def __init__(self):
+        super().__init__(learning_rate=1.0)
+
+    def update_step(self, gradient, variable, learning_rate):
+        huge = keras.ops.cast(1e30, variable.dtype)
+        self.assign_sub(variable, gradient * huge * huge)
+
+
+def _overflowing_fit(x, y, mode, verify):
+    model = harness.bn_dropout_model()
+    optimizer = keras_sam.SAM(_Overflowing(), rho=0.1, verify_optimizer_step=verify)
+    sam_model = keras_sam.SAMModel(model)
+    sam_model.compile(optimizer=optimizer, loss=_xent(), **harness.MODES[mode])
+    sam_model.optimizer.build(model.trainable_variables)
+    before = harness.snapshot(model.variables + sam_model.optimizer.variables)
+    sam_model.fit(x, y, batch_size=8, shuffle=False, epochs=1, verbose=0)
+    return model, sam_model, before
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_verify_optimizer_step_rolls_back_what_a_tame_gradient_overflows(rng, mode):
+    # The default step trusts a tame gradient: this optimizer writes infinite weights.
+    # `verify_optimizer_step=True` checks what it wrote, restores it, and skips.
+    x, y = rng.normal(size=(8, 4)).astype("float32"), rng.integers(0, 3, 8)
+    model, sam_model, _ = _overflowing_fit(x, y, mode, verify=False)
+    assert int(sam_model.optimizer.skipped_steps.numpy()) == 0
+    kernels = [harness.to_numpy(v) for v in model.trainable_variables]
+    assert not all(np.all(np.isfinite(k)) for k in kernels)
+
+    model, sam_model, before = _overflowing_fit(x, y, mode, verify=True)
+    assert int(sam_model.optimizer.skipped_steps.numpy()) == 1
+    after = model.variables + sam_model.optimizer.variables
+    for variable, want in zip(after, before, strict=True):
+        if variable is not sam_model.optimizer.skipped_steps:
+            np.testing.assert_array_equal(harness.to_numpy(variable), want, variable.path)
 
 
 class _Batches(keras.utils.PyDataset):
