@@ -36,6 +36,7 @@ needs only Keras, NumPy and the backends. `--dtype bfloat16` trains under Keras'
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import resource
@@ -227,31 +228,44 @@ def peak_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_memory(backends, steps, dtype):
-    """Peak over plain, in parameter copies: SAM and bare, SGD and Adam, on the MLP."""
+def measure_memory(backends, steps, dtype, jobs=1):
+    """Peak over plain, in parameter copies: SAM and bare, SGD and Adam, on the MLP.
+
+    Each measurement is a fresh process; `jobs` of them run at once (a GPU's peak is per
+    process, so they may share it; on a small CPU machine keep 1)."""
+    runs = [
+        (backend, optimizer, method)
+        for backend in backends
+        for optimizer in ("sgd", "adam")
+        for method in ("plain", "SAM", "bare")
+    ]
+
+    def measure(run):
+        backend, optimizer, method = run
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-worker",
+            "mlp",
+            method,
+            optimizer,
+            "--steps",
+            str(steps),
+            "--dtype",
+            dtype,
+        ]
+        out = subprocess.run(command, env=_env(backend), capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        peaks = dict(zip(runs, pool.map(measure, runs)))
     results = {}
     for backend in backends:
         for optimizer in ("sgd", "adam"):
-            peaks = {}
-            for method in ("plain", "SAM", "bare"):
-                command = [
-                    sys.executable,
-                    __file__,
-                    "--memory-worker",
-                    "mlp",
-                    method,
-                    optimizer,
-                    "--steps",
-                    str(steps),
-                    "--dtype",
-                    dtype,
-                ]
-                out = subprocess.run(
-                    command, env=_env(backend), capture_output=True, text=True, check=True
-                )
-                peaks[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            plain = peaks[(backend, optimizer, "plain")]
             copies = {
-                m: (peaks[m]["peak"] - peaks["plain"]["peak"]) / peaks["plain"]["parameter_bytes"]
+                m: (peaks[(backend, optimizer, m)]["peak"] - plain["peak"])
+                / plain["parameter_bytes"]
                 for m in ("SAM", "bare")
             }
             results[f"{backend}|{optimizer}"] = copies
@@ -361,6 +375,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--memory", action="store_true", help="also the peak-memory table")
     parser.add_argument("--no-timing", action="store_true", help="only the memory table")
+    parser.add_argument("--jobs", type=int, default=1, help="memory processes at once")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
@@ -383,7 +398,7 @@ def main(argv=None):
         results |= {"devices": devices, "samples": samples, "table": table}
     if args.memory or args.no_timing:
         print("\nPeak memory of `fit` over plain `fit`, MLP (54.6M parameters), batch 8:")
-        results["memory"] = measure_memory(args.backends, args.steps, args.dtype)
+        results["memory"] = measure_memory(args.backends, args.steps, args.dtype, args.jobs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
