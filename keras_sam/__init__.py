@@ -14,6 +14,8 @@ __all__ = [
     "ProportionalRho",
     "SAM",
     "SAMModel",
+    "SkippedStepsError",
+    "SkippedStepsGuard",
     "__version__",
 ]
 
@@ -32,6 +34,8 @@ _PUBLIC = {
     "ProportionalRho": "keras_sam.methods.schedules",
     "LatePhaseRho": "keras_sam.methods.schedules",
     "SAMModel": "keras_sam.trainers.sam_model",
+    "SkippedStepsError": "keras_sam.trainers.skipped_steps",
+    "SkippedStepsGuard": "keras_sam.trainers.skipped_steps",
 }
 
 

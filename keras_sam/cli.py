@@ -12,6 +12,7 @@ from keras_sam.models import MODELS
 from keras_sam.training import (
     ASAM_RHO_SCALE,
     DEFAULT_RHO,
+    MAX_CONSECUTIVE_SKIPS,
     METHOD_ALIASES,
     METHODS,
     MOMENTUM_SAM_RHO,
@@ -128,6 +129,17 @@ def main(argv=None):
         return _compare(args)
     except (ValueError, OSError) as error:
         print(f"keras-sam {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        from keras_sam.trainers.skipped_steps import SkippedStepsError
+
+        if not isinstance(error, SkippedStepsError):
+            raise
+        text = _one_line(error).replace(
+            "(`SAMModel(model, max_consecutive_skips=None)` disables it)",
+            "(--max-consecutive-skips; 0 disables it)",
+        )
+        print(f"keras-sam {args.command}: error: {text}", file=sys.stderr)
         return 1
 
 
@@ -318,6 +330,13 @@ def _add_run_arguments(parser, label_noise=0.0):
     )
     parser.add_argument("--seed", type=_integer, default=defaults.seed, help="seed")
     parser.add_argument(
+        "--max-consecutive-skips",
+        type=_skip_limit,
+        default=MAX_CONSECUTIVE_SKIPS,
+        help="stop with an error (exit status 1) after this many training steps in a row were "
+        "skipped for a NaN or infinite loss or gradient; 0 for no limit",
+    )
+    parser.add_argument(
         "--quiet",
         action="store_true",
         help="one line per epoch even on a terminal (the default when the output is not a "
@@ -372,7 +391,14 @@ def _train(args):
     _output_folder(args.out, [Path(args.out)], overwrite=args.overwrite, resume=args.resume)
     data = prepare_data(config, args.data_dir)
     _describe_data(config, data)
-    _, history = train(config, data, out_dir=args.out, verbose=_verbose(args), resume=args.resume)
+    _, history = train(
+        config,
+        data,
+        out_dir=args.out,
+        verbose=_verbose(args),
+        resume=args.resume,
+        max_consecutive_skips=args.max_consecutive_skips,
+    )
     print(
         f"final clean test accuracy: {100 * history['test_accuracy'][-1]:.2f} % "
         f"(best {100 * max(history['test_accuracy']):.2f} %); training "
@@ -408,7 +434,12 @@ def _compare(args):
         )
         print(f"\n== {label}: {what}, {config.epochs} epochs ==", flush=True)
         model, history = train(
-            config, data, out_dir=out / label, verbose=_verbose(args), resume=args.resume
+            config,
+            data,
+            out_dir=out / label,
+            verbose=_verbose(args),
+            resume=args.resume,
+            max_consecutive_skips=args.max_consecutive_skips,
         )
         runs[label] = (config, history)
         models[label] = model
@@ -758,6 +789,13 @@ def _integer(text):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _skip_limit(text):
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value or None
 
 
 def _positive_int(text):

@@ -46,6 +46,8 @@ ASAM_RHO_SCALE = 10.0
 # epochs) 3 and 2 stalled at chance level and 1 did best of 0.1, 0.3 and 1
 # (docs/methods.md).
 MOMENTUM_SAM_RHO = 1.0
+# `SAMModel`'s default (keras_sam.trainers.skipped_steps), here without importing Keras.
+MAX_CONSECUTIVE_SKIPS = 100
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 
@@ -212,7 +214,15 @@ def build_optimizer(config, steps):
     return methods.switching.AESAM(inner, rho=rho)
 
 
-def train(config, data, out_dir=None, verbose=1, callbacks=(), resume=False):
+def train(
+    config,
+    data,
+    out_dir=None,
+    verbose=1,
+    callbacks=(),
+    resume=False,
+    max_consecutive_skips=MAX_CONSECUTIVE_SKIPS,
+):
     """Trains one model; returns `(model, history)`.
 
     `history` maps each per-epoch quantity to a list: `loss`, `accuracy` (on the labels
@@ -237,7 +247,9 @@ def train(config, data, out_dir=None, verbose=1, callbacks=(), resume=False):
     the uninterrupted run (the configuration must be the one saved there); a complete run
     is loaded, not trained again.
     Each evaluated epoch's `test_accuracy` is also added to the epoch's logs, so that
-    Keras's progress line shows it.
+    Keras's progress line shows it. `max_consecutive_skips` is `SAMModel`'s: after that
+    many skipped steps in a row (NaN or infinite losses or gradients), training stops
+    with a `keras_sam.SkippedStepsError`; `None` never stops.
     """
     import keras
 
@@ -261,7 +273,9 @@ def train(config, data, out_dir=None, verbose=1, callbacks=(), resume=False):
     model = build_model(config.model, seed=config.seed)
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
     splits = config.num_batch_splits if config.is_sam else None
-    sam_model = SAMModel(model, num_batch_splits=splits)
+    sam_model = SAMModel(
+        model, num_batch_splits=splits, max_consecutive_skips=max_consecutive_skips
+    )
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     sam_model.compile(
         optimizer=build_optimizer(config, steps_per_epoch * config.epochs),

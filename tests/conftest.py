@@ -42,10 +42,16 @@ ONLY = {
     ],
 }
 ONLY["jax"] = ["backends/test_jax.py", "backends/test_jax_distribution.py"]
-ONLY["torch"] = ["backends/test_torch.py", "backends/test_torch_distribution.py"]
-collect_ignore = ["backends/jax_distribution.py", "backends/torch_distribution.py"] + [
-    path for backend, paths in ONLY.items() if backend != BACKEND for path in paths
+ONLY["torch"] = [
+    "backends/test_torch.py",
+    "backends/test_torch_distribution.py",
+    "backends/test_torch_dead_replica.py",
 ]
+collect_ignore = [
+    "backends/jax_distribution.py",
+    "backends/torch_distribution.py",
+    "backends/torch_dead_replica.py",
+] + [path for backend, paths in ONLY.items() if backend != BACKEND for path in paths]
 
 if BACKEND == "tensorflow":
     import tensorflow as tf

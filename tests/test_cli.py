@@ -400,3 +400,25 @@ def test_output_to_a_file_is_one_line_per_epoch_with_the_test_accuracy(tmp_path)
     shown = float(summaries[-1].split("test_accuracy:")[1].split()[0])
     assert shown == pytest.approx(history["test_accuracy"][-1], abs=5e-5)
     assert "final clean test accuracy" in lines[-1]
+
+
+def test_a_run_of_skipped_steps_exits_non_zero_with_the_causes(tmp_path, capsys, monkeypatch):
+    # Training images that are all NaN: every step is skipped; after 3 in a row (the
+    # second epoch's first step) `keras-sam train` stops with one line and exit status 1.
+    import numpy as np
+
+    from keras_sam import training
+
+    def prepare_data(config, data_dir=None):
+        x = np.full((16, 28, 28, 1), np.nan, "float32")
+        y = np.arange(16, dtype="int64") % 10
+        return training.Data(x, y, y, np.zeros_like(x), y, noise_fraction=0.0)
+
+    monkeypatch.setattr(training, "prepare_data", prepare_data)
+    argv = ["train", "--batch-size", "8", "--epochs", "3", "--quiet"]
+    argv += ["--max-consecutive-skips", "3", "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 1
+    err = _one_line_error(capsys, "train")
+    assert "3 training steps in a row were skipped" in err
+    assert "NaN or inf in the inputs or labels" in err and "--max-consecutive-skips" in err
+    assert not (tmp_path / "run" / "model.keras").exists()

@@ -83,6 +83,8 @@ def test_public_names():
             "ProportionalRho",
             "SAM",
             "SAMModel",
+            "SkippedStepsError",
+            "SkippedStepsGuard",
             "__version__",
         ]
     )

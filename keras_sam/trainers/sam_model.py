@@ -1,5 +1,7 @@
 """`SAMModel`: trains any Keras model with SAM through `fit`."""
 
+import inspect
+import math
 import numbers
 import os
 import warnings
@@ -9,6 +11,11 @@ import keras
 
 from keras_sam import backends, files
 from keras_sam.methods.sam import SAM
+from keras_sam.trainers.skipped_steps import (
+    DEFAULT_MAX_CONSECUTIVE_SKIPS,
+    StopOnSkippedSteps,
+    check_max_consecutive_skips,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -55,6 +62,17 @@ class SAMModel(keras.Model):
             same eagerly, compiled and under XLA). BatchNorm statistics are then updated
             once per part. Defaults to `None` (one perturbation for the
             whole batch).
+        max_consecutive_skips: int >= 1 or `None`. A step whose loss, gradients or
+            updates are NaN or infinite is skipped (nothing changes but
+            `optimizer.skipped_steps`, which the logs show as `skipped_steps`); after
+            this many skipped steps in a row `fit` stops with a
+            `keras_sam.SkippedStepsError` saying so, the weights as after the last
+            applied step. An epoch whose every step was skipped logs `loss: nan` (and
+            NaN metrics), as plain Keras would on NaN data. `None` never stops.
+            Defaults to 100: a few skips are normal (a bad batch; under
+            `mixed_float16`, the loss scale halving from 2**15 to where the gradients
+            fit in float16, at most about 30 skips), 100 in a row are not (the loss
+            scale would be 2**-85).
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -73,7 +91,11 @@ class SAMModel(keras.Model):
     """
 
     def __init__(
-        self, model: keras.Model, num_batch_splits: int | None = None, **kwargs: Any
+        self,
+        model: keras.Model,
+        num_batch_splits: int | None = None,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if not isinstance(model, keras.Model):
@@ -97,6 +119,7 @@ class SAMModel(keras.Model):
             )
         self.model = model
         self.num_batch_splits = None if num_batch_splits is None else int(num_batch_splits)
+        self.max_consecutive_skips = check_max_consecutive_skips(max_consecutive_skips)
         self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
         self.second_pass_tracker = keras.metrics.Mean(name="second_pass_rate")
         adapter = backends.current()
@@ -115,13 +138,38 @@ class SAMModel(keras.Model):
             adapter.check_compile(self)
         return super().make_train_function(force=force)
 
-    def train_step(self, *args):
-        # TensorFlow and PyTorch call `train_step(data)`; JAX calls the stateless
-        # `train_step(state, data)` and takes `(logs, state)` back.
-        optimizer = self.optimizer
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`, stopped after `max_consecutive_skips` skipped steps in a row.
+
+        Raises:
+            keras_sam.SkippedStepsError: when `max_consecutive_skips` steps in a row were
+                skipped (see the class's `max_consecutive_skips`).
+        """
+        if self.max_consecutive_skips is not None and isinstance(self._sam_optimizer(), SAM):
+            bound = inspect.signature(super().fit).bind(*args, **kwargs)
+            callbacks = bound.arguments.get("callbacks")
+            check = StopOnSkippedSteps(self.max_consecutive_skips)
+            if callbacks is None or isinstance(callbacks, (list, tuple)):
+                # First, so that a callback after it (a checkpoint) never runs on a
+                # batch that stopped the run.
+                bound.arguments["callbacks"] = [check, *(callbacks or ())]
+            else:  # a `keras.callbacks.CallbackList`
+                check.set_model(self)
+                callbacks.callbacks.insert(0, check)
+            args, kwargs = bound.args, bound.kwargs
+        return super().fit(*args, **kwargs)
+
+    def _sam_optimizer(self):
+        optimizer = getattr(self, "optimizer", None)
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             # `compile` wraps the optimizer so under the `mixed_float16` policy.
             optimizer = optimizer.inner_optimizer
+        return optimizer
+
+    def train_step(self, *args):
+        # TensorFlow and PyTorch call `train_step(data)`; JAX calls the stateless
+        # `train_step(state, data)` and takes `(logs, state)` back.
+        optimizer = self._sam_optimizer()
         if isinstance(optimizer, SAM):
             adapter = backends.current()
             if not hasattr(adapter, "train_step"):
@@ -140,7 +188,27 @@ class SAMModel(keras.Model):
         logs = result[0] if len(args) == 2 else result
         for name in drop:
             logs.pop(name, None)
+        if isinstance(optimizer, SAM):
+            self._nan_without_applied_steps(logs, result[1] if len(args) == 2 else None)
         return result
+
+    def _nan_without_applied_steps(self, logs, state):
+        """NaN for the epoch's loss and metrics while no step of it has been applied.
+
+        The step adds a skipped step to no metric, so an epoch of skipped steps would
+        log Keras's mean of nothing, 0: a perfect loss. The loss tracker counts the
+        examples of the applied steps; while it is 0 every metric but `skipped_steps`
+        logs NaN, as plain Keras's would on NaN data. A tensor operation, no
+        synchronization: it runs inside the compiled step.
+        """
+        count = self._loss_tracker.count
+        if state is not None:  # JAX: the count after the step is in the new state
+            index = next(i for i, v in enumerate(self.metrics_variables) if v is count)
+            count = state[3][index]
+        applied = keras.ops.greater(count, 0)
+        for name, value in logs.items():
+            if name != "skipped_steps" and "float" in keras.backend.standardize_dtype(value.dtype):
+                logs[name] = keras.ops.where(applied, value, math.nan)
 
     def test_step(self, *args):
         result = super().test_step(*args)
@@ -202,6 +270,7 @@ class SAMModel(keras.Model):
             {
                 "model": keras.saving.serialize_keras_object(self.model),
                 "num_batch_splits": self.num_batch_splits,
+                "max_consecutive_skips": self.max_consecutive_skips,
             }
         )
         return config

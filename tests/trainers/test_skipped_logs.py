@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import keras_sam
+from tests import harness
 
 
 def _model():
@@ -108,3 +109,112 @@ def test_second_pass_rate_on_data_of_unknown_length(rng):
         assert int(optimizer.iterations) == 10
         assert int(optimizer.second_passes) == 5
         assert history["second_pass_rate"] == [0.5], method.__name__
+
+
+# ------------------------------------------------ runs of skipped steps: visible, then stopped
+def _nan_x(rng, batches):
+    return np.full((8 * batches, 4), np.nan, "float32"), rng.integers(0, 3, 8 * batches)
+
+
+def _compiled(max_consecutive_skips, optimizer=None, **compile_args):
+    sam_model = keras_sam.SAMModel(_model(), max_consecutive_skips=max_consecutive_skips)
+    sam_model.compile(
+        optimizer=optimizer or keras_sam.SAM(keras.optimizers.SGD(0.05), rho=0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        **compile_args,
+    )
+    return sam_model
+
+
+def test_an_epoch_of_skipped_steps_logs_nan_not_a_perfect_loss(rng):
+    # Plain Keras logs `loss: nan` on NaN data; an epoch whose every step was skipped
+    # must not log the mean of nothing (0, "the best run ever"). `None`: no limit.
+    # Several steps per execution where the backend has them (not PyTorch).
+    steps_per_execution = 1 if keras.backend.backend() == "torch" else 2
+    x, y = _nan_x(rng, 4)
+    sam_model = _compiled(None, steps_per_execution=steps_per_execution)
+    history = sam_model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
+    assert history["skipped_steps"] == [4.0, 8.0]
+    for name in ("loss", "accuracy", "sharpness"):
+        assert np.isnan(history[name]).all(), (name, history[name])
+    # An epoch with an applied step logs the applied steps' means again.
+    good = rng.normal(size=(32, 4)).astype("float32")
+    history = sam_model.fit(good, y, batch_size=8, epochs=1, verbose=0).history
+    assert np.isfinite(history["loss"][0]) and history["loss"][0] > 0
+    assert history["skipped_steps"] == [8.0]
+
+
+@pytest.mark.parametrize(
+    "steps_per_execution",
+    [1, pytest.param(2, marks=pytest.mark.backends("tensorflow", "jax"))],
+)
+def test_fit_stops_after_max_consecutive_skips_with_the_last_applied_weights(
+    rng, steps_per_execution
+):
+    # Two good batches, then NaN ones: fit raises after 3 skipped steps in a row (with
+    # steps_per_execution=2 the check sees blocks of two steps: after the second block,
+    # 4 in a row), and the model holds bitwise what a run of the two good batches
+    # alone leaves: weights, BatchNorm statistics, Adam's slots.
+    x, y = _nan_x(rng, 8)
+    x[:16] = rng.normal(size=(16, 4))
+    stopped = _compiled(
+        3, keras_sam.SAM(keras.optimizers.Adam(0.01)), steps_per_execution=steps_per_execution
+    )
+    with pytest.raises(keras_sam.SkippedStepsError) as caught:
+        stopped.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    expected_run = 3 if steps_per_execution == 1 else 4
+    message = str(caught.value)
+    assert f"{expected_run} training steps in a row were skipped" in message
+    for cause in ("NaN or inf in the inputs or labels", "learning rate or `rho`", "loss-scale"):
+        assert cause in message
+    assert isinstance(caught.value, RuntimeError)
+    assert caught.value.consecutive_skips == expected_run
+    assert int(harness.to_numpy(stopped.optimizer.skipped_steps)) == expected_run
+
+    reference = _compiled(None, keras_sam.SAM(keras.optimizers.Adam(0.01)))
+    reference.fit(x[:16], y[:16], batch_size=8, epochs=1, shuffle=False, verbose=0)
+    skipped = stopped.optimizer.skipped_steps
+    got = [v for v in stopped.variables + stopped.optimizer.variables if v is not skipped]
+    skipped = reference.optimizer.skipped_steps
+    want = [v for v in reference.variables + reference.optimizer.variables if v is not skipped]
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(harness.to_numpy(a), harness.to_numpy(b), err_msg=a.path)
+
+
+def test_the_consecutive_count_spans_epochs(rng):
+    # 2 NaN batches an epoch: 3 epochs would make 6 in a row, across epoch ends.
+    x, y = _nan_x(rng, 2)
+    with pytest.raises(keras_sam.SkippedStepsError, match="^5 training steps in a row"):
+        _compiled(5).fit(x, y, batch_size=8, epochs=3, verbose=0)
+    # (A good batch restarting the count: the guard's test below.)
+
+
+def test_the_guard_counts_runs_of_skipped_steps():
+    guard = keras_sam.SkippedStepsGuard(max_consecutive_skips=3, skipped_steps=5)
+    assert [guard.update(n) for n in (6, 6, 7, 8)] == [1, 0, 1, 2]
+    with pytest.raises(keras_sam.SkippedStepsError, match="3 training steps in a row") as caught:
+        guard.update(9)
+    assert caught.value.skipped_steps == 9 and caught.value.max_consecutive_skips == 3
+    # Blocks of several steps: a block with an applied step restarts the count.
+    guard = keras_sam.SkippedStepsGuard(max_consecutive_skips=None)
+    assert [guard.update(n, steps=4) for n in (4, 7, 11, 15)] == [4, 0, 4, 8]
+    assert guard.update(keras.ops.convert_to_tensor(16)) == 9  # a tensor is read
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "100"])
+def test_max_consecutive_skips_is_checked(value):
+    with pytest.raises(ValueError, match="`max_consecutive_skips` must be None or an integer"):
+        keras_sam.SAMModel(_model(), max_consecutive_skips=value)
+    with pytest.raises(ValueError, match="`max_consecutive_skips` must be None or an integer"):
+        keras_sam.SkippedStepsGuard(max_consecutive_skips=value)
+
+
+def test_max_consecutive_skips_is_in_the_config():
+    for value in (None, 7):
+        sam_model = keras_sam.SAMModel(_model(), max_consecutive_skips=value)
+        config = sam_model.get_config()
+        assert config["max_consecutive_skips"] == value
+        assert keras_sam.SAMModel.from_config(config).max_consecutive_skips == value
+    assert keras_sam.SAMModel(_model()).max_consecutive_skips == 100
