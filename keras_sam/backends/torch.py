@@ -167,7 +167,7 @@ class Torch(step.Backend):
         means = [None] * len(tensors)
         for indices in groups.values():
             flat = torch.cat([tensors[i].reshape(-1) for i in indices])
-            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            _all_reduce_sum(flat, processes)
             flat = flat / processes
             pieces = torch.split(flat, [tensors[i].numel() for i in indices])
             for i, piece in zip(indices, pieces):
@@ -228,6 +228,22 @@ def _set_rng_state(state):
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+
+
+def _all_reduce_sum(flat, processes):
+    """`all_reduce(SUM)` in place; a lost process (killed, out of memory, its host gone)
+    fails it within the process group's `timeout` rather than hanging, and the error
+    says what to do about it."""
+    try:
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"The SAM step's all-reduce over the {processes} processes of "
+            "torch.distributed failed: a process was probably lost (killed, out of "
+            "memory, or its host gone), so this one stops rather than wait for it. Restart "
+            "every process from the last checkpoint (`keras.callbacks.BackupAndRestore` "
+            f"resumes the epoch). The collective's error: {error}"
+        ) from error
 
 
 def world_size():

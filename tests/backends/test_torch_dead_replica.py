@@ -101,6 +101,7 @@ def test_a_killed_replica_stops_the_survivor_and_a_restart_resumes_bitwise(tmp_p
     # gloo's error names the lost peer by address.
     last_line = survivor_err.strip().splitlines()[-1]
     assert "RuntimeError" in last_line and "[127.0.0.1]:" in last_line, last_line
+    assert "a process was probably lost" in last_line, last_line
     # No checkpoint past the last complete epoch: the backups resume at epoch 1, the
     # one the kill interrupted.
     for rank in range(2):
