@@ -201,7 +201,7 @@ def _plots_available():
 # more than the training on the 2,000-image runs).
 EVAL_EVERY = 5
 EVAL_EXAMPLES = 2000
-HESSIAN_EXAMPLES = 256  # a fixed batch: about 10 s a model on 2 CPU cores (the cnn)
+HESSIAN_EXAMPLES = 256  # a fixed batch: seconds a model (the cnn, 2 CPU cores)
 
 
 def _add_run_arguments(parser, label_noise=0.0):
