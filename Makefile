@@ -66,11 +66,16 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps "tf_keras~=$$($(BIN)/python -c 'from importlib.metadata import packages_distributions as p, version as v; print(v(p()["tensorflow"][0]).rsplit(".", 1)[0])').0"
 	$(BIN)/python benchmarks/step_time.py --jit --keras2
 
-# The label-noise study, then the accuracy-against-cost frontier of the cheaper methods
-# (each a section of docs/RESULTS.md; finished runs under runs/ are not trained again).
+# The label-noise study, then the accuracy-against-cost frontier of the cheaper methods,
+# then the vision transformers (each a section of docs/RESULTS.md; finished runs under runs/
+# are not trained again). VIT_ARGS: the ViT's scale; the default fits 2 CPU cores (a
+# 4-block ViT with 7x7 patches, about 20 minutes); the GPU command is in docs/RESULTS.md.
+VIT_ARGS ?= --patch 7 --dim 64 --depth 4 --heads 4
 results: $(STAMP) data
 	$(BIN)/python benchmarks/fashion_mnist.py
 	$(BIN)/python benchmarks/frontier.py
+	$(BIN)/python benchmarks/vit.py $(VIT_ARGS) --out runs/vit.json
+	$(BIN)/python benchmarks/results_sections.py --vit runs/vit.json
 
 # Diagnostics: what a Hessian-vector product and a 21x21 landscape cost; and the Hessian,
 # sharpness and landscapes of the models `make results` saved (a section of docs/RESULTS.md).

@@ -78,6 +78,10 @@ class RunConfig:
     seed: int = 0
     sharpness_examples: int = 1000  # training examples the sharpness is measured on
     sharpness_rho: float = 0.05
+    # The top Hessian eigenvalue of the final weights, by Lanczos on this many of the same
+    # training examples (the first of them), labels as trained; 0: not measured.
+    hessian_examples: int = 0
+    hessian_iterations: int = 20  # Lanczos iterations at most (Hessian-vector products)
     eval_every: int = 1  # evaluate (clean test accuracy, sharpness) every k epochs and at the end
     # Test images of the evaluations before the last (a fixed seeded subset); the last
     # evaluation always takes the whole test set. 0: the whole test set every time.
@@ -98,7 +102,14 @@ class RunConfig:
             isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0
         ):
             raise ValueError(f"`alpha` must be a number >= 0. Received: alpha={self.alpha!r}")
-        for name in ("epochs", "batch_size", "num_batch_splits", "eval_every", "k"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "num_batch_splits",
+            "eval_every",
+            "k",
+            "hessian_iterations",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
@@ -106,6 +117,11 @@ class RunConfig:
             raise ValueError(
                 f"`train_size` must be an integer in [0, 60000] (0: all). "
                 f"Received: train_size={self.train_size!r}"
+            )
+        if not (isinstance(self.hessian_examples, int) and self.hessian_examples >= 0):
+            raise ValueError(
+                "`hessian_examples` must be an integer >= 0 (0: not measured). "
+                f"Received: hessian_examples={self.hessian_examples!r}"
             )
         if not (isinstance(self.eval_examples, int) and self.eval_examples >= 0):
             raise ValueError(
@@ -231,7 +247,10 @@ def train(
     `test_accuracy` (clean test labels, on `test_examples` images: a fixed subset of
     `eval_examples` before the last evaluation, the whole test set at the last),
     `measured_sharpness` (first-order, at `sharpness_rho`, on a fixed set of training
-    examples, the same for every method), `gradient_evaluations` (forward-backward passes
+    examples, the same for every method), `hessian_top_eigenvalue` (the top eigenvalue of
+    the Hessian of the training loss, at the last evaluation only, on the first
+    `hessian_examples` of those examples, when `hessian_examples` > 0; None elsewhere),
+    `gradient_evaluations` (forward-backward passes
     over a batch so far, counting the perturbed passes actually taken), `train_seconds`
     and `train_cpu_seconds` (wall-clock and process CPU time in `fit` so far, evaluations
     excluded), `eval_seconds` (time spent evaluating so far) and `seconds` (both together);
@@ -423,7 +442,8 @@ class _EpochRecorder:
                 super().__init__()
                 self.history = {k: [] for k in _HISTORY_KEYS}
                 rng = np.random.default_rng(config.seed + 1)
-                count = min(config.sharpness_examples, len(data.x_train))
+                count = max(config.sharpness_examples, config.hessian_examples)
+                count = min(count, len(data.x_train))
                 self.probe = rng.permutation(len(data.x_train))[:count]
                 subset = config.eval_examples
                 if subset and subset < len(data.x_test):
@@ -441,6 +461,8 @@ class _EpochRecorder:
                     self.saved = json.loads(progress.read_text())
                     self.history = self.saved["history"]
                     self.totals = self.saved["totals"]
+                    for key in _HISTORY_KEYS:  # saved before the key existed
+                        self.history.setdefault(key, [None] * len(self.history["epoch"]))
 
             def on_train_begin(self, logs=None):
                 self.started = time.perf_counter()
@@ -516,13 +538,39 @@ class _EpochRecorder:
                 h["test_accuracy"].append(float(np.mean(logits.argmax(-1) == y_test)))
                 measured = sharpness(
                     model,
-                    data.x_train[self.probe],
-                    data.y_train[self.probe],
+                    data.x_train[self.probe[: config.sharpness_examples]],
+                    data.y_train[self.probe[: config.sharpness_examples]],
                     loss=loss,
                     batch_size=500,
                     rho=config.sharpness_rho,
                 )
                 h["measured_sharpness"].append(measured["sharpness"])
+                h["hessian_top_eigenvalue"].append(
+                    self._top_eigenvalue() if last and config.hessian_examples else None
+                )
+
+            def _top_eigenvalue(self):
+                import warnings
+
+                from keras_sam.diagnostics import hessian_eigenvalues
+
+                probe = self.probe[: config.hessian_examples]
+                with warnings.catch_warnings():
+                    # Not converged within the iterations: the best estimate is reported.
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    values = hessian_eigenvalues(
+                        model,
+                        data.x_train[probe],
+                        data.y_train[probe],
+                        loss=loss,
+                        batch_size=500,
+                        k=1,
+                        max_iterations=config.hessian_iterations,
+                        tol=1e-2,
+                        seed=config.seed,
+                        verbose=0,
+                    )
+                return float(values[0])
 
         return Recorder()
 
@@ -540,6 +588,7 @@ _HISTORY_KEYS = (
     "test_loss",
     "test_accuracy",
     "measured_sharpness",
+    "hessian_top_eigenvalue",
     "gradient_evaluations",
     "train_seconds",
     "train_cpu_seconds",

@@ -21,6 +21,7 @@ needs_data = pytest.mark.skipif(
 )
 TINY = ["--train-size", "200", "--epochs", "2", "--batch-size", "50", "--quiet"]
 TINY += ["--eval-every", "1"]  # evaluate every epoch (the command line's default: every 5)
+TINY += ["--hessian-examples", "50", "--hessian-iterations", "5"]  # a cheap top eigenvalue
 
 
 @needs_data
@@ -55,6 +56,17 @@ def test_compare_writes_table_and_png_plots(tmp_path, capsys):
             assert history[key][-1] > 0
         assert float(cells[columns["train CPU s"]]) > 0
     assert "evaluations excluded" in table
+    # The two flatness columns, each the last value its run recorded; each explained.
+    assert header[-2:] == ["first-order sharpness", "top Hessian eigenvalue"]
+    for row, run in zip(rows[1:], ("plain", "sam", "plain_equal_compute")):
+        history = json.loads((out / run / "history.json").read_text())
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        assert history["hessian_top_eigenvalue"][:-1] == [None] * (len(history["epoch"]) - 1)
+        top = history["hessian_top_eigenvalue"][-1]
+        assert top > 0 and float(cells[-1]) == pytest.approx(top, abs=0.0051)
+        assert float(cells[-2]) == pytest.approx(history["measured_sharpness"][-1], abs=5.1e-5)
+    assert "it vanishes wherever the gradient does" in table
+    assert "Lanczos, 50 training examples" in table
     for name in ("test_accuracy.png", "sharpness.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for run in ("plain", "sam", "plain_equal_compute"):

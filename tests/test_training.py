@@ -110,6 +110,31 @@ def test_eval_every_evaluates_every_k_epochs_and_the_last(rng):
     assert len(history["test_accuracy"]) == len(history["measured_sharpness"]) == 3
 
 
+def test_the_top_hessian_eigenvalue_is_of_the_final_weights_on_the_probe_examples(rng):
+    from keras_sam.diagnostics import hessian_eigenvalues
+
+    config = RunConfig(
+        method="plain", epochs=2, batch_size=100, train_size=200, label_noise=0.4,
+        sharpness_examples=20, hessian_examples=40, hessian_iterations=30,
+    )  # fmt: skip
+    data = prepare_data(config, arrays=_arrays(rng))
+    model, history = train(config, data, verbose=0)
+    assert history["hessian_top_eigenvalue"][0] is None  # measured at the end only
+    # The probe: the first 40 of the seeded permutation, with the labels trained on.
+    probe = np.random.default_rng(config.seed + 1).permutation(200)[:40]
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    wanted = hessian_eigenvalues(
+        model, data.x_train[probe], data.y_train[probe], loss=loss, k=1, max_iterations=30,
+        tol=1e-2, seed=config.seed, verbose=0,
+    )[0]  # fmt: skip
+    clean = hessian_eigenvalues(
+        model, data.x_train[probe], data.y_train_clean[probe], loss=loss, k=1,
+        max_iterations=30, tol=1e-2, seed=config.seed, verbose=0,
+    )[0]  # fmt: skip
+    assert wanted > 0 and abs(wanted - clean) > 1e-3 * wanted  # the labels matter
+    assert history["hessian_top_eigenvalue"][-1] == pytest.approx(wanted, rel=1e-4)
+
+
 def test_report_table_and_plots(rng, tmp_path):
     history = {
         "epoch": [1, 2],
@@ -127,13 +152,29 @@ def test_report_table_and_plots(rng, tmp_path):
     header = [cell.strip() for cell in table.splitlines()[0].split("|")[1:-1]]
     assert header[:3] == ["run", "epochs", "gradient evaluations"]
     assert header[3:6] == ["train s", "train CPU s", "eval s"]
-    row = "| sam | 2 | 20 | 2.3 | 3.0 | 1.0 | 65.00 % | 70.00 % | 60.00 % | 0.0200 |"
+    row = "| sam | 2 | 20 | 2.3 | 3.0 | 1.0 | 65.00 % | 70.00 % | 60.00 % | 0.0200 | n/a |"
     assert table.count("\n") == 4 and row in table
     # A history recorded before the times were kept apart still makes a table.
     old = {k: v for k, v in history.items() if not k.endswith("_seconds")}
     assert "| n/a | n/a | n/a |" in report.comparison_table({"plain": (RunConfig(), old)})
     for path in report.comparison_plots(runs, tmp_path, title="t"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    # With a top Hessian eigenvalue measured at the end, the table shows it and the
+    # sharpness picture gains a panel (a wider image).
+    narrow = (tmp_path / "sharpness.png").read_bytes()
+    measured = dict(history, hessian_top_eigenvalue=[None, 12.345])
+    runs["sam"] = (RunConfig(epochs=2), measured)
+    assert row.replace("| n/a |", "| 12.35 |") in report.comparison_table(runs)
+    report.comparison_plots(runs, tmp_path, title="t")
+    assert _png_width(tmp_path / "sharpness.png") > _png_width_of(narrow)
+
+
+def _png_width(path):
+    return _png_width_of(path.read_bytes())
+
+
+def _png_width_of(data):
+    return int.from_bytes(data[16:20], "big")  # the IHDR chunk's width
 
 
 def test_evaluation_time_is_kept_apart_from_training_time(rng, monkeypatch):
