@@ -287,7 +287,9 @@ def _env(backend):
     )
 
 
-def time_regimes(backends, workloads, rounds, steps, dtype):
+def time_regimes(backends, workloads, rounds, steps, dtype, after_round=None):
+    """Runs the interleaved rounds; `after_round(devices, samples)` sees the samples so
+    far after each (so that a run cut short still leaves its finished rounds)."""
     workers = {}
     for backend in backends:
         command = [
@@ -314,6 +316,8 @@ def time_regimes(backends, workloads, rounds, steps, dtype):
             process.stdin.write("round\n")
             process.stdin.flush()
             samples[backend].append(json.loads(process.stdout.readline()))
+        if after_round is not None:
+            after_round(devices, samples)
     for process in workers.values():
         process.stdin.close()
         process.wait()
@@ -389,19 +393,26 @@ def main(argv=None):
     if args.memory_worker:
         return memory_worker(*args.memory_worker, args.steps)
     results = {"dtype": args.dtype, "rounds": args.rounds, "steps": args.steps}
+
+    def save(results):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+    def after_round(devices, samples):
+        table = summarize(samples, args.workloads)
+        results.update(devices=devices, samples=samples, table=table)
+        save(results)
+
     if not args.no_timing:
         devices, samples = time_regimes(
-            args.backends, args.workloads, args.rounds, args.steps, args.dtype
+            args.backends, args.workloads, args.rounds, args.steps, args.dtype, after_round
         )
-        table = summarize(samples, args.workloads)
-        print_table(table, devices, args.rounds, args.steps, args.dtype)
-        results |= {"devices": devices, "samples": samples, "table": table}
+        print_table(results["table"], devices, args.rounds, args.steps, args.dtype)
     if args.memory or args.no_timing:
         print("\nPeak memory of `fit` over plain `fit`, MLP (54.6M parameters), batch 8:")
         results["memory"] = measure_memory(args.backends, args.steps, args.dtype, args.jobs)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        save(results)
 
 
 if __name__ == "__main__":
