@@ -32,17 +32,18 @@ class BareSAM(keras.Model):
         x, y = data[0], data[1]
         variables = self.trainable_variables
 
-        def gradients():
+        def gradients(training):  # `training`: whether the loss is logged
             with tf.GradientTape() as tape:
-                loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(x=x, y=y, y_pred=y_pred, training=training)
             return loss, tape.gradient(loss, variables)
 
-        loss, grads = gradients()
+        loss, grads = gradients(True)
         scale = self.rho / (tf.linalg.global_norm(grads) + RHO_EPSILON)
         perturbation = [g * scale for g in grads]
         for v, e in zip(variables, perturbation):
             v.assign_add(e)
-        _, grads = gradients()
+        _, grads = gradients(False)
         for v, e in zip(variables, perturbation):
             v.assign_sub(e)
         self.optimizer.apply(grads, variables)
@@ -87,18 +88,19 @@ class BareSAM(keras.Model):
         variables = self.trainable_weights
         weights = [v.value for v in variables]
 
-        def gradients():
-            loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        def gradients(training):  # `training`: whether the loss is logged
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, training=training)
             self.zero_grad()
             loss.backward()
-            return loss, [w.grad for w in weights]
+            return loss.detach(), [w.grad for w in weights]
 
-        loss, grads = gradients()
+        loss, grads = gradients(True)
         with torch.no_grad():
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             perturbation = torch._foreach_mul(grads, self.rho / (norm + RHO_EPSILON))
             torch._foreach_add_(weights, perturbation)
-        _, grads = gradients()
+        _, grads = gradients(False)
         with torch.no_grad():
             torch._foreach_sub_(weights, perturbation)
             self.optimizer.apply(grads, variables)

@@ -101,9 +101,19 @@ def transformer_lm(vocabulary, length, width, depth, heads):
     import keras
     from keras import layers
 
+    class Positions(layers.Layer):
+        """A learned embedding of each token's position (computed in the call, so that
+        no tensor of one step's graph is kept for the next)."""
+
+        def __init__(self):
+            super().__init__()
+            self.embedding = layers.Embedding(length, width)
+
+        def call(self, tokens):
+            return self.embedding(keras.ops.arange(keras.ops.shape(tokens)[1]))
+
     tokens = keras.Input((length,), dtype="int32")
-    positions = keras.ops.arange(length)
-    h = layers.Embedding(vocabulary, width)(tokens) + layers.Embedding(length, width)(positions)
+    h = layers.Embedding(vocabulary, width)(tokens) + Positions()(tokens)
     for _ in range(depth):
         a = layers.LayerNormalization(epsilon=1e-5)(h)
         a = layers.MultiHeadAttention(heads, width // heads)(a, a, use_causal_mask=True)
