@@ -224,7 +224,8 @@ class EpochLog:
                     "loss": float(logs.get("loss", float("nan"))),
                     "train_accuracy": float(logs.get("accuracy", float("nan"))),
                 }
-                if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+                stopping = budget.exceeded() and epoch + 1 < epochs
+                if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs or stopping:
                     now = time.perf_counter()
                     accuracy = test_accuracy(self.model, x_test, y_test)
                     self.eval_seconds += time.perf_counter() - now
@@ -234,10 +235,10 @@ class EpochLog:
                 run["history"].append(entry)
                 run["epochs_done"] = epoch + 1
                 run["train_seconds"] = entry["train_seconds"]
-                write_json(out, record)
-                if budget.exceeded() and epoch + 1 < epochs:
+                if stopping:
                     run["status"] = f"stopped after epoch {epoch + 1}: --budget-seconds spent"
                     self.model.stop_training = True
+                write_json(out, record)
 
         return Log()
 
