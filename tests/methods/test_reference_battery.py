@@ -89,6 +89,17 @@ CASES = {
         _ref(reference.sam_step, rho=0.5, adaptive=True, splits=3),
         splits=3,
     ),
+    # Layerwise perturbation: each layer normalized on its own, radius rho / sqrt(2) each.
+    "sam_layerwise": Case(
+        lambda: keras_sam.SAM(_sgd(), rho=0.1, perturbation_norm="layerwise"),
+        _ref(reference.sam_step, rho=0.1, layerwise=True),
+    ),
+    "asam_layerwise_2_splits": Case(
+        lambda: keras_sam.SAM(_adam(), rho=0.5, adaptive=True, perturbation_norm="layerwise"),
+        _ref(reference.sam_step, rho=0.5, adaptive=True, layerwise=True, splits=2),
+        reference.adam_update(ADAM_LR),
+        splits=2,
+    ),
     # The variants, with their state.
     "gsam": Case(
         lambda: keras_sam.GSAM(_sgd(), rho=0.1, alpha=0.3),
