@@ -140,7 +140,7 @@ def test_extras_per_backend_and_per_tool():
     # the extra lists what it needs instead, and never a TensorFlow.
     hub = {_requirement_name(r) for r in extras["hub"]}
     assert "keras-hub" not in hub and not any(name.startswith("tensorflow") for name in hub)
-    assert [_requirement_name(r) for r in extras["tuner"]] == ["keras-tuner"]
+    assert [_requirement_name(r) for r in extras["tuner"]] == ["keras-tuner", "tensorboard"]
 
 
 def test_the_makefile_installs_keras_hub_without_its_dependencies():
