@@ -120,6 +120,66 @@ def sam_perturbation(gradients, rho, epsilon=1e-12, scales=None, norm=None):
     return perturbation
 
 
+def layerwise_sam_perturbation(gradients, rho, groups, epsilon=1e-12, scales=None):
+    """SAM's (or ASAM's) perturbation normalized per layer: every layer gets its share.
+
+    ```
+    e_l = (rho / sqrt(L)) * T_l**2 g_l / (||T_l g_l|| + epsilon)   for each layer l
+    ```
+
+    `g_l` is the part of the gradient that belongs to layer `l` (the tensors with the same
+    `groups` entry) and `L` the number of layers that have a gradient. Each layer's
+    perturbation has norm `rho / sqrt(L)` (in the `T`-scaled metric; less for a layer whose
+    gradient is zero, which is not perturbed), so the whole perturbation has norm `rho`, as
+    with one global norm, but no layer's share depends on the size of its gradient. With
+    one global norm the layers with the largest gradients take almost all of `rho`: in
+    wide networks the last layer (Haas et al., 2024).
+
+    Args:
+        gradients: list of tensors or `None`.
+        rho: float or scalar tensor, the radius of the whole perturbation (>= 0).
+        groups: list, one hashable per gradient: the layer it belongs to. Tensors with
+            equal entries are normalized together.
+        epsilon: float, added to each layer's norm. Defaults to `1e-12`.
+        scales: optional list of ASAM scales `T`, as in `sam_perturbation`.
+            Defaults to `None` (plain SAM).
+
+    Returns:
+        A list like `gradients`: one tensor per gradient, `None` where it was `None`.
+
+    References:
+        - Haas et al., muP^2: Effective Sharpness Aware Minimization Requires Layerwise
+          Perturbation Scaling, NeurIPS 2024. https://arxiv.org/abs/2411.00075
+    """
+    if len(groups) != len(gradients):
+        raise ValueError(
+            "`groups` must have one entry per gradient. "
+            f"Received: len(groups)={len(groups)}, len(gradients)={len(gradients)}"
+        )
+    if scales is None:
+        scales = [None] * len(gradients)
+    if len(scales) != len(gradients):
+        raise ValueError(
+            "`scales` must have one entry per gradient. "
+            f"Received: len(scales)={len(scales)}, len(gradients)={len(gradients)}"
+        )
+    members = {}
+    for i, (g, group) in enumerate(zip(gradients, groups)):
+        if g is not None:
+            members.setdefault(group, []).append(i)
+    perturbation = [None] * len(gradients)
+    if not members:
+        return perturbation
+    share = ops.cast(rho, "float32") / ops.sqrt(ops.cast(len(members), "float32"))
+    for indices in members.values():
+        part = sam_perturbation(
+            [gradients[i] for i in indices], share, epsilon, [scales[i] for i in indices]
+        )
+        for i, e in zip(indices, part):
+            perturbation[i] = e
+    return perturbation
+
+
 def adaptive_scale(variable_value, eta):
     """ASAM's normalization operator for one weight tensor: `T_w = |w| + eta`."""
     return ops.abs(variable_value) + ops.cast(eta, variable_value.dtype)

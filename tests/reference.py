@@ -17,6 +17,22 @@ def perturbation(grads, rho, epsilon=1e-12, scales=None):
     return [rho * s * t / (norm + epsilon) for s, t in zip(scales, scaled, strict=True)]
 
 
+def layerwise_perturbation(grads, rho, groups, epsilon=1e-12, scales=None):
+    """e_l = (rho / sqrt(L)) T_l^2 g_l / (||T_l g_l|| + epsilon), for the L distinct `groups`."""
+    grads = [np.asarray(g, np.float64) for g in grads]
+    if scales is None:
+        scales = [np.ones_like(g) for g in grads]
+    names = sorted(set(groups))
+    share = rho / np.sqrt(len(names))
+    e = [None] * len(grads)
+    for name in names:
+        members = [i for i, group in enumerate(groups) if group == name]
+        norm = np.sqrt(sum(np.sum((scales[i] * grads[i]) ** 2) for i in members))
+        for i in members:
+            e[i] = share * scales[i] ** 2 * grads[i] / (norm + epsilon)
+    return e
+
+
 # A two-layer MLP: y = tanh(x W1 + b1) W2 + b2, loss = mean((y - t)^2) + l2 * sum(W^2).
 def mlp_init(rng, d_in=3, d_hidden=5, d_out=2):
     return [
@@ -56,15 +72,23 @@ def mlp_loss_and_grads(params, x, t, l2=0.0, sample_weight=None, mask=None):
     return loss, [g_w1, g_b1, g_w2, g_b2]
 
 
-def mlp_sam_gradient(params, x, t, rho, adaptive=False, eta=0.01, l2=0.0, epsilon=1e-12, **kw):
-    """SAM (or ASAM, with T = |w| + eta on the two weight matrices) gradient, and losses.
+def mlp_sam_gradient(
+    params, x, t, rho, adaptive=False, eta=0.01, l2=0.0, epsilon=1e-12, layerwise=False, **kw
+):
+    """SAM (or ASAM, with T = |w| + eta on the two weight matrices) gradient, and losses;
+    `layerwise`: each layer (W1 and b1; W2 and b2) normalized on its own.
 
     `**kw` (`sample_weight`, `mask`) goes to both passes."""
     loss, grads = mlp_loss_and_grads(params, x, t, l2, **kw)
     scales = None
     if adaptive:
         scales = [np.abs(p) + eta if p.ndim == 2 else np.ones_like(p) for p in params]
-    e = perturbation(grads, rho, epsilon, scales)
+    if layerwise:
+        e = layerwise_perturbation(
+            grads, rho, ["hidden", "hidden", "head", "head"], epsilon, scales
+        )
+    else:
+        e = perturbation(grads, rho, epsilon, scales)
     loss_sam, sam_grads = mlp_loss_and_grads(
         [p + ei for p, ei in zip(params, e, strict=True)], x, t, l2, **kw
     )

@@ -98,3 +98,42 @@ def test_perturbation_keeps_the_gradient_dtype():
 def test_scales_must_match_gradients():
     with pytest.raises(ValueError, match="one entry per gradient"):
         maths.sam_perturbation([ops.ones((2,))], 0.1, scales=[None, None])
+
+
+def test_layerwise_perturbation_matches_reference_and_splits_rho_per_layer(rng):
+    grads = _random_grads(rng)
+    grads[2] *= 1e3  # one layer's gradient dominates: a global norm would perturb it alone
+    groups = ["a", "a", "b"]
+    got = maths.layerwise_sam_perturbation([ops.convert_to_tensor(g) for g in grads], 0.3, groups)
+    expected = reference.layerwise_perturbation(grads, 0.3, groups)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-9)
+    squares = [np.sum(np.asarray(a, np.float64) ** 2) for a in got]
+    np.testing.assert_allclose(squares[0] + squares[1], 0.3**2 / 2, rtol=1e-5)
+    np.testing.assert_allclose(squares[2], 0.3**2 / 2, rtol=1e-5)
+    global_ = maths.sam_perturbation([ops.convert_to_tensor(g) for g in grads], 0.3)
+    assert np.sum(np.asarray(global_[2], np.float64) ** 2) > 0.99 * 0.3**2
+
+
+def test_layerwise_perturbation_with_asam_scales_none_and_zero_layers(rng):
+    grads = _random_grads(rng)
+    weights = _random_grads(rng)
+    scales_np = [np.abs(w).astype(np.float64) + 0.01 for w in weights]
+    scales = [maths.adaptive_scale(ops.convert_to_tensor(w), 0.01) for w in weights]
+    zero = np.zeros((5,), "float32")
+    tensors = [ops.convert_to_tensor(g) for g in [*grads, zero]] + [None]
+    got = maths.layerwise_sam_perturbation(
+        tensors, 0.5, ["a", "b", "b", "c", "d"], scales=[*scales, None, None]
+    )
+    expected = reference.layerwise_perturbation(
+        [*grads, zero], 0.5, ["a", "b", "b", "c"], scales=[*scales_np, np.ones(5)]
+    )
+    assert got[4] is None  # no gradient: not a layer, not counted in L (L = 3 + the zero one)
+    for a, b in zip(got[:4], expected, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-8)
+    np.testing.assert_array_equal(np.asarray(got[3]), zero)  # a zero gradient: e = 0, not NaN
+
+
+def test_layerwise_groups_must_match_gradients():
+    with pytest.raises(ValueError, match="`groups` must have one entry per gradient"):
+        maths.layerwise_sam_perturbation([ops.ones((2,))], 0.1, groups=["a", "b"])

@@ -118,7 +118,17 @@ def test_the_library_requires_keras_and_numpy_only():
 
 def test_extras_per_backend_and_per_tool():
     extras = PROJECT["optional-dependencies"]
-    assert set(extras) == {"tensorflow", "tensorflow-cpu", "jax", "torch", "plots", "docs", "dev"}
+    assert set(extras) == {
+        "tensorflow",
+        "tensorflow-cpu",
+        "jax",
+        "torch",
+        "plots",
+        "docs",
+        "dev",
+        "hub",
+        "tuner",
+    }
     assert [_requirement_name(r) for r in extras["tensorflow"]] == ["tensorflow"]
     assert {_requirement_name(r) for r in extras["tensorflow-cpu"]} == {
         "tensorflow-cpu",
@@ -126,6 +136,18 @@ def test_extras_per_backend_and_per_tool():
     }
     assert [_requirement_name(r) for r in extras["plots"]] == ["matplotlib"]
     assert "matplotlib" not in {_requirement_name(r) for r in PROJECT["dependencies"]}
+    # keras-hub is installed with --no-deps (its tensorflow-text needs the full tensorflow):
+    # the extra lists what it needs instead, and never a TensorFlow.
+    hub = {_requirement_name(r) for r in extras["hub"]}
+    assert "keras-hub" not in hub and not any(name.startswith("tensorflow") for name in hub)
+    assert [_requirement_name(r) for r in extras["tuner"]] == ["keras-tuner", "tensorboard"]
+
+
+def test_the_makefile_installs_keras_hub_without_its_dependencies():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--no-deps -c $(CONSTRAINTS) $(KERAS_HUB)" in makefile
+    assert "KERAS_HUB := keras-hub" in makefile
+    assert "keras-hub" in _pins()
 
 
 def test_classifiers_keywords_and_urls():
@@ -166,7 +188,7 @@ def test_constraints_pin_every_declared_requirement():
     pins = _pins()
     assert pins["torch"] == "2.13.0"
     declared = list(PROJECT["dependencies"])
-    for extra in ("dev", "docs", "plots", "tensorflow-cpu", "jax", "torch"):
+    for extra in ("dev", "docs", "plots", "tensorflow-cpu", "jax", "torch", "hub", "tuner"):
         declared += PROJECT["optional-dependencies"][extra]
     x86 = [r for r in declared if "platform_machine !=" not in r]  # this machine's markers
     missing = {_requirement_name(r) for r in x86} - set(pins)

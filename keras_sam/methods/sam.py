@@ -37,6 +37,11 @@ PER_REPLICA = "per_replica"
 SYNCHRONIZED = "synchronized"
 DISTRIBUTED_PERTURBATIONS = (PER_REPLICA, SYNCHRONIZED)
 
+# Over what `rho` is measured (see `SAM`'s `perturbation_norm`).
+GLOBAL_NORM = "global"
+LAYERWISE_NORM = "layerwise"
+PERTURBATION_NORMS = (GLOBAL_NORM, LAYERWISE_NORM)
+
 # The custom-loop entry points of each backend (`backend name -> adapter`, which has
 # `optimize(method, ...)` and may have `stateless_optimize(method, ...)`): registered by
 # the backend's adapter in keras_sam/backends/ when imported, so that no method imports
@@ -129,6 +134,16 @@ class SAM(keras.optimizers.Optimizer):
             a class with `get_config`. Each form survives `get_config` and `.keras`
             files; one that could not (a lambda, a `functools.partial`, anything
             unregistered) is refused here. Defaults to `None`.
+        perturbation_norm: over what the radius `rho` is measured. `"global"`: one norm
+            over all the perturbed weights, as in the paper (`e = rho g / ||g||`).
+            `"layerwise"`: each layer (the variables that share a `variable.path` up to
+            the last `/`) is normalized on its own and gets an equal share of the
+            radius, `e_l = (rho / sqrt(L)) g_l / ||g_l||` over the `L` perturbed layers,
+            so the whole perturbation still has norm `rho`. With one global norm the
+            layers with the largest gradients take nearly all of `rho` (in wide networks
+            the last layer, Haas et al. 2024); layerwise, every layer is perturbed. With
+            `adaptive`, each layer's norm is ASAM's `||T_l g_l||`. Defaults to
+            `"global"`.
         distributed_perturbation: how the replicas perturb (of a `tf.distribute`
             strategy, of `keras.distribution.DataParallel` on JAX, or the processes of
             `torch.distributed` on PyTorch). `"per_replica"`: each replica perturbs the
@@ -174,6 +189,9 @@ class SAM(keras.optimizers.Optimizer):
         - Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for
           Scale-Invariant Learning of Deep Neural Networks, ICML 2021.
           https://arxiv.org/abs/2102.11600
+        - Haas et al., muP^2: Effective Sharpness Aware Minimization Requires Layerwise
+          Perturbation Scaling, NeurIPS 2024 (`perturbation_norm="layerwise"`).
+          https://arxiv.org/abs/2411.00075
     """
 
     # Whether the method's own rule makes some steps take one pass only (a `rho`
@@ -190,6 +208,7 @@ class SAM(keras.optimizers.Optimizer):
         eta: float = 0.01,
         epsilon: float = 1e-12,
         perturb: str | tuple[type, ...] | Callable[[keras.Variable], bool] | None = None,
+        perturbation_norm: str = GLOBAL_NORM,
         distributed_perturbation: str = PER_REPLICA,
         gradient_accumulation_steps: int | None = None,
         verify_optimizer_step: bool = False,
@@ -203,6 +222,12 @@ class SAM(keras.optimizers.Optimizer):
                 "`distributed_perturbation` must be one of "
                 f"{', '.join(repr(m) for m in DISTRIBUTED_PERTURBATIONS)}. "
                 f"Received: distributed_perturbation={distributed_perturbation!r}"
+            )
+        if perturbation_norm not in PERTURBATION_NORMS:
+            raise ValueError(
+                "`perturbation_norm` must be one of "
+                f"{', '.join(repr(m) for m in PERTURBATION_NORMS)}. "
+                f"Received: perturbation_norm={perturbation_norm!r}"
             )
         gradient_accumulation_steps = _check_accumulation_steps(gradient_accumulation_steps)
         rho = check_rate("rho", rho)
@@ -221,6 +246,7 @@ class SAM(keras.optimizers.Optimizer):
         self.epsilon = epsilon
         self.perturb = perturb
         self.distributed_perturbation = distributed_perturbation
+        self.perturbation_norm = perturbation_norm
         # Not `gradient_accumulation_steps`: the base class would accumulate by itself.
         self.accumulation_steps = gradient_accumulation_steps or 1
         self.verify_optimizer_step = verify_optimizer_step
@@ -288,6 +314,11 @@ class SAM(keras.optimizers.Optimizer):
         mask = self.perturbed_mask(variables)
         directions = [d if m else None for d, m in zip(directions, mask)]
         scales = adaptive_scales(variables, self.eta) if self.adaptive else None
+        if self.perturbation_norm == LAYERWISE_NORM:
+            layers = [layer_of(v) for v in variables]
+            return maths.layerwise_sam_perturbation(
+                directions, self.current_rho(), layers, self.epsilon, scales
+            )
         norm = None if scales is not None else self._known_norm(directions)
         return maths.sam_perturbation(
             directions, self.current_rho(), self.epsilon, scales, norm=norm
@@ -604,6 +635,7 @@ class SAM(keras.optimizers.Optimizer):
             "epsilon": self.epsilon,
             "perturb": _serialize_perturb(self.perturb),
             "distributed_perturbation": self.distributed_perturbation,
+            "perturbation_norm": self.perturbation_norm,
             "gradient_accumulation_steps": (
                 None if self.accumulation_steps == 1 else self.accumulation_steps
             ),
@@ -644,6 +676,12 @@ class _Slots:
     def __getitem__(self, variable):
         # A variable, or its `id` (as the dicts these replace were keyed).
         return self._by_id[variable if isinstance(variable, int) else id(variable)]
+
+
+def layer_of(variable):
+    """The layer a variable belongs to, for `perturbation_norm="layerwise"`: its path up
+    to the last `/` (`"block_1/dense/kernel"` -> `"block_1/dense"`)."""
+    return variable.path.rsplit("/", 1)[0]
 
 
 def adaptive_scales(variables, eta):

@@ -89,6 +89,15 @@ CASES = {
         _ref(reference.sam_step, rho=0.5, adaptive=True, splits=3),
         splits=3,
     ),
+    # Layerwise perturbation: each layer normalized on its own, radius rho / sqrt(2) each
+    # (one case for cost: ASAM's scales, m-sharpness and Adam at once; plain SAM's
+    # layerwise perturbation is tested against float64 in tests/test_maths.py).
+    "asam_layerwise_2_splits": Case(
+        lambda: keras_sam.SAM(_adam(), rho=0.5, adaptive=True, perturbation_norm="layerwise"),
+        _ref(reference.sam_step, rho=0.5, adaptive=True, layerwise=True, splits=2),
+        reference.adam_update(ADAM_LR),
+        splits=2,
+    ),
     # The variants, with their state.
     "gsam": Case(
         lambda: keras_sam.GSAM(_sgd(), rho=0.1, alpha=0.3),

@@ -136,6 +136,11 @@ _RHO_RULE = r"`rho` must be a number or a `keras.optimizers.schedules.LearningRa
         ({"learning_rate": 0.1}, r"does not take `learning_rate`"),
         ({"weight_decay": 0.1}, r"does not take `weight_decay`"),
         ({"rh0": 0.1}, r"unexpected arguments: `rh0`"),
+        (
+            {"perturbation_norm": "per_layer"},
+            r"`perturbation_norm` must be one of 'global', 'layerwise'. "
+            r"Received: perturbation_norm='per_layer'",
+        ),
     ],
 )
 def test_invalid_arguments_name_the_argument_and_the_value(kwargs, pattern):
@@ -169,6 +174,7 @@ def test_config_round_trip_keeps_every_argument():
         adaptive=True,
         eta=0.03,
         epsilon=1e-9,
+        perturbation_norm="layerwise",
         distributed_perturbation="synchronized",
         gradient_accumulation_steps=3,
         verify_optimizer_step=True,
@@ -183,6 +189,7 @@ def test_config_round_trip_keeps_every_argument():
         "eta",
         "epsilon",
         "perturb",
+        "perturbation_norm",
         "distributed_perturbation",
         "gradient_accumulation_steps",
         "verify_optimizer_step",
