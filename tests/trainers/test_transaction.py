@@ -1,7 +1,8 @@
 """A step is a transaction, on every backend: a step whose gradients would overflow the
 wrapped optimizer's state (or, with `verify_optimizer_step=True`, that would write a NaN
 or an infinity) changes nothing but `skipped_steps`; a batch whose arrays differ in size
-is refused before anything changes; the library holds no assertion that could fail after a step was applied.
+is refused before anything changes; the library holds no assertion that could fail after
+a step was applied.
 
 Backend-neutral: it runs in every backend's pytest session (see tests/conftest.py).
 """
