@@ -99,13 +99,7 @@ def sam_perturbation(gradients, rho, epsilon=1e-12, scales=None, norm=None):
     Returns:
         A list like `gradients`: one tensor per gradient, `None` where it was `None`.
     """
-    if scales is None:
-        scales = [None] * len(gradients)
-    if len(scales) != len(gradients):
-        raise ValueError(
-            "`scales` must have one entry per gradient. "
-            f"Received: len(scales)={len(scales)}, len(gradients)={len(gradients)}"
-        )
+    scales = _checked_scales(scales, gradients)
     scaled = [_times(s, g) for g, s in zip(gradients, scales)]
     if norm is None:
         norm = global_norm(scaled)
@@ -156,13 +150,7 @@ def layerwise_sam_perturbation(gradients, rho, groups, epsilon=1e-12, scales=Non
             "`groups` must have one entry per gradient. "
             f"Received: len(groups)={len(groups)}, len(gradients)={len(gradients)}"
         )
-    if scales is None:
-        scales = [None] * len(gradients)
-    if len(scales) != len(gradients):
-        raise ValueError(
-            "`scales` must have one entry per gradient. "
-            f"Received: len(scales)={len(scales)}, len(gradients)={len(gradients)}"
-        )
+    scales = _checked_scales(scales, gradients)
     members = {}
     for i, (g, group) in enumerate(zip(gradients, groups)):
         if g is not None:
@@ -178,6 +166,18 @@ def layerwise_sam_perturbation(gradients, rho, groups, epsilon=1e-12, scales=Non
         for i, e in zip(indices, part):
             perturbation[i] = e
     return perturbation
+
+
+def _checked_scales(scales, gradients):
+    """`scales` as one entry per gradient (`None` for `T = 1` everywhere)."""
+    if scales is None:
+        return [None] * len(gradients)
+    if len(scales) != len(gradients):
+        raise ValueError(
+            "`scales` must have one entry per gradient. "
+            f"Received: len(scales)={len(scales)}, len(gradients)={len(gradients)}"
+        )
+    return scales
 
 
 def adaptive_scale(variable_value, eta):
