@@ -127,7 +127,15 @@ def no_training(monkeypatch):
         y = np.zeros(4, "int64")
         return training.Data(x, y, y, x, y, noise_fraction=0.0)
 
-    def train(config, data, out_dir=None, verbose=1, callbacks=(), resume=False):
+    def train(
+        config,
+        data,
+        out_dir=None,
+        verbose=1,
+        callbacks=(),
+        resume=False,
+        max_consecutive_skips=None,
+    ):
         calls.append({"out_dir": str(out_dir), "resume": resume, "method": config.method})
         history = {"test_accuracy": [0.5], "accuracy": [0.5], "measured_sharpness": [0.0]}
         history |= {"epoch": [1], "gradient_evaluations": [1], "seconds": [0.0]}
