@@ -359,3 +359,15 @@ def fresh_collective_keys():
     import tensorflow as tf
 
     tf.distribute.MirroredStrategy._collective_key_base = next(_COLLECTIVE_KEY_BASES)
+
+
+def trainer_state(trainer):
+    """The state Keras's JAX trainer hands `train_step(state, data)`: the values of the
+    trainable, non-trainable, optimizer and metrics variables."""
+    groups = (
+        trainer.trainable_variables,
+        trainer.non_trainable_variables,
+        trainer.optimizer.variables,
+        trainer.metrics_variables,
+    )
+    return tuple([v.value for v in group] for group in groups)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import keras_sam
+from tests import harness
 
 BACKEND = keras.backend.backend()
 
@@ -165,15 +166,7 @@ def _jax_temporary_bytes(kind, optimizer_name, **sam_kwargs):
 
     trained, model = _compiled(kind, optimizer_name, **sam_kwargs)
     x, y = _data()
-    state = tuple(
-        [v.value for v in group]
-        for group in (
-            trained.trainable_variables,
-            trained.non_trainable_variables,
-            trained.optimizer.variables,
-            trained.metrics_variables,
-        )
-    )
+    state = harness.trainer_state(trained)
     step = jax.jit(trained.train_step, donate_argnums=0)  # as Keras's trainer jits it
     analysis = step.lower(state, (x, y)).compile().memory_analysis()
     return analysis.temp_size_in_bytes, model
