@@ -71,8 +71,9 @@ bench: $(STAMP)
 
 # The label-noise study, then the accuracy-against-cost frontier of the cheaper methods,
 # then the vision transformers (each a section of docs/RESULTS.md; finished runs under runs/
-# are not trained again). VIT_ARGS: the ViT's scale; the default fits 2 CPU cores (a
-# 4-block ViT with 7x7 patches, about 20 minutes); the GPU command is in docs/RESULTS.md.
+# are not trained again). VIT_ARGS: the ViT's scale; the default is the smaller of the two
+# shapes in docs/RESULTS.md (a 4-block ViT with 7x7 patches): 15-30 minutes a run on 2 CPU
+# cores, 12 runs; benchmarks/gpu_session.sh runs both shapes on a GPU in minutes.
 VIT_ARGS ?= --patch 7 --dim 64 --depth 4 --heads 4
 results: $(STAMP) data
 	$(BIN)/python benchmarks/fashion_mnist.py

@@ -1,12 +1,13 @@
 """Writes the JSON of `full_fashion_mnist.py` and `vit.py` into docs/RESULTS.md sections.
 
 Each section sits between its own markers (`<!-- full_fashion_mnist: start ... -->` and
-`<!-- full_fashion_mnist: end -->`, the same for `vit`) and replaces the previous one, or
-is appended the first time; the rest of the file is kept. The ViT table puts the CNN's
-figures of the label-noise study (the section above it in RESULTS.md, same subset, seeds
-and noise) beside the transformer's.
+`<!-- full_fashion_mnist: end -->`; for a ViT, one section per model shape, e.g.
+`vit-p7-d64-l4`) and replaces the previous one, or is appended the first time; the rest of
+the file is kept. The ViT table puts the CNN's figures of the label-noise study (the
+section above it in RESULTS.md, same subset, seeds and noise) beside the transformer's.
 
     python benchmarks/results_sections.py --full full_fashion_mnist.json --vit vit.json
+    python benchmarks/results_sections.py --vit vit_small.json vit_large.json
     python benchmarks/results_sections.py --vit vit.json --where "2 CPU cores" --print
 """
 
@@ -107,6 +108,27 @@ def _parameters(runs):
     return f"{counts[0]:,}" if counts else "?"
 
 
+def vit_section_name(record):
+    """The section's marker name: one per ViT shape, so that two shapes keep two sections."""
+    args = record["environment"]["arguments"]
+    return f"vit-p{args['patch']}-d{args['dim']}-l{args['depth']}"
+
+
+def paired_gains(runs, noise, method="sam", baseline="adamw"):
+    """`method`'s final clean test accuracy minus `baseline`'s, seed by seed (the same
+    subset and noisy labels), for the seeds where both runs are complete."""
+
+    def finals(name):
+        return {
+            r["seed"]: r["final_test_accuracy"]
+            for r in runs.values()
+            if r["noise"] == noise and r["method"] == name and r["status"] == "complete"
+        }
+
+    ours, theirs = finals(method), finals(baseline)
+    return [ours[seed] - theirs[seed] for seed in sorted(ours.keys() & theirs.keys())]
+
+
 def vit_section(record, where=None):
     args = record["environment"]["arguments"]
     runs = record["runs"]
@@ -114,7 +136,7 @@ def vit_section(record, where=None):
     methods = list(dict.fromkeys(r["method"] for r in runs.values()))
     seeds = sorted({r["seed"] for r in runs.values()})
     lines = [
-        "## Vision transformers: AdamW against SAM(AdamW)",
+        f"## Vision transformers ({record['model']}): AdamW against SAM(AdamW)",
         "",
         f"Produced by `python benchmarks/vit.py` ({_where(record, where)}; "
         f"{record['environment'].get('started', '')}). {record['model']} "
@@ -156,7 +178,12 @@ def vit_section(record, where=None):
                 f"| {'—' if cnn is None else f'{cnn[0]:.2f} ± {cnn[1]:.2f}'} "
                 f"| {'—' if cnn is None else f'{cnn[2]:.1f}'} |"
             )
-    lines += ["", "**SAM's gain in final clean test accuracy** (points, means):", ""]
+    lines += [
+        "",
+        "**SAM's gain in final clean test accuracy** (points: difference of the means; then "
+        "seed by seed, SAM's run minus AdamW's on the same subset and labels):",
+        "",
+    ]
     for noise in noises:
         base = [v for v in gains[noise].get("adamw", []) if v is not None]
         sam = [v for v in gains[noise].get("sam", []) if v is not None]
@@ -166,8 +193,13 @@ def vit_section(record, where=None):
             if base and sam
             else "n/a"
         )
+        paired = paired_gains(runs, noise)
+        per_seed = ", ".join(f"{100 * g:+.2f}" for g in paired) or "none"
         cnn_gain = f"{cnn['sam'][0] - cnn['plain'][0]:+.2f}" if cnn else "n/a"
-        lines.append(f"- {100 * noise:g} % label noise: ViT {vit_gain}, CNN {cnn_gain}.")
+        lines.append(
+            f"- {100 * noise:g} % label noise: ViT {vit_gain} (per seed: {per_seed}), "
+            f"CNN {cnn_gain}."
+        )
     skipped = [k for k, r in runs.items() if r["status"] != "complete"]
     if skipped:
         lines += ["", f"Not complete (budget): {', '.join(skipped)}."]
@@ -187,18 +219,17 @@ def _vit_parameters(runs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", help="the JSON of full_fashion_mnist.py")
-    parser.add_argument("--vit", help="the JSON of vit.py")
+    parser.add_argument("--vit", nargs="+", default=[], help="the JSON of vit.py (one a shape)")
     parser.add_argument("--results", default=str(RESULTS), help="the Markdown file written")
     parser.add_argument("--where", default=None, help="the machine, in words (e.g. 'one H200')")
     parser.add_argument("--print", action="store_true", help="print the sections too")
     args = parser.parse_args(argv)
-    for name, path, make in (
-        ("full_fashion_mnist", args.full, full_section),
-        ("vit", args.vit, vit_section),
-    ):
-        if not path:
-            continue
-        text = make(json.loads(Path(path).read_text()), args.where)
+    sections = [("full", args.full, full_section)] if args.full else []
+    sections += [("vit", path, vit_section) for path in args.vit]
+    for kind, path, make in sections:
+        record = json.loads(Path(path).read_text())
+        name = "full_fashion_mnist" if kind == "full" else vit_section_name(record)
+        text = make(record, args.where)
         write_section(args.results, name, text)
         if args.print:
             print(text + "\n")

@@ -151,7 +151,8 @@ def test_results_sections_replace_their_own_markers_only(tmp_path):
         "arguments": {
             "train_size": 2000, "epochs": 40, "batch_size": 128, "lr": 1e-3,
             "warmup_steps": 100, "weight_decay": 0.05, "rho": 0.1, "dtype": "float32",
-            "hessian_examples": 500, "hessian_iterations": 20,
+            "hessian_examples": 500, "hessian_iterations": 20, "patch": 4, "dim": 128,
+            "depth": 6,
         },
     }  # fmt: skip
 
@@ -180,10 +181,20 @@ def test_results_sections_replace_their_own_markers_only(tmp_path):
     assert text.startswith("# Results\n\nkept text\n")
     assert "| 40 % | AdamW | 2 | 71.00 ± 1.41 | 72.00 ± 1.41 | 60.00 ± 0.00 | 55.0 ± 7.1 |" in text
     assert "| 40 % | SAM(AdamW) | 2 | 81.00 ± 1.41 |" in text
-    assert "- 40 % label noise: ViT +10.00, CNN +16.46." in text
+    assert "- 40 % label noise: ViT +10.00 (per seed: +10.00, +10.00), CNN +16.46." in text
     # Written again, the section is replaced, not added.
     record["runs"]["d"]["final_test_accuracy"] = 0.84
     path.write_text(json.dumps(record))
     sections.main(["--vit", str(path), "--results", str(results)])
     text = results.read_text()
-    assert text.count("<!-- vit: start") == 1 and "ViT +11.00" in text
+    assert text.count("<!-- vit-p4-d128-l6: start") == 1
+    assert "ViT +11.00 (per seed: +10.00, +12.00)" in text
+    # Another shape gets a section of its own; a seed without its AdamW run has no pair.
+    record["environment"]["arguments"]["patch"] = 7
+    del record["runs"]["a"]
+    other = tmp_path / "vit_p7.json"
+    other.write_text(json.dumps(record))
+    sections.main(["--vit", str(path), str(other), "--results", str(results)])
+    text = results.read_text()
+    assert text.count("<!-- vit-p4-d128-l6: start") == text.count("<!-- vit-p7-d128-l6: end") == 1
+    assert "ViT +10.00 (per seed: +12.00)" in text  # means 82 - 72; seed 1 alone paired: 84 - 72
