@@ -307,6 +307,7 @@ class Part(typing.NamedTuple):
     second_pass: object  # 1.0 when the perturbed pass ran, else 0.0 (float or tensor)
     state: list  # the method's new state values, one per `method.state_variables`
     finite: object  # whether every loss and gradient of the part is finite
+    updates: list  # the clean pass's `(variable, value)` state updates, for the next part
 
 
 def stateless_run(variables, values, fn):
@@ -322,21 +323,23 @@ def stateless_run(variables, values, fn):
 
 
 def _part(backend, roles, compute, variables, weights, pending, factor, real=None):
-    """Runs the passes of one part and returns its final gradients (`Part`).
+    """Runs the passes of one part and returns what they produced (`Part`); writes
+    nothing, and changes none of its arguments.
 
     The first pass is at `weights`, shifted by the method's `initial_perturbation` if
     it gives one; the perturbed pass, if taken, is relative to the first pass's point.
     The method's state is read and assigned only inside stateless scopes: the new
-    values are returned. The clean pass's own state updates (BatchNorm statistics,
-    seed generators, metrics) are added to `pending`, so that the next part reads them
-    and the step commits them at the end.
+    values are returned. `pending` maps `id(variable)` to `(variable, value)`: the
+    state updates of the earlier parts, which the passes read. The clean pass's own
+    state updates (BatchNorm statistics, seed generators, metrics) are returned
+    (`Part.updates`), for the next part to read and the step to commit.
 
     `factor` turns the raw gradients into the part's mean gradient: one over the loss
     scale, times `Backend.replica_loss_divisor`.
 
     `real` (a boolean tensor, or None for True) is False for a stand-in for an empty
-    part (`Backend.dynamic_split`): its state updates are dropped, so the next part
-    reads the state as it was before it. Its other results need no mask: it runs on
+    part (`Backend.dynamic_split`): its state updates are the values before it, so the
+    next part reads the state as it was. Its other results need no mask: it runs on
     the batch's first example with the state the part holding that example reads, so
     it computes exactly what that part computes (finite when that one is), and it has
     weight 0.
@@ -345,46 +348,36 @@ def _part(backend, roles, compute, variables, weights, pending, factor, real=Non
     gradients: their per-tensor norms, taken once, give both the perturbation's norm
     and the check (`_tame`). The final gradients take one reduction each.
     """
-    method = roles.method
     run = _PartRun(backend, roles, compute, variables, pending, factor)
-    values = [v.value for v in method.state_variables]
-    # The first pass is at `w`, or at `w + e` for a method that shifts it (MomentumSAM).
-    shift, values = run.stateless(values, lambda: method.initial_perturbation(variables))
-    if shift is not None:
-        weights = [backend.perturb(w, e, None) for w, e in zip(weights, shift)]
+    values = [v.value for v in roles.method.state_variables]
+    weights, values = run.start(weights, values)
     outputs, loss, clean_updates = run.clean_pass(weights)
-    decision, values = run.stateless(
-        values, lambda: method.needs_second_pass(run.clean.rows, variables)
+    loss_sam, descent, values, descent_tame, second_pass = run.final_gradients(
+        weights, values, loss
     )
-    if isinstance(decision, bool):
-        if decision:
-            loss_sam, descent, values, descent_tame = run.two_passes(weights, values, release=True)
-        else:
-            loss_sam, descent, values, descent_tame = run.one_pass(values, loss)
-        second_pass = 1.0 if decision else 0.0
-    else:
-        loss_sam, descent, values, descent_tame = backend.cond(
-            decision,
-            lambda: run.two_passes(weights, values),
-            lambda: run.one_pass(values, loss),
-        )
-        second_pass = ops.cast(decision, "float32")
-
     finite = ops.all(
         ops.stack(
             [ops.isfinite(ops.cast(loss, "float32")), ops.isfinite(ops.cast(loss_sam, "float32"))]
             + [run.clean.tame, descent_tame]
         )
     )
-    for variable, value in clean_updates:
-        if real is not None:
-            before = pending[id(variable)][1] if id(variable) in pending else variable.value
-            value = ops.where(real, value, before)
-        pending[id(variable)] = (variable, value)
-    final = [None] * len(variables)
+    updates = _kept_updates(clean_updates, pending, real)
+    gradients = [None] * len(variables)
     for i, g in zip(run.present, descent):
-        final[i] = g
-    return Part(outputs, loss, loss_sam, final, second_pass, list(values), finite)
+        gradients[i] = g
+    return Part(outputs, loss, loss_sam, gradients, second_pass, list(values), finite, updates)
+
+
+def _kept_updates(updates, pending, real):
+    """The clean pass's `(variable, value)` state updates as the step keeps them: for a
+    stand-in part (`real` False), the value each variable had before it."""
+    if real is None:
+        return list(updates)
+    kept = []
+    for variable, value in updates:
+        before = pending[id(variable)][1] if id(variable) in pending else variable.value
+        kept.append((variable, ops.where(real, value, before)))
+    return kept
 
 
 class _Clean(typing.NamedTuple):
@@ -397,10 +390,11 @@ class _Clean(typing.NamedTuple):
 
 
 class _PartRun:
-    """The passes of one part, as named steps: the clean pass, then either the perturbed
-    pass or the one-pass gradient. Holds what they share; `clean` is dropped before the
-    perturbed pass when the method's final gradient does not read it (SAM), so that a
-    step holds one parameter-sized buffer beyond plain training's during that pass."""
+    """The passes of one part, as named steps: the starting point, the clean pass, then
+    the final gradients (the perturbed pass or the one-pass gradient). Holds what they
+    share; `clean` is dropped before the perturbed pass when the method's final
+    gradient does not read it (SAM), so that a step holds one parameter-sized buffer
+    beyond plain training's during that pass."""
 
     def __init__(self, backend, roles, compute, variables, pending, factor):
         method = roles.method
@@ -420,6 +414,16 @@ class _PartRun:
         state's new values."""
         return stateless_run(self.state, values, fn)
 
+    def start(self, weights, values):
+        """The first pass's point: `w`, or `w + e` for a method that shifts it
+        (MomentumSAM's `initial_perturbation`). Returns it and the method's state."""
+        shift, values = self.stateless(
+            values, lambda: self.method.initial_perturbation(self.variables)
+        )
+        if shift is not None:
+            weights = [self.backend.perturb(w, e, None) for w, e in zip(weights, shift)]
+        return weights, values
+
     def clean_pass(self, weights):
         """The gradients at `weights` (`self.clean`); returns the outputs, the loss and
         the pass's state updates."""
@@ -438,6 +442,27 @@ class _PartRun:
         norms = _norms(backend, [rows[i] for i in self.present])
         self.clean = _Clean(gradients, rows, norms, _tame(norms))
         return outputs, loss, updates
+
+    def final_gradients(self, weights, values, loss):
+        """The method's decision, then the perturbed pass or the one-pass gradient.
+
+        Returns the perturbed loss, the final gradients of the present variables, the
+        method's new state, whether those gradients are tame, and whether the perturbed
+        pass ran (1.0 or 0.0, a tensor for a decision taken when the step runs).
+        """
+        decision, values = self.stateless(
+            values, lambda: self.method.needs_second_pass(self.clean.rows, self.variables)
+        )
+        if not isinstance(decision, bool):
+            taken = self.backend.cond(
+                decision,
+                lambda: self.two_passes(weights, values),
+                lambda: self.one_pass(values, loss),
+            )
+            return (*taken, ops.cast(decision, "float32"))
+        if decision:
+            return (*self.two_passes(weights, values, release=True), 1.0)
+        return (*self.one_pass(values, loss), 0.0)
 
     def two_passes(self, weights, values, release=False):
         """The perturbed pass; returns its loss, the final gradients of the present
@@ -594,12 +619,11 @@ def compute_step(backend, roles, computes, part_weights, variables, real=None):
         factor = float(divisor)
 
     weights = [ops.convert_to_tensor(v.value) for v in variables]
-    pending = {}
-    real = real or [None] * len(computes)
-    parts = [
-        _part(backend, roles, c, variables, weights, pending, factor, r)
-        for c, r in zip(computes, real)
-    ]
+    pending, parts = {}, []  # `pending`: the state updates of the parts so far, by id
+    for compute, is_real in zip(computes, real or [None] * len(computes)):
+        part = _part(backend, roles, compute, variables, weights, pending, factor, is_real)
+        pending.update((id(variable), (variable, value)) for variable, value in part.updates)
+        parts.append(part)
     if len(parts) == 1:
         gradients, state = parts[0].gradients, parts[0].state
     else:
