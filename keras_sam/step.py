@@ -610,43 +610,58 @@ def compute_step(backend, roles, computes, part_weights, variables, real=None):
     state, the clean passes' state updates (`(variable, value)` pairs) and whether
     everything was finite.
     """
-    replicas = backend.num_replicas()
-    divisor = backend.replica_loss_divisor() if replicas > 1 else 1
-    factor = None
-    if roles.scaler is not None:
-        factor = divisor / roles.scaler.dynamic_scale
-    elif divisor > 1:
-        factor = float(divisor)
-
+    factor = _gradient_factor(backend, roles)
     weights = [ops.convert_to_tensor(v.value) for v in variables]
     pending, parts = {}, []  # `pending`: the state updates of the parts so far, by id
     for compute, is_real in zip(computes, real or [None] * len(computes)):
         part = _part(backend, roles, compute, variables, weights, pending, factor, is_real)
         pending.update((id(variable), (variable, value)) for variable, value in part.updates)
         parts.append(part)
-    if len(parts) == 1:
-        gradients, state = parts[0].gradients, parts[0].state
-    else:
-        gradients = [
-            None if gs[0] is None else backend.weighted_sum(gs, part_weights)
-            for gs in zip(*[p.gradients for p in parts])
-        ]
-        # A method's state update is the size-weighted average of the parts' updates.
-        state = [backend.weighted_sum(vs, part_weights) for vs in zip(*[p.state for p in parts])]
-    finite = ops.all(ops.stack([p.finite for p in parts]))
-    # What the step would commit must be finite too: an input of 1e20 can make a
-    # BatchNorm moving variance infinite while every loss and gradient is finite.
-    floating = [value for _, value in pending.values() if _is_floating(value)] + [
-        value for value in state if _is_floating(value)
-    ]
-    if floating:
-        finite = ops.logical_and(finite, _tame(_norms(backend, floating)))
+    gradients, state = _combined(backend, parts, part_weights)
     updates = list(pending.values())
-    if replicas > 1:
+    finite = _verdict(backend, parts, updates, state)
+    if backend.num_replicas() > 1:
         gradients, state, updates, finite = backend.reduce_replicas(
             gradients, state, updates, finite
         )
     return parts, gradients, state, updates, finite
+
+
+def _gradient_factor(backend, roles):
+    """What turns a pass's raw gradients into its mean gradient (None: nothing): one
+    over the loss scale, times `Backend.replica_loss_divisor` under replicas."""
+    divisor = backend.replica_loss_divisor() if backend.num_replicas() > 1 else 1
+    if roles.scaler is not None:
+        return divisor / roles.scaler.dynamic_scale
+    if divisor > 1:
+        return float(divisor)
+    return None
+
+
+def _combined(backend, parts, part_weights):
+    """The step's final gradients and the method's new state: each the size-weighted
+    average of the parts' (a method's state update too)."""
+    if len(parts) == 1:
+        return parts[0].gradients, parts[0].state
+    gradients = [
+        None if gs[0] is None else backend.weighted_sum(gs, part_weights)
+        for gs in zip(*[p.gradients for p in parts])
+    ]
+    state = [backend.weighted_sum(vs, part_weights) for vs in zip(*[p.state for p in parts])]
+    return gradients, state
+
+
+def _verdict(backend, parts, updates, state):
+    """Whether the step may be taken: every part finite, and what the step would commit
+    tame too (an input of 1e20 can make a BatchNorm moving variance infinite while
+    every loss and gradient is finite)."""
+    finite = ops.all(ops.stack([p.finite for p in parts]))
+    floating = [value for _, value in updates if _is_floating(value)] + [
+        value for value in state if _is_floating(value)
+    ]
+    if floating:
+        finite = ops.logical_and(finite, _tame(_norms(backend, floating)))
+    return finite
 
 
 def _finish(backend, roles, variables, gradients, state, updates, finite):
@@ -659,23 +674,36 @@ def _finish(backend, roles, variables, gradients, state, updates, finite):
 class _Outcomes:
     """What a step does once its passes are done, one method per outcome.
 
-    | verdict (`finite`)                   | what happens                                  |
-    |--------------------------------------|-----------------------------------------------|
-    | every loss finite, every gradient,   | `take`: commit the clean pass's state updates |
-    | state update and method state tame   | and the method's state, then `apply` (or,     |
-    | (`TAME_NORM`)                        | under accumulation, `accumulate`)             |
-    | anything else                        | `skip`: only `skipped_steps` (and, under loss |
-    |                                      | scaling, the loss scale) changes              |
+    The verdict (`finite`, see `_verdict`): every loss finite, and every gradient,
+    state update and method state tame (`TAME_NORM`). Then:
+
+    | outcome             | when                       | what it writes                     |
+    |---------------------|----------------------------|------------------------------------|
+    | `take`: `apply`     | verdict True               | the clean pass's state updates and |
+    |                     |                            | the method's state; optimizer step |
+    | `take`: `accumulate`| verdict True, under        | the state updates; adds gradients  |
+    |                     | accumulation               | and state to the sums; micro step  |
+    | `apply_accumulated` | the k-th micro-batch       | state and optimizer step from the  |
+    |                     |                            | sums / k; sums and counter zeroed  |
+    | `grow_loss_scale`   | after a take that stands   | the loss scale's counter (doubles  |
+    |                     |                            | the scale every growth period)     |
+    | `verified_take`     | `take` under               | a copy of `tracked`, then `take`'s |
+    |                     | `verify_optimizer_step`    | writes, checked (`checked`)        |
+    | `roll_back`         | a checked write is NaN/inf | `tracked` from the copy; `skip`    |
+    | `skip`              | verdict False              | `skipped_steps + 1`; loss scale    |
+    |                     |                            | halved and its counter zeroed      |
 
     A tame gradient has finite squares, so the wrapped optimizer's update from it is
     finite for Keras's optimizers (SGD, Adam's moments, ...): the step checks nothing
-    after it, and keeps no copy. With `verify_optimizer_step=True` it does: `take`
-    copies what the optimizer may write, applies, checks every value written and, if
-    any is NaN or infinite, restores the copy and skips (`verified_take`).
+    after it, and keeps no copy, unless `verify_optimizer_step=True`.
 
-    `take` and `skip` are called with `(gradients, update_values, state_values)`; under
-    `tf.distribute` from the cross-replica context, where `backend.run_in_replicas`
-    runs the per-replica parts.
+    Where each part runs (the cross-replica rule): `take` and `skip` are called once
+    for the step (`Backend.decide`; under `tf.distribute` from the cross-replica
+    context, after the replicas' vote), and so are the counters they assign
+    (`skipped_steps`, `micro_steps`, the loss scale) and the copy and check of a
+    verified take. What reads a replica's own values (`apply`, `accumulate`,
+    `apply_averages`: the gradients, updates and state) runs through
+    `Backend.run_in_replicas`.
     """
 
     def __init__(self, backend, roles, variables, gradients, update_variables):
@@ -688,17 +716,25 @@ class _Outcomes:
         self.present = [g is not None for g in gradients]
         # Every variable an outcome may assign (for backends whose decision needs them).
         self.tracked = _unique(list(variables) + update_variables + list(roles.outer.variables))
+        # What a verified take checks: what the wrapped optimizer writes (the weights,
+        # its slots) and the sums.
+        self.checked = []
+        if method.verify_optimizer_step:
+            written = list(variables) + list(roles.applier.variables) + _sums(method)
+            self.checked = [v for v in _unique(written) if _is_floating(v)]
+        self.snapshot = None  # the copy of `tracked` a verified take keeps
 
-    # ---------------------------------------------------------------- outcomes
-    def take(self, *args):
+    # ------------------------------------------------------ once for the step
+    def take(self, gradients, update_values, state_values):
         if self.method.verify_optimizer_step:
-            self.verified_take(*args)
-        else:
-            self.apply_or_accumulate(*args)
-            self.grow_loss_scale()
+            self.verified_take(gradients, update_values, state_values)
+            return
+        self.apply_or_accumulate(gradients, update_values, state_values)
+        self.grow_loss_scale()
 
-    def skip(self, *args):
-        del args
+    def skip(self, *results):
+        """Counts the step as skipped; the step's `results` are not read."""
+        del results
         skipped = self.method.skipped_steps
         skipped.assign(skipped.value + 1)
         scaler = self.scaler
@@ -706,22 +742,21 @@ class _Outcomes:
             scaler.step_counter.assign(ops.zeros_like(scaler.step_counter.value))
             scaler.dynamic_scale.assign(scaler.dynamic_scale.value * 0.5)
 
-    def verified_take(self, *args):
+    def verified_take(self, gradients, update_values, state_values):
         """`take`, checked: what the optimizer wrote (weights, slots, sums) is verified,
         and restored from a copy if any of it is NaN or infinite."""
-        backend, tracked = self.backend, self.tracked
-        snapshot = [ops.copy(v.value) for v in tracked]
-        self.apply_or_accumulate(*args)
+        backend = self.backend
+        self.snapshot = [ops.copy(v.value) for v in self.tracked]
+        self.apply_or_accumulate(gradients, update_values, state_values)
+        ok = backend.all_finite([v.value for v in self.checked])
+        backend.decide(ok, self.grow_loss_scale, self.roll_back, self.tracked)
+        self.snapshot = None
 
-        def roll_back():
-            for variable, value in zip(tracked, snapshot):
-                variable.assign(value)
-            self.skip()
+    def roll_back(self):
+        for variable, value in zip(self.tracked, self.snapshot):
+            variable.assign(value)
+        self.skip()
 
-        written = [v.value for v in self.checked()]
-        backend.decide(backend.all_finite(written), self.grow_loss_scale, roll_back, tracked)
-
-    # ------------------------------------------------------------------ parts
     def apply_or_accumulate(self, gradients, update_values, state_values):
         backend = self.backend
         if self.steps == 1:
@@ -731,8 +766,26 @@ class _Outcomes:
         micro_steps = self.method.accumulation_variables[0]
         micro_steps.assign(micro_steps.value + 1)
         full = ops.equal(micro_steps.value, self.steps)
-        backend.stateful_cond(full, self.apply_accumulated, lambda: None, self.tracked)
+        backend.stateful_cond(full, self.apply_accumulated, _no_change, self.tracked)
 
+    def apply_accumulated(self):
+        self.backend.run_in_replicas(self.apply_averages)
+        micro_steps = self.method.accumulation_variables[0]
+        micro_steps.assign(ops.zeros_like(micro_steps.value))
+
+    def grow_loss_scale(self):
+        """`LossScaleOptimizer`'s rule: double the scale after `dynamic_growth_steps`
+        applied steps."""
+        scaler = self.scaler
+        if scaler is None:
+            return
+        counter = scaler.step_counter.value
+        grow = ops.equal(counter, scaler.dynamic_growth_steps - 1)
+        scaler.step_counter.assign(ops.where(grow, ops.zeros_like(counter), counter + 1))
+        scale = scaler.dynamic_scale.value
+        scaler.dynamic_scale.assign(ops.where(grow, scale * 2.0, scale))
+
+    # ------------------------------------------------------------ in replicas
     def commit(self, update_values, state_values):
         for variable, value in zip(self.update_variables, update_values):
             variable.assign(value)
@@ -752,44 +805,21 @@ class _Outcomes:
         for total, value in zip(state_sums, state_values):
             total.assign(total.value + value)
 
-    def apply_accumulated(self):
-        def step_with_the_sums():
-            _, gradient_sums, state_sums = self.method.accumulation_variables
-            averages = [
-                total.value / self.steps if p else None
-                for total, p in zip(gradient_sums, self.present)
-            ]
-            for variable, total in zip(self.method.state_variables, state_sums):
-                variable.assign(total.value / self.steps)
-            self.applier.apply(averages, self.variables)
-            for total in gradient_sums + state_sums:
-                total.assign(ops.zeros_like(total.value))
-
-        self.backend.run_in_replicas(step_with_the_sums)
-        micro_steps = self.method.accumulation_variables[0]
-        micro_steps.assign(ops.zeros_like(micro_steps.value))
-
-    def grow_loss_scale(self):
-        """`LossScaleOptimizer`'s rule: double the scale after `dynamic_growth_steps`
-        applied steps."""
-        scaler = self.scaler
-        if scaler is None:
-            return
-        counter = scaler.step_counter.value
-        grow = ops.equal(counter, scaler.dynamic_growth_steps - 1)
-        scaler.step_counter.assign(ops.where(grow, ops.zeros_like(counter), counter + 1))
-        scale = scaler.dynamic_scale.value
-        scaler.dynamic_scale.assign(ops.where(grow, scale * 2.0, scale))
-
-    def checked(self):
-        """What the wrapped optimizer writes (the weights, its slots) and the sums."""
-        return [
-            v
-            for v in _unique(
-                list(self.variables) + list(self.applier.variables) + _sums(self.method)
-            )
-            if _is_floating(v)
+    def apply_averages(self):
+        """The optimizer's step with the averages of the sums; the sums zeroed."""
+        _, gradient_sums, state_sums = self.method.accumulation_variables
+        averages = [
+            total.value / self.steps if p else None for total, p in zip(gradient_sums, self.present)
         ]
+        for variable, total in zip(self.method.state_variables, state_sums):
+            variable.assign(total.value / self.steps)
+        self.applier.apply(averages, self.variables)
+        for total in gradient_sums + state_sums:
+            total.assign(ops.zeros_like(total.value))
+
+
+def _no_change():
+    """The outcome that writes nothing."""
 
 
 def _sums(method):
@@ -878,7 +908,7 @@ def model_step(backend, sam_model, data):
         sam_model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
 
     backend.stateful_cond(
-        result.finite, update_metrics, lambda: None, list(sam_model.metrics_variables)
+        result.finite, update_metrics, _no_change, list(sam_model.metrics_variables)
     )
     logs = sam_model.get_metrics_result()
     logs["skipped_steps"] = ops.copy(method.skipped_steps.value)  # a tensor, not the variable
