@@ -29,6 +29,7 @@ backend.
 """
 
 import contextlib
+import functools
 import typing
 
 import keras
@@ -856,31 +857,7 @@ def model_step(backend, sam_model, data):
     method = roles.method
     if isinstance(method.perturb, tuple):
         method.bind(sam_model)
-
-    def replica_step(data):
-        """The passes over this replica's batch; writes nothing."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        parts, weights, sizes = split_batch(
-            backend, (x, y, sample_weight), sam_model.num_batch_splits
-        )
-        computes = []
-        for x_part, y_part, weight_part in parts:
-
-            def compute(x_part=x_part, y_part=y_part, weight_part=weight_part):
-                y_pred = sam_model(x_part, training=True)
-                loss = sam_model.compute_loss(
-                    x=x_part, y=y_part, y_pred=y_pred, sample_weight=weight_part, training=True
-                )
-                return y_pred, loss, None
-
-            computes.append(compute)
-        real = None if sizes is None else [ops.greater(s, 0) for s in sizes]
-        results, gradients, state, updates, finite = compute_step(
-            backend, roles, computes, weights, variables, real
-        )
-        summary = _summary(backend, results, weights, sizes)
-        return StepResult(gradients, state, updates, finite, *summary)
-
+    replica_step = functools.partial(_replica_step, backend, sam_model, roles, variables)
     readable = _unique(
         sam_model.trainable_variables
         + sam_model.non_trainable_variables
@@ -890,29 +867,58 @@ def model_step(backend, sam_model, data):
     _finish(
         backend, roles, variables, result.gradients, result.state, result.updates, result.finite
     )
-
-    # The logs average over the steps that were applied: a skipped step (a NaN batch)
-    # adds nothing to `loss`, the metrics or `sharpness`, and shows in `skipped_steps`.
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    divisor = backend.replica_loss_divisor() if backend.num_replicas() > 1 else 1
-    batch_size = ops.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
-
-    def update_metrics():
-        # `compute_loss` divides by the replica count under tf.distribute; report per
-        # replica.
-        sam_model._loss_tracker.update_state(result.loss * divisor, sample_weight=batch_size)
-        sam_model.sharpness_tracker.update_state(
-            result.sharpness * divisor, sample_weight=result.second_pass
-        )
-        sam_model.second_pass_tracker.update_state(result.second_pass)
-        sam_model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
-
-    backend.stateful_cond(
-        result.finite, update_metrics, _no_change, list(sam_model.metrics_variables)
-    )
+    _update_metrics(backend, sam_model, data, result)
     logs = sam_model.get_metrics_result()
     logs["skipped_steps"] = ops.copy(method.skipped_steps.value)  # a tensor, not the variable
     return logs
+
+
+def _replica_step(backend, sam_model, roles, variables, data):
+    """The passes over this replica's batch (`StepResult`); writes nothing."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    parts, weights, sizes = split_batch(backend, (x, y, sample_weight), sam_model.num_batch_splits)
+    computes = [functools.partial(_model_pass, sam_model, *part) for part in parts]
+    real = None if sizes is None else [ops.greater(s, 0) for s in sizes]
+    results, gradients, state, updates, finite = compute_step(
+        backend, roles, computes, weights, variables, real
+    )
+    summary = _summary(backend, results, weights, sizes)
+    return StepResult(gradients, state, updates, finite, *summary)
+
+
+def _model_pass(sam_model, x, y, sample_weight):
+    """The model's forward pass and loss on one part: `(predictions, loss, None)`."""
+    y_pred = sam_model(x, training=True)
+    loss = sam_model.compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+    )
+    return y_pred, loss, None
+
+
+def _update_metrics(backend, sam_model, data, result):
+    """Adds the step to the logs if it was taken.
+
+    The logs average over the steps that were applied: a skipped step (a NaN batch)
+    adds nothing to `loss`, the metrics or `sharpness`, and shows in `skipped_steps`.
+    `compute_loss` divides by the replica count under `tf.distribute`: the logs are
+    per replica.
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    divisor = backend.replica_loss_divisor() if backend.num_replicas() > 1 else 1
+    batch_size = ops.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
+    update = functools.partial(
+        _update_trackers, sam_model, result, divisor, batch_size, x, y, sample_weight
+    )
+    backend.stateful_cond(result.finite, update, _no_change, list(sam_model.metrics_variables))
+
+
+def _update_trackers(sam_model, result, divisor, batch_size, x, y, sample_weight):
+    sam_model._loss_tracker.update_state(result.loss * divisor, sample_weight=batch_size)
+    sam_model.sharpness_tracker.update_state(
+        result.sharpness * divisor, sample_weight=result.second_pass
+    )
+    sam_model.second_pass_tracker.update_state(result.second_pass)
+    sam_model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
 
 
 class StepResult(typing.NamedTuple):
