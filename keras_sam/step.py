@@ -308,7 +308,7 @@ class Part(typing.NamedTuple):
     second_pass: object  # 1.0 when the perturbed pass ran, else 0.0 (float or tensor)
     state: list  # the method's new state values, one per `method.state_variables`
     finite: object  # whether every loss and gradient of the part is finite
-    updates: list  # the clean pass's `(variable, value)` state updates, for the next part
+    updates: list  # the clean pass's state updates, `(variable, value)` pairs
 
 
 def stateless_run(variables, values, fn):
