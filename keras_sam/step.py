@@ -29,6 +29,7 @@ backend.
 """
 
 import contextlib
+import functools
 import typing
 
 import keras
@@ -307,6 +308,7 @@ class Part(typing.NamedTuple):
     second_pass: object  # 1.0 when the perturbed pass ran, else 0.0 (float or tensor)
     state: list  # the method's new state values, one per `method.state_variables`
     finite: object  # whether every loss and gradient of the part is finite
+    updates: list  # the clean pass's state updates, `(variable, value)` pairs
 
 
 def stateless_run(variables, values, fn):
@@ -322,21 +324,23 @@ def stateless_run(variables, values, fn):
 
 
 def _part(backend, roles, compute, variables, weights, pending, factor, real=None):
-    """Runs the passes of one part and returns its final gradients (`Part`).
+    """Runs the passes of one part and returns what they produced (`Part`); writes
+    nothing, and changes none of its arguments.
 
     The first pass is at `weights`, shifted by the method's `initial_perturbation` if
     it gives one; the perturbed pass, if taken, is relative to the first pass's point.
     The method's state is read and assigned only inside stateless scopes: the new
-    values are returned. The clean pass's own state updates (BatchNorm statistics,
-    seed generators, metrics) are added to `pending`, so that the next part reads them
-    and the step commits them at the end.
+    values are returned. `pending` maps `id(variable)` to `(variable, value)`: the
+    state updates of the earlier parts, which the passes read. The clean pass's own
+    state updates (BatchNorm statistics, seed generators, metrics) are returned
+    (`Part.updates`), for the next part to read and the step to commit.
 
     `factor` turns the raw gradients into the part's mean gradient: one over the loss
     scale, times `Backend.replica_loss_divisor`.
 
     `real` (a boolean tensor, or None for True) is False for a stand-in for an empty
-    part (`Backend.dynamic_split`): its state updates are dropped, so the next part
-    reads the state as it was before it. Its other results need no mask: it runs on
+    part (`Backend.dynamic_split`): its state updates are the values before it, so the
+    next part reads the state as it was. Its other results need no mask: it runs on
     the batch's first example with the state the part holding that example reads, so
     it computes exactly what that part computes (finite when that one is), and it has
     weight 0.
@@ -345,46 +349,36 @@ def _part(backend, roles, compute, variables, weights, pending, factor, real=Non
     gradients: their per-tensor norms, taken once, give both the perturbation's norm
     and the check (`_tame`). The final gradients take one reduction each.
     """
-    method = roles.method
     run = _PartRun(backend, roles, compute, variables, pending, factor)
-    values = [v.value for v in method.state_variables]
-    # The first pass is at `w`, or at `w + e` for a method that shifts it (MomentumSAM).
-    shift, values = run.stateless(values, lambda: method.initial_perturbation(variables))
-    if shift is not None:
-        weights = [backend.perturb(w, e, None) for w, e in zip(weights, shift)]
+    values = [v.value for v in roles.method.state_variables]
+    weights, values = run.start(weights, values)
     outputs, loss, clean_updates = run.clean_pass(weights)
-    decision, values = run.stateless(
-        values, lambda: method.needs_second_pass(run.clean.rows, variables)
+    loss_sam, descent, values, descent_tame, second_pass = run.final_gradients(
+        weights, values, loss
     )
-    if isinstance(decision, bool):
-        if decision:
-            loss_sam, descent, values, descent_tame = run.two_passes(weights, values, release=True)
-        else:
-            loss_sam, descent, values, descent_tame = run.one_pass(values, loss)
-        second_pass = 1.0 if decision else 0.0
-    else:
-        loss_sam, descent, values, descent_tame = backend.cond(
-            decision,
-            lambda: run.two_passes(weights, values),
-            lambda: run.one_pass(values, loss),
-        )
-        second_pass = ops.cast(decision, "float32")
-
     finite = ops.all(
         ops.stack(
             [ops.isfinite(ops.cast(loss, "float32")), ops.isfinite(ops.cast(loss_sam, "float32"))]
             + [run.clean.tame, descent_tame]
         )
     )
-    for variable, value in clean_updates:
-        if real is not None:
-            before = pending[id(variable)][1] if id(variable) in pending else variable.value
-            value = ops.where(real, value, before)
-        pending[id(variable)] = (variable, value)
-    final = [None] * len(variables)
+    updates = _kept_updates(clean_updates, pending, real)
+    gradients = [None] * len(variables)
     for i, g in zip(run.present, descent):
-        final[i] = g
-    return Part(outputs, loss, loss_sam, final, second_pass, list(values), finite)
+        gradients[i] = g
+    return Part(outputs, loss, loss_sam, gradients, second_pass, list(values), finite, updates)
+
+
+def _kept_updates(updates, pending, real):
+    """The clean pass's `(variable, value)` state updates as the step keeps them: for a
+    stand-in part (`real` False), the value each variable had before it."""
+    if real is None:
+        return list(updates)
+    kept = []
+    for variable, value in updates:
+        before = pending[id(variable)][1] if id(variable) in pending else variable.value
+        kept.append((variable, ops.where(real, value, before)))
+    return kept
 
 
 class _Clean(typing.NamedTuple):
@@ -397,10 +391,11 @@ class _Clean(typing.NamedTuple):
 
 
 class _PartRun:
-    """The passes of one part, as named steps: the clean pass, then either the perturbed
-    pass or the one-pass gradient. Holds what they share; `clean` is dropped before the
-    perturbed pass when the method's final gradient does not read it (SAM), so that a
-    step holds one parameter-sized buffer beyond plain training's during that pass."""
+    """The passes of one part, as named steps: the starting point, the clean pass, then
+    the final gradients (the perturbed pass or the one-pass gradient). Holds what they
+    share; `clean` is dropped before the perturbed pass when the method's final
+    gradient does not read it (SAM), so that a step holds one parameter-sized buffer
+    beyond plain training's during that pass."""
 
     def __init__(self, backend, roles, compute, variables, pending, factor):
         method = roles.method
@@ -420,6 +415,16 @@ class _PartRun:
         state's new values."""
         return stateless_run(self.state, values, fn)
 
+    def start(self, weights, values):
+        """The first pass's point: `w`, or `w + e` for a method that shifts it
+        (MomentumSAM's `initial_perturbation`). Returns it and the method's state."""
+        shift, values = self.stateless(
+            values, lambda: self.method.initial_perturbation(self.variables)
+        )
+        if shift is not None:
+            weights = [self.backend.perturb(w, e, None) for w, e in zip(weights, shift)]
+        return weights, values
+
     def clean_pass(self, weights):
         """The gradients at `weights` (`self.clean`); returns the outputs, the loss and
         the pass's state updates."""
@@ -438,6 +443,27 @@ class _PartRun:
         norms = _norms(backend, [rows[i] for i in self.present])
         self.clean = _Clean(gradients, rows, norms, _tame(norms))
         return outputs, loss, updates
+
+    def final_gradients(self, weights, values, loss):
+        """The method's decision, then the perturbed pass or the one-pass gradient.
+
+        Returns the perturbed loss, the final gradients of the present variables, the
+        method's new state, whether those gradients are tame, and whether the perturbed
+        pass ran (1.0 or 0.0, a tensor for a decision taken when the step runs).
+        """
+        decision, values = self.stateless(
+            values, lambda: self.method.needs_second_pass(self.clean.rows, self.variables)
+        )
+        if not isinstance(decision, bool):
+            taken = self.backend.cond(
+                decision,
+                lambda: self.two_passes(weights, values),
+                lambda: self.one_pass(values, loss),
+            )
+            return (*taken, ops.cast(decision, "float32"))
+        if decision:
+            return (*self.two_passes(weights, values, release=True), 1.0)
+        return (*self.one_pass(values, loss), 0.0)
 
     def two_passes(self, weights, values, release=False):
         """The perturbed pass; returns its loss, the final gradients of the present
@@ -585,44 +611,58 @@ def compute_step(backend, roles, computes, part_weights, variables, real=None):
     state, the clean passes' state updates (`(variable, value)` pairs) and whether
     everything was finite.
     """
-    replicas = backend.num_replicas()
-    divisor = backend.replica_loss_divisor() if replicas > 1 else 1
-    factor = None
-    if roles.scaler is not None:
-        factor = divisor / roles.scaler.dynamic_scale
-    elif divisor > 1:
-        factor = float(divisor)
-
+    factor = _gradient_factor(backend, roles)
     weights = [ops.convert_to_tensor(v.value) for v in variables]
-    pending = {}
-    real = real or [None] * len(computes)
-    parts = [
-        _part(backend, roles, c, variables, weights, pending, factor, r)
-        for c, r in zip(computes, real)
-    ]
-    if len(parts) == 1:
-        gradients, state = parts[0].gradients, parts[0].state
-    else:
-        gradients = [
-            None if gs[0] is None else backend.weighted_sum(gs, part_weights)
-            for gs in zip(*[p.gradients for p in parts])
-        ]
-        # A method's state update is the size-weighted average of the parts' updates.
-        state = [backend.weighted_sum(vs, part_weights) for vs in zip(*[p.state for p in parts])]
-    finite = ops.all(ops.stack([p.finite for p in parts]))
-    # What the step would commit must be finite too: an input of 1e20 can make a
-    # BatchNorm moving variance infinite while every loss and gradient is finite.
-    floating = [value for _, value in pending.values() if _is_floating(value)] + [
-        value for value in state if _is_floating(value)
-    ]
-    if floating:
-        finite = ops.logical_and(finite, _tame(_norms(backend, floating)))
+    pending, parts = {}, []  # `pending`: the state updates of the parts so far, by id
+    for compute, is_real in zip(computes, real or [None] * len(computes)):
+        part = _part(backend, roles, compute, variables, weights, pending, factor, is_real)
+        pending.update((id(variable), (variable, value)) for variable, value in part.updates)
+        parts.append(part)
+    gradients, state = _combined(backend, parts, part_weights)
     updates = list(pending.values())
-    if replicas > 1:
+    finite = _verdict(backend, parts, updates, state)
+    if backend.num_replicas() > 1:
         gradients, state, updates, finite = backend.reduce_replicas(
             gradients, state, updates, finite
         )
     return parts, gradients, state, updates, finite
+
+
+def _gradient_factor(backend, roles):
+    """What turns a pass's raw gradients into its mean gradient (None: nothing): one
+    over the loss scale, times `Backend.replica_loss_divisor` under replicas."""
+    divisor = backend.replica_loss_divisor() if backend.num_replicas() > 1 else 1
+    if roles.scaler is not None:
+        return divisor / roles.scaler.dynamic_scale
+    if divisor > 1:
+        return float(divisor)
+    return None
+
+
+def _combined(backend, parts, part_weights):
+    """The step's final gradients and the method's new state: each the size-weighted
+    average of the parts' (a method's state update too)."""
+    if len(parts) == 1:
+        return parts[0].gradients, parts[0].state
+    gradients = [
+        None if gs[0] is None else backend.weighted_sum(gs, part_weights)
+        for gs in zip(*[p.gradients for p in parts])
+    ]
+    state = [backend.weighted_sum(vs, part_weights) for vs in zip(*[p.state for p in parts])]
+    return gradients, state
+
+
+def _verdict(backend, parts, updates, state):
+    """Whether the step may be taken: every part finite, and what the step would commit
+    tame too (an input of 1e20 can make a BatchNorm moving variance infinite while
+    every loss and gradient is finite)."""
+    finite = ops.all(ops.stack([p.finite for p in parts]))
+    floating = [value for _, value in updates if _is_floating(value)] + [
+        value for value in state if _is_floating(value)
+    ]
+    if floating:
+        finite = ops.logical_and(finite, _tame(_norms(backend, floating)))
+    return finite
 
 
 def _finish(backend, roles, variables, gradients, state, updates, finite):
@@ -635,23 +675,36 @@ def _finish(backend, roles, variables, gradients, state, updates, finite):
 class _Outcomes:
     """What a step does once its passes are done, one method per outcome.
 
-    | verdict (`finite`)                   | what happens                                  |
-    |--------------------------------------|-----------------------------------------------|
-    | every loss finite, every gradient,   | `take`: commit the clean pass's state updates |
-    | state update and method state tame   | and the method's state, then `apply` (or,     |
-    | (`TAME_NORM`)                        | under accumulation, `accumulate`)             |
-    | anything else                        | `skip`: only `skipped_steps` (and, under loss |
-    |                                      | scaling, the loss scale) changes              |
+    The verdict (`finite`, see `_verdict`): every loss finite, and every gradient,
+    state update and method state tame (`TAME_NORM`). Then:
+
+    | outcome             | when                       | what it writes                     |
+    |---------------------|----------------------------|------------------------------------|
+    | `take`: `apply`     | verdict True               | the clean pass's state updates and |
+    |                     |                            | the method's state; optimizer step |
+    | `take`: `accumulate`| verdict True, under        | the state updates; adds gradients  |
+    |                     | accumulation               | and state to the sums; micro step  |
+    | `apply_accumulated` | the k-th micro-batch       | state and optimizer step from the  |
+    |                     |                            | sums / k; sums and counter zeroed  |
+    | `grow_loss_scale`   | after a take that stands   | the loss scale's counter (doubles  |
+    |                     |                            | the scale every growth period)     |
+    | `verified_take`     | `take` under               | a copy of `tracked`, then `take`'s |
+    |                     | `verify_optimizer_step`    | writes, checked (`checked`)        |
+    | `roll_back`         | a checked write is NaN/inf | `tracked` from the copy; `skip`    |
+    | `skip`              | verdict False              | `skipped_steps + 1`; loss scale    |
+    |                     |                            | halved and its counter zeroed      |
 
     A tame gradient has finite squares, so the wrapped optimizer's update from it is
     finite for Keras's optimizers (SGD, Adam's moments, ...): the step checks nothing
-    after it, and keeps no copy. With `verify_optimizer_step=True` it does: `take`
-    copies what the optimizer may write, applies, checks every value written and, if
-    any is NaN or infinite, restores the copy and skips (`verified_take`).
+    after it, and keeps no copy, unless `verify_optimizer_step=True`.
 
-    `take` and `skip` are called with `(gradients, update_values, state_values)`; under
-    `tf.distribute` from the cross-replica context, where `backend.run_in_replicas`
-    runs the per-replica parts.
+    Where each part runs (the cross-replica rule): `take` and `skip` are called once
+    for the step (`Backend.decide`; under `tf.distribute` from the cross-replica
+    context, after the replicas' vote), and so are the counters they assign
+    (`skipped_steps`, `micro_steps`, the loss scale) and the copy and check of a
+    verified take. What reads a replica's own values (`apply`, `accumulate`,
+    `apply_averages`: the gradients, updates and state) runs through
+    `Backend.run_in_replicas`.
     """
 
     def __init__(self, backend, roles, variables, gradients, update_variables):
@@ -664,17 +717,25 @@ class _Outcomes:
         self.present = [g is not None for g in gradients]
         # Every variable an outcome may assign (for backends whose decision needs them).
         self.tracked = _unique(list(variables) + update_variables + list(roles.outer.variables))
+        # What a verified take checks: what the wrapped optimizer writes (the weights,
+        # its slots) and the sums.
+        self.checked = []
+        if method.verify_optimizer_step:
+            written = list(variables) + list(roles.applier.variables) + _sums(method)
+            self.checked = [v for v in _unique(written) if _is_floating(v)]
+        self.snapshot = None  # the copy of `tracked` a verified take keeps
 
-    # ---------------------------------------------------------------- outcomes
-    def take(self, *args):
+    # ------------------------------------------------------ once for the step
+    def take(self, gradients, update_values, state_values):
         if self.method.verify_optimizer_step:
-            self.verified_take(*args)
-        else:
-            self.apply_or_accumulate(*args)
-            self.grow_loss_scale()
+            self.verified_take(gradients, update_values, state_values)
+            return
+        self.apply_or_accumulate(gradients, update_values, state_values)
+        self.grow_loss_scale()
 
-    def skip(self, *args):
-        del args
+    def skip(self, *results):
+        """Counts the step as skipped; the step's `results` are not read."""
+        del results
         skipped = self.method.skipped_steps
         skipped.assign(skipped.value + 1)
         scaler = self.scaler
@@ -682,22 +743,21 @@ class _Outcomes:
             scaler.step_counter.assign(ops.zeros_like(scaler.step_counter.value))
             scaler.dynamic_scale.assign(scaler.dynamic_scale.value * 0.5)
 
-    def verified_take(self, *args):
+    def verified_take(self, gradients, update_values, state_values):
         """`take`, checked: what the optimizer wrote (weights, slots, sums) is verified,
         and restored from a copy if any of it is NaN or infinite."""
-        backend, tracked = self.backend, self.tracked
-        snapshot = [ops.copy(v.value) for v in tracked]
-        self.apply_or_accumulate(*args)
+        backend = self.backend
+        self.snapshot = [ops.copy(v.value) for v in self.tracked]
+        self.apply_or_accumulate(gradients, update_values, state_values)
+        ok = backend.all_finite([v.value for v in self.checked])
+        backend.decide(ok, self.grow_loss_scale, self.roll_back, self.tracked)
+        self.snapshot = None
 
-        def roll_back():
-            for variable, value in zip(tracked, snapshot):
-                variable.assign(value)
-            self.skip()
+    def roll_back(self):
+        for variable, value in zip(self.tracked, self.snapshot):
+            variable.assign(value)
+        self.skip()
 
-        written = [v.value for v in self.checked()]
-        backend.decide(backend.all_finite(written), self.grow_loss_scale, roll_back, tracked)
-
-    # ------------------------------------------------------------------ parts
     def apply_or_accumulate(self, gradients, update_values, state_values):
         backend = self.backend
         if self.steps == 1:
@@ -707,8 +767,26 @@ class _Outcomes:
         micro_steps = self.method.accumulation_variables[0]
         micro_steps.assign(micro_steps.value + 1)
         full = ops.equal(micro_steps.value, self.steps)
-        backend.stateful_cond(full, self.apply_accumulated, lambda: None, self.tracked)
+        backend.stateful_cond(full, self.apply_accumulated, _no_change, self.tracked)
 
+    def apply_accumulated(self):
+        self.backend.run_in_replicas(self.apply_averages)
+        micro_steps = self.method.accumulation_variables[0]
+        micro_steps.assign(ops.zeros_like(micro_steps.value))
+
+    def grow_loss_scale(self):
+        """`LossScaleOptimizer`'s rule: double the scale after `dynamic_growth_steps`
+        applied steps."""
+        scaler = self.scaler
+        if scaler is None:
+            return
+        counter = scaler.step_counter.value
+        grow = ops.equal(counter, scaler.dynamic_growth_steps - 1)
+        scaler.step_counter.assign(ops.where(grow, ops.zeros_like(counter), counter + 1))
+        scale = scaler.dynamic_scale.value
+        scaler.dynamic_scale.assign(ops.where(grow, scale * 2.0, scale))
+
+    # ------------------------------------------------------------ in replicas
     def commit(self, update_values, state_values):
         for variable, value in zip(self.update_variables, update_values):
             variable.assign(value)
@@ -728,44 +806,21 @@ class _Outcomes:
         for total, value in zip(state_sums, state_values):
             total.assign(total.value + value)
 
-    def apply_accumulated(self):
-        def step_with_the_sums():
-            _, gradient_sums, state_sums = self.method.accumulation_variables
-            averages = [
-                total.value / self.steps if p else None
-                for total, p in zip(gradient_sums, self.present)
-            ]
-            for variable, total in zip(self.method.state_variables, state_sums):
-                variable.assign(total.value / self.steps)
-            self.applier.apply(averages, self.variables)
-            for total in gradient_sums + state_sums:
-                total.assign(ops.zeros_like(total.value))
-
-        self.backend.run_in_replicas(step_with_the_sums)
-        micro_steps = self.method.accumulation_variables[0]
-        micro_steps.assign(ops.zeros_like(micro_steps.value))
-
-    def grow_loss_scale(self):
-        """`LossScaleOptimizer`'s rule: double the scale after `dynamic_growth_steps`
-        applied steps."""
-        scaler = self.scaler
-        if scaler is None:
-            return
-        counter = scaler.step_counter.value
-        grow = ops.equal(counter, scaler.dynamic_growth_steps - 1)
-        scaler.step_counter.assign(ops.where(grow, ops.zeros_like(counter), counter + 1))
-        scale = scaler.dynamic_scale.value
-        scaler.dynamic_scale.assign(ops.where(grow, scale * 2.0, scale))
-
-    def checked(self):
-        """What the wrapped optimizer writes (the weights, its slots) and the sums."""
-        return [
-            v
-            for v in _unique(
-                list(self.variables) + list(self.applier.variables) + _sums(self.method)
-            )
-            if _is_floating(v)
+    def apply_averages(self):
+        """The optimizer's step with the averages of the sums; the sums zeroed."""
+        _, gradient_sums, state_sums = self.method.accumulation_variables
+        averages = [
+            total.value / self.steps if p else None for total, p in zip(gradient_sums, self.present)
         ]
+        for variable, total in zip(self.method.state_variables, state_sums):
+            variable.assign(total.value / self.steps)
+        self.applier.apply(averages, self.variables)
+        for total in gradient_sums + state_sums:
+            total.assign(ops.zeros_like(total.value))
+
+
+def _no_change():
+    """The outcome that writes nothing."""
 
 
 def _sums(method):
@@ -802,31 +857,7 @@ def model_step(backend, sam_model, data):
     method = roles.method
     if isinstance(method.perturb, tuple):
         method.bind(sam_model)
-
-    def replica_step(data):
-        """The passes over this replica's batch; writes nothing."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        parts, weights, sizes = split_batch(
-            backend, (x, y, sample_weight), sam_model.num_batch_splits
-        )
-        computes = []
-        for x_part, y_part, weight_part in parts:
-
-            def compute(x_part=x_part, y_part=y_part, weight_part=weight_part):
-                y_pred = sam_model(x_part, training=True)
-                loss = sam_model.compute_loss(
-                    x=x_part, y=y_part, y_pred=y_pred, sample_weight=weight_part, training=True
-                )
-                return y_pred, loss, None
-
-            computes.append(compute)
-        real = None if sizes is None else [ops.greater(s, 0) for s in sizes]
-        results, gradients, state, updates, finite = compute_step(
-            backend, roles, computes, weights, variables, real
-        )
-        summary = _summary(backend, results, weights, sizes)
-        return StepResult(gradients, state, updates, finite, *summary)
-
+    replica_step = functools.partial(_replica_step, backend, sam_model, roles, variables)
     readable = _unique(
         sam_model.trainable_variables
         + sam_model.non_trainable_variables
@@ -836,29 +867,58 @@ def model_step(backend, sam_model, data):
     _finish(
         backend, roles, variables, result.gradients, result.state, result.updates, result.finite
     )
-
-    # The logs average over the steps that were applied: a skipped step (a NaN batch)
-    # adds nothing to `loss`, the metrics or `sharpness`, and shows in `skipped_steps`.
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    divisor = backend.replica_loss_divisor() if backend.num_replicas() > 1 else 1
-    batch_size = ops.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
-
-    def update_metrics():
-        # `compute_loss` divides by the replica count under tf.distribute; report per
-        # replica.
-        sam_model._loss_tracker.update_state(result.loss * divisor, sample_weight=batch_size)
-        sam_model.sharpness_tracker.update_state(
-            result.sharpness * divisor, sample_weight=result.second_pass
-        )
-        sam_model.second_pass_tracker.update_state(result.second_pass)
-        sam_model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
-
-    backend.stateful_cond(
-        result.finite, update_metrics, lambda: None, list(sam_model.metrics_variables)
-    )
+    _update_metrics(backend, sam_model, data, result)
     logs = sam_model.get_metrics_result()
     logs["skipped_steps"] = ops.copy(method.skipped_steps.value)  # a tensor, not the variable
     return logs
+
+
+def _replica_step(backend, sam_model, roles, variables, data):
+    """The passes over this replica's batch (`StepResult`); writes nothing."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    parts, weights, sizes = split_batch(backend, (x, y, sample_weight), sam_model.num_batch_splits)
+    computes = [functools.partial(_model_pass, sam_model, *part) for part in parts]
+    real = None if sizes is None else [ops.greater(s, 0) for s in sizes]
+    results, gradients, state, updates, finite = compute_step(
+        backend, roles, computes, weights, variables, real
+    )
+    summary = _summary(backend, results, weights, sizes)
+    return StepResult(gradients, state, updates, finite, *summary)
+
+
+def _model_pass(sam_model, x, y, sample_weight):
+    """The model's forward pass and loss on one part: `(predictions, loss, None)`."""
+    y_pred = sam_model(x, training=True)
+    loss = sam_model.compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+    )
+    return y_pred, loss, None
+
+
+def _update_metrics(backend, sam_model, data, result):
+    """Adds the step to the logs if it was taken.
+
+    The logs average over the steps that were applied: a skipped step (a NaN batch)
+    adds nothing to `loss`, the metrics or `sharpness`, and shows in `skipped_steps`.
+    `compute_loss` divides by the replica count under `tf.distribute`: the logs are
+    per replica.
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    divisor = backend.replica_loss_divisor() if backend.num_replicas() > 1 else 1
+    batch_size = ops.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
+    update = functools.partial(
+        _update_trackers, sam_model, result, divisor, batch_size, x, y, sample_weight
+    )
+    backend.stateful_cond(result.finite, update, _no_change, list(sam_model.metrics_variables))
+
+
+def _update_trackers(sam_model, result, divisor, batch_size, x, y, sample_weight):
+    sam_model._loss_tracker.update_state(result.loss * divisor, sample_weight=batch_size)
+    sam_model.sharpness_tracker.update_state(
+        result.sharpness * divisor, sample_weight=result.second_pass
+    )
+    sam_model.second_pass_tracker.update_state(result.second_pass)
+    sam_model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
 
 
 class StepResult(typing.NamedTuple):
