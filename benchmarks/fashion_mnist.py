@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from keras_sam.training import RunConfig, prepare_data, train  # noqa: E402
+from keras_sam.cli.training import RunConfig, prepare_data, train  # noqa: E402
 
 # SAM paper (arXiv 2010.01412), Table 4: CIFAR-10, ResNet-32, 200 epochs, clean test accuracy.
 PAPER_NOISE = {0.2: (84.8, 95.1), 0.4: (68.8, 93.4), 0.6: (48.2, 90.5), 0.8: (26.2, 77.9)}
@@ -117,7 +117,7 @@ def _stats(values):
 
 
 def write_report(results, args):
-    from keras_sam import report
+    from keras_sam.cli import report
 
     docs = Path(args.out)
     figures = docs / "results"

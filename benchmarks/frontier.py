@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fashion_mnist  # noqa: E402
 import inspect_results  # noqa: E402
 
-from keras_sam.training import RunConfig, prepare_data, train  # noqa: E402
+from keras_sam.cli.training import RunConfig, prepare_data, train  # noqa: E402
 
 # method[:field=value,...] as in fashion_mnist.py's --variants; the sweep's best rho is
 # substituted for MSAM_RHO.
@@ -155,9 +155,9 @@ class _EpochTimer:
 def _timed_model(config, data, steps_total):
     import keras
 
+    from keras_sam.cli.training import build_optimizer
     from keras_sam.models import build_model
     from keras_sam.trainers.sam_model import SAMModel
-    from keras_sam.training import build_optimizer
 
     model = build_model(config.model, seed=config.seed)
     splits = config.num_batch_splits if config.is_sam else None

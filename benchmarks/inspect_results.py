@@ -3,7 +3,7 @@
 Reads the models that `benchmarks/fashion_mnist.py` (`make results`) trained and saved
 under --runs (`noise40_seed0/plain/model.keras`, ...), rebuilds each run's training
 set exactly as it was trained (the seeded 2,000-example subset, with its noisy labels),
-and measures every model on it with `keras_sam.inspection.inspect_model`: top Hessian
+and measures every model on it with `keras_sam.cli.inspection.inspect_model`: top Hessian
 eigenvalues (Lanczos), the Hessian trace (Hutchinson, with its standard error),
 sharpness (first-order, m-sharpness, multi-step), and the loss landscape. Per cell it
 also measures the loss on the line between the plain and the SAM model.
@@ -29,8 +29,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from keras_sam import inspection  # noqa: E402
-from keras_sam.training import RunConfig, prepare_data  # noqa: E402
+from keras_sam.cli import inspection  # noqa: E402
+from keras_sam.cli.training import RunConfig, prepare_data  # noqa: E402
 
 START = "<!-- inspect_results: start (written by benchmarks/inspect_results.py) -->"
 END = "<!-- inspect_results: end -->"

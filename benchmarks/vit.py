@@ -117,13 +117,13 @@ def train_run(key, noise, method, seed, args, arrays, record, budget):
     import keras
 
     import keras_sam
+    from keras_sam.cli.training import ASAM_RHO_SCALE
     from keras_sam.datasets import label_noise
     from keras_sam.diagnostics import hessian_eigenvalues
     from keras_sam.models import set_random_seed
-    from keras_sam.training import ASAM_RHO_SCALE
 
     (x_all, y_all), (x_test, y_test) = arrays
-    rng = np.random.default_rng(seed)  # the subset and the noise: as keras_sam.training
+    rng = np.random.default_rng(seed)  # the subset and the noise: as keras_sam.cli.training
     keep = rng.permutation(len(x_all))[: args.train_size] if args.train_size else None
     x_train = x_all if keep is None else x_all[keep]
     y_clean = (y_all if keep is None else y_all[keep]).astype("int64")

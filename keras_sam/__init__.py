@@ -1,4 +1,4 @@
-"""keras-sam: Sharpness-Aware Minimization for TensorFlow 2 and Keras 3."""
+"""keras-sam: Sharpness-Aware Minimization for Keras 3, on TensorFlow, JAX and PyTorch."""
 
 __version__ = "0.1.0"
 

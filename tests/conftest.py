@@ -16,9 +16,6 @@ BACKEND = os.environ["KERAS_BACKEND"]
 # Test modules that exercise one backend's own API; the other sessions do not collect them.
 ONLY = {
     "tensorflow": [
-        "methods/test_sam.py",
-        "methods/test_variants.py",
-        "methods/test_perturb_config.py",
         "trainers/test_bad_input.py",
         "trainers/test_checkpoints.py",
         "trainers/test_clipping.py",

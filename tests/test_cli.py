@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from keras_sam import cli
+from keras_sam.cli import commands as cli
 from keras_sam.datasets import fashion_mnist
 
 DATA = fashion_mnist.find_data_dir()
@@ -118,7 +118,7 @@ def no_training(monkeypatch):
     """Replaces data loading and training; records the calls to `train`."""
     import numpy as np
 
-    from keras_sam import training
+    from keras_sam.cli import training
 
     calls = []
 
@@ -187,7 +187,7 @@ def test_a_read_only_parent_is_a_one_line_error_before_training(tmp_path, capsys
 def test_an_oserror_while_training_is_one_line_naming_the_path(
     tmp_path, capsys, no_training, monkeypatch
 ):
-    from keras_sam import training
+    from keras_sam.cli import training
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "/runs/x/model.keras")
@@ -427,7 +427,7 @@ def test_a_run_of_skipped_steps_exits_non_zero_with_the_causes(tmp_path, capsys,
     # second epoch's first step) `keras-sam train` stops with one line and exit status 1.
     import numpy as np
 
-    from keras_sam import training
+    from keras_sam.cli import training
 
     def prepare_data(config, data_dir=None):
         x = np.full((16, 28, 28, 1), np.nan, "float32")

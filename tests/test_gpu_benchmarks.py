@@ -127,7 +127,7 @@ def test_full_fashion_mnist_smoke_trains_both_runs_on_the_same_batches(tmp_path)
 @needs_data
 @gpu_backends
 def test_vit_smoke_trains_on_the_cnn_study_subset_and_measures_the_hessian(tmp_path):
-    from keras_sam.training import RunConfig, prepare_data
+    from keras_sam.cli.training import RunConfig, prepare_data
 
     vit = _module("vit")
     out = tmp_path / "vit.json"
@@ -143,7 +143,7 @@ def test_vit_smoke_trains_on_the_cnn_study_subset_and_measures_the_hessian(tmp_p
     # A rerun keeps the finished runs instead of training them again.
     again = vit.main(["--smoke", "--out", str(out)])
     assert again["runs"] == json.loads(json.dumps(runs))
-    # The subset and its noisy labels are those of keras_sam.training (the CNN's study).
+    # The subset and its noisy labels are those of keras_sam.cli.training (the CNN's study).
     data = prepare_data(RunConfig(train_size=200, label_noise=0.4, seed=0))
     assert data.noise_fraction == runs["noise40/sam/seed0"]["noise_fraction"]
 

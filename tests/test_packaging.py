@@ -272,7 +272,7 @@ def test_no_module_imports_matplotlib_at_import_time():
                 if any(name.split(".")[0] == "matplotlib" for name in names):
                     top_level.append(str(path.relative_to(ROOT)))
     assert top_level == []
-    drawing = (ROOT / "keras_sam" / "report.py").read_text()
+    drawing = (ROOT / "keras_sam" / "cli" / "report.py").read_text()
     assert "    import matplotlib\n" in drawing  # inside the drawing function
 
 

@@ -2,7 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_sam import cli, playground
+from keras_sam import cli
+from keras_sam.cli import playground
 
 
 def test_two_minima_loss_has_the_documented_minima_and_curvatures():

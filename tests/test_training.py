@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_sam import report
-from keras_sam.training import RunConfig, build_optimizer, prepare_data, train
+from keras_sam.cli import report
+from keras_sam.cli.training import RunConfig, build_optimizer, prepare_data, train
 
 
 def _arrays(rng, n_train=300, n_test=100):
@@ -286,7 +286,8 @@ def _same(run_a, run_b):
 
 
 def test_an_interrupted_run_resumes_bitwise(rng, tmp_path, monkeypatch):
-    from keras_sam import files, training
+    from keras_sam import files
+    from keras_sam.cli import training
 
     config = _small()
     data = prepare_data(config, arrays=_arrays(rng))
@@ -340,7 +341,7 @@ def test_resume_refuses_another_configuration(rng, tmp_path):
 
 def test_a_fresh_run_deletes_a_previous_runs_checkpoint(rng, tmp_path):
     # A stale (here: unreadable) checkpoint must not be restored into a new run.
-    from keras_sam import training
+    from keras_sam.cli import training
 
     (tmp_path / "checkpoint" / "keras").mkdir(parents=True)
     (tmp_path / "checkpoint" / "keras" / "latest.weights.h5").write_bytes(b"not hdf5")
@@ -352,7 +353,7 @@ def test_a_fresh_run_deletes_a_previous_runs_checkpoint(rng, tmp_path):
 
 
 def test_run_state_tells_empty_partial_and_complete(tmp_path):
-    from keras_sam.training import delete_run, run_state
+    from keras_sam.cli.training import delete_run, run_state
 
     assert run_state(tmp_path / "absent") == "empty"
     (tmp_path / "notes.txt").write_text("mine")

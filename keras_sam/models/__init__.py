@@ -1,7 +1,7 @@
 """A small model zoo sized for a 2-core CPU and 28x28 grayscale images.
 
-- `cnn`: two convolution blocks and a dense head, fast (about 15 ms per batch of 128
-  on 2 CPU cores); BatchNorm on request (`batch_norm=True`).
+- `cnn`: two convolution blocks and a dense head, fast on a CPU (its step times are on
+  the benchmarks page, docs/benchmarks.md); BatchNorm on request (`batch_norm=True`).
 - `resnet`: a CIFAR-style ResNet (He et al., 2016) with BatchNorm, `6n + 2` layers in
   three stages; `depth=20, width=16` is ResNet-20, the paper's family at CPU scale.
 """

@@ -10,7 +10,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_sam import cli, inspection
+from keras_sam import cli
+from keras_sam.cli import inspection
 from keras_sam.datasets import fashion_mnist
 
 DATA = fashion_mnist.find_data_dir()

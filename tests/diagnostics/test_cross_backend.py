@@ -123,7 +123,7 @@ def test_the_tools_do_not_import_tensorflow_on_other_backends_and_seed_alike(bac
     code = """if True:
         import sys
         import numpy as np
-        import keras_sam.diagnostics, keras_sam.inspection, keras_sam.playground
+        import keras_sam.diagnostics, keras_sam.cli.inspection, keras_sam.cli.playground
         from keras_sam.datasets import fashion_mnist, label_noise
         from keras_sam.models import build_model
 

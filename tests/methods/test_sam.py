@@ -3,11 +3,10 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_sam
 from keras_sam.methods.sam import _is_adaptive
-from tests import harness
+from tests import custom_loop, harness
 
 INNER_OPTIMIZERS = harness.INNER_OPTIMIZERS
 
@@ -20,27 +19,18 @@ def _model(seed=0):
 
 
 def _train(model, optimizer, steps, sam):
-    """`steps` compiled steps on a fixed batch: SAM's `optimize`, or a plain `apply`."""
-    x = tf.constant(np.random.default_rng(1).normal(size=(8, 4)), "float32")
-    y = tf.constant(np.random.default_rng(2).normal(size=(8, 2)), "float32")
-    variables = model.trainable_variables
+    """`steps` compiled steps on a fixed batch: SAM's custom-loop step (`optimize`, or
+    `stateless_optimize` on JAX), or a plain `apply` of the loss's gradients."""
+    x = np.random.default_rng(1).normal(size=(8, 4))
+    y = np.random.default_rng(2).normal(size=(8, 2))
 
-    def grad_func():
-        with tf.GradientTape() as tape:
-            pred = model(x, training=True)
-            loss = tf.reduce_mean((pred - y) ** 2)
-        return pred, loss, tape
+    def forward(x, y):
+        pred = model(x, training=True)
+        return pred, keras.ops.mean((pred - y) ** 2)
 
-    @tf.function
-    def step():
-        if sam:
-            optimizer.optimize(grad_func, variables)
-        else:
-            _, loss, tape = grad_func()
-            optimizer.apply(tape.gradient(loss, variables), variables)
-
+    step = (custom_loop.sam_step if sam else custom_loop.plain_step)(optimizer, model, forward)
     for _ in range(steps):
-        step()
+        step(x, y)
 
 
 # --------------------------------------------------------------------------- rho = 0
@@ -103,7 +93,7 @@ def test_apply_gradients_names_sam_model():
     sam = keras_sam.SAM(keras.optimizers.SGD(0.1))
     v = keras.Variable(np.ones(3, "float32"))
     with pytest.raises(ValueError, match="SAMModel"):
-        sam.apply_gradients([(tf.ones(3), v)])
+        sam.apply_gradients([(keras.ops.ones(3), v)])
 
 
 def test_plain_keras_model_with_sam_fails_at_first_step_naming_sam_model():
@@ -214,7 +204,10 @@ def test_config_with_default_base_arguments_is_accepted():
 
 
 # --------------------------------------------------------------- checkpoints
+@pytest.mark.backends("tensorflow")  # `tf.train.Checkpoint` is TensorFlow's own format
 def test_tf_checkpoint_restores_the_inner_state_exactly(tmp_path):
+    import tensorflow as tf
+
     model = _model()
     sam = keras_sam.SAM(keras.optimizers.Adam(0.01))
     _train(model, sam, steps=2, sam=True)

@@ -1,5 +1,6 @@
-"""The SAM variants in the TensorFlow custom loop (`optimize`): retracing, the passes a
-skipping method really runs, a failing pass, `perturb=`; and their configs and checks.
+"""The SAM variants in a custom loop (`optimize`, `stateless_optimize` on JAX): the
+trajectories, retracing and the passes a skipping method really runs (TensorFlow), a failing
+pass, `perturb=`; and their configs and checks.
 
 Their trajectories against the float64 references, through `SAMModel.fit` on every backend,
 are in tests/methods/test_reference_battery.py."""
@@ -7,32 +8,27 @@ are in tests/methods/test_reference_battery.py."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_sam
-from tests import harness, reference
+from tests import custom_loop, harness, reference
 from tests.methods.test_reference_battery import CASES, STEPS
 
 
 def _custom_loop(optimizer, model, batch_list):
-    @tf.function
-    def step(x, t):
-        def grad_func():
-            with tf.GradientTape() as tape:
-                pred = model(x, training=True)
-                loss = tf.reduce_mean((pred - t) ** 2)
-            return pred, loss, tape
+    def forward(x, t):
+        pred = model(x, training=True)
+        return pred, keras.ops.mean((pred - t) ** 2)
 
-        return optimizer.optimize(grad_func, model.trainable_variables)
-
+    step = custom_loop.sam_step(optimizer, model, forward)
     for x, t in batch_list:
-        step(tf.constant(x, "float32"), tf.constant(t, "float32"))
+        step(x, t)
 
 
 @pytest.mark.parametrize("case", [name for name, c in CASES.items() if c.splits is None])
 def test_custom_loop_trajectory_matches_the_float64_reference(rng, case):
-    # The battery's cases (SAMModel.fit, every backend and mode) through `optimize` in a
-    # tf.function; eager, graph and XLA agree in test_optimize.py.
+    # The battery's cases (SAMModel.fit, every backend and mode) through the custom loop,
+    # compiled (tf.function, jax.jit; PyTorch eager); on TensorFlow, eager, graph and XLA
+    # agree in test_optimize.py.
     spec = CASES[case]
     params = reference.mlp_init(rng)
     batch_list = harness.batches(rng, STEPS)
@@ -51,7 +47,10 @@ def test_custom_loop_trajectory_matches_the_float64_reference(rng, case):
             assert got[0] == pytest.approx(state[key], rel=rtol)
 
 
+@pytest.mark.backends("tensorflow")  # counts tf.function's traces (JAX: test_jax.py)
 def test_a_rho_schedule_does_not_retrace(rng):
+    import tensorflow as tf
+
     params = reference.mlp_init(rng)
     model = harness.mlp(params)
     rho = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=2, decay_rate=0.5)
@@ -75,9 +74,14 @@ def test_a_rho_schedule_does_not_retrace(rng):
     assert float(optimizer.second_passes.numpy()) == 3.0
 
 
+# TensorFlow: a tf.Variable counts the passes the graph runs (in a jitted JAX step, Python
+# code runs once, at the trace).
+@pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
 @pytest.mark.parametrize("name", ["LookSAM", "PeriodicSAM"])
 def test_skipping_methods_really_evaluate_one_gradient_between_sam_steps(rng, mode, name):
+    import tensorflow as tf
+
     # The cost claim: 10 steps with k=5 take 12 forward-backward passes, not 20.
     model = harness.mlp(reference.mlp_init(rng))
     optimizer = getattr(keras_sam, name)(keras.optimizers.SGD(0.01), rho=0.05, k=5)
@@ -104,20 +108,18 @@ def test_skipping_methods_really_evaluate_one_gradient_between_sam_steps(rng, mo
 def test_method_state_is_untouched_when_the_perturbed_pass_fails(rng):
     model = harness.mlp(reference.mlp_init(rng))
     optimizer = keras_sam.FriendlySAM(keras.optimizers.SGD(0.1), rho=0.1)
-    x, t = tf.constant(rng.normal(size=(8, 3)), "float32"), tf.constant(rng.normal(size=(8, 2)))
+    x, t = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
     calls = []
 
-    def grad_func():
+    def forward(x, t):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("the perturbed pass failed")
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean((model(x) - tf.cast(t, "float32")) ** 2)
-        return None, loss, tape
+        return None, keras.ops.mean((model(x) - t) ** 2)
 
     weights = [w.copy() for w in model.get_weights()]
     with pytest.raises(RuntimeError, match="perturbed pass failed"):
-        optimizer.optimize(grad_func, model.trainable_variables)
+        custom_loop.sam_step(optimizer, model, forward, compiled=False)(x, t)
     for v in optimizer.state_variables:
         assert not np.any(v.numpy())
     for got, want in zip(model.get_weights(), weights, strict=True):
@@ -127,30 +129,26 @@ def test_method_state_is_untouched_when_the_perturbed_pass_fails(rng):
 def test_layer_classes_in_a_custom_loop_need_bind(rng):
     model = harness.mlp(reference.mlp_init(rng))
     optimizer = keras_sam.SAM(keras.optimizers.SGD(0.1), perturb=(keras.layers.Dense,))
-    x = tf.constant(rng.normal(size=(4, 3)), "float32")
+    x = rng.normal(size=(4, 3))
 
-    def grad_func():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(model(x) ** 2)
-        return None, loss, tape
+    def forward(x):
+        return None, keras.ops.mean(model(x) ** 2)
 
     with pytest.raises(ValueError, match=r"call `optimizer.bind\(model\)`"):
-        optimizer.optimize(grad_func, model.trainable_variables)
-    optimizer.bind(model).optimize(grad_func, model.trainable_variables)
+        custom_loop.sam_step(optimizer, model, forward, compiled=False)(x)
+    custom_loop.sam_step(optimizer.bind(model), model, forward, compiled=False)(x)
 
 
 def test_a_filter_that_selects_nothing_is_an_error(rng):
     model = harness.mlp(reference.mlp_init(rng))
     optimizer = keras_sam.SAM(keras.optimizers.SGD(0.1), perturb="no_such_layer")
-    x = tf.constant(rng.normal(size=(4, 3)), "float32")
+    x = rng.normal(size=(4, 3))
 
-    def grad_func():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(model(x) ** 2)
-        return None, loss, tape
+    def forward(x):
+        return None, keras.ops.mean(model(x) ** 2)
 
     with pytest.raises(ValueError, match=r"`perturb` selects none of the 4 variables"):
-        optimizer.optimize(grad_func, model.trainable_variables)
+        custom_loop.sam_step(optimizer, model, forward, compiled=False)(x)
 
 
 # ------------------------------------------------------------- config and checks

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from keras_sam import __version__
-from keras_sam.models import MODELS
-from keras_sam.training import (
+from keras_sam.cli.training import (
     ASAM_RHO_SCALE,
     DEFAULT_RHO,
     MAX_CONSECUTIVE_SKIPS,
@@ -20,6 +19,7 @@ from keras_sam.training import (
     SCHEDULES,
     RunConfig,
 )
+from keras_sam.models import MODELS
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -172,7 +172,7 @@ def _output_folder(out, runs, own_files=(), overwrite=False, resume=False):
     """Checks `out` before anything trains: creates it, proves it writable, and refuses
     to overwrite the runs (sub-folders `runs` of `out`) and files already there unless
     `overwrite` (then deletes them) or `resume`."""
-    from keras_sam import training
+    from keras_sam.cli import training
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -401,7 +401,7 @@ def _describe_data(config, data):
 
 
 def _train(args):
-    from keras_sam.training import prepare_data, train
+    from keras_sam.cli.training import prepare_data, train
 
     config = _config(args, args.method)
     _output_folder(args.out, [Path(args.out)], overwrite=args.overwrite, resume=args.resume)
@@ -427,8 +427,9 @@ def _train(args):
 def _compare(args):
     from pathlib import Path
 
-    from keras_sam import files, report
-    from keras_sam.training import prepare_data, train
+    from keras_sam import files
+    from keras_sam.cli import report
+    from keras_sam.cli.training import prepare_data, train
 
     out = Path(args.out)
     plans = [
@@ -522,7 +523,7 @@ def _add_compare_inspect_argument(compare):
 
 
 def _add_inspect_parser(commands):
-    from keras_sam.inspection import InspectSettings
+    from keras_sam.cli.inspection import InspectSettings
 
     defaults = InspectSettings()
     inspect = commands.add_parser(
@@ -611,7 +612,7 @@ def _add_inspect_parser(commands):
 
 
 def _inspect_settings(args):
-    from keras_sam.inspection import InspectSettings
+    from keras_sam.cli.inspection import InspectSettings
 
     return InspectSettings(
         batch_size=args.batch_size,
@@ -631,7 +632,7 @@ def _inspect_settings(args):
 def _inspect(args):
     from pathlib import Path
 
-    from keras_sam import inspection
+    from keras_sam.cli import inspection
 
     if args.examples < 0:
         raise ValueError(f"--examples must be >= 0 (0: all). Received: {args.examples}")
@@ -665,7 +666,7 @@ def _inspect_data(args, model_path):
 
     import numpy as np
 
-    from keras_sam.training import RunConfig, prepare_data
+    from keras_sam.cli.training import RunConfig, prepare_data
 
     config_path = model_path.parent / "config.json"
     run = None
@@ -696,7 +697,7 @@ def _inspect_data(args, model_path):
 
 
 def _compare_inspection(args, models, data, out, title):
-    from keras_sam import inspection
+    from keras_sam.cli import inspection
     from keras_sam.diagnostics import loss_landscape
 
     settings = inspection.InspectSettings()
@@ -743,7 +744,7 @@ def _compare_inspection(args, models, data, out, title):
 
 
 def _playground(args):
-    from keras_sam import playground
+    from keras_sam.cli import playground
 
     print("keras-sam playground\n")
     print("1. Two minima: L(w) = softmin(sharp paraboloid at (0, 0), flat one at (2, 0))")
@@ -848,7 +849,3 @@ def _sam_method_name(text):
             f"{', '.join(METHODS[1:])}), got {text!r}"
         )
     return name
-
-
-if __name__ == "__main__":
-    sys.exit(main())

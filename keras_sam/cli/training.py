@@ -322,7 +322,7 @@ def train(
         batch_size=config.batch_size,
         epochs=config.epochs,
         verbose=verbose,
-        callbacks=[recorder, *backup, *callbacks],
+        callbacks=[recorder.callback(), *backup, *callbacks],
     )
     history = recorder.history
     if out is not None:
@@ -426,7 +426,10 @@ def delete_run(out_dir):
 
 
 class _EpochRecorder:
-    """A Keras callback (built lazily, so importing this module does not import Keras).
+    """Records a run's history, epoch by epoch, from Keras's callback calls.
+
+    A plain class, so that importing this module does not import Keras: `callback()` hands
+    Keras its methods as a `keras.callbacks.LambdaCallback`.
 
     With `progress` (a path), it saves after each epoch what a resumed run needs to go on
     recording as the uninterrupted run would: the history, and the gradient evaluations
@@ -434,145 +437,154 @@ class _EpochRecorder:
     epoch it resumes at.
     """
 
-    def __new__(cls, config, data, model, loss, steps_per_epoch, progress=None):
+    def __init__(self, config, data, model, loss, steps_per_epoch, progress=None):
+        self.config = config
+        self.data = data
+        self.model = model
+        self.loss = loss
+        self.steps_per_epoch = steps_per_epoch
+        self.progress = progress
+        self.history = {k: [] for k in _HISTORY_KEYS}
+        rng = np.random.default_rng(config.seed + 1)
+        count = max(config.sharpness_examples, config.hessian_examples)
+        count = min(count, len(data.x_train))
+        self.probe = rng.permutation(len(data.x_train))[:count]
+        subset = config.eval_examples
+        if subset and subset < len(data.x_test):
+            rng = np.random.default_rng(config.seed + 2)
+            self.test_subset = np.sort(rng.permutation(len(data.x_test))[:subset])
+        else:
+            self.test_subset = None
+        self.evaluations = 0.0
+        self.eval_seconds = 0.0
+        self.eval_cpu_seconds = 0.0
+        # Per epoch done, the totals at its end: what a resumed run starts from.
+        self.totals = {k: [] for k in _TOTALS}
+        self.saved = None
+        if progress is not None and progress.exists():
+            self.saved = json.loads(progress.read_text())
+            self.history = self.saved["history"]
+            self.totals = self.saved["totals"]
+            for key in _HISTORY_KEYS:  # saved before the key existed
+                self.history.setdefault(key, [None] * len(self.history["epoch"]))
+
+    def callback(self):
+        """This recorder as a Keras callback (Keras is imported here, not with the module)."""
         import keras
 
-        class Recorder(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.history = {k: [] for k in _HISTORY_KEYS}
-                rng = np.random.default_rng(config.seed + 1)
-                count = max(config.sharpness_examples, config.hessian_examples)
-                count = min(count, len(data.x_train))
-                self.probe = rng.permutation(len(data.x_train))[:count]
-                subset = config.eval_examples
-                if subset and subset < len(data.x_test):
-                    rng = np.random.default_rng(config.seed + 2)
-                    self.test_subset = np.sort(rng.permutation(len(data.x_test))[:subset])
-                else:
-                    self.test_subset = None
-                self.evaluations = 0.0
-                self.eval_seconds = 0.0
-                self.eval_cpu_seconds = 0.0
-                # Per epoch done, the totals at its end: what a resumed run starts from.
-                self.totals = {k: [] for k in _TOTALS}
-                self.saved = None
-                if progress is not None and progress.exists():
-                    self.saved = json.loads(progress.read_text())
-                    self.history = self.saved["history"]
-                    self.totals = self.saved["totals"]
-                    for key in _HISTORY_KEYS:  # saved before the key existed
-                        self.history.setdefault(key, [None] * len(self.history["epoch"]))
+        return keras.callbacks.LambdaCallback(
+            on_train_begin=self.on_train_begin,
+            on_epoch_begin=self.on_epoch_begin,
+            on_epoch_end=self.on_epoch_end,
+        )
 
-            def on_train_begin(self, logs=None):
-                self.started = time.perf_counter()
-                self.started_cpu = time.process_time()
+    def on_train_begin(self, logs=None):
+        self.started = time.perf_counter()
+        self.started_cpu = time.process_time()
 
-            def on_epoch_begin(self, epoch, logs=None):
-                if self.saved is None:
-                    return
-                # The first epoch of a resumed run: keep what the epochs before it recorded.
-                self.saved = None
-                self.history = {
-                    k: [v for v, e in zip(values, self.history["epoch"]) if e <= epoch]
-                    for k, values in self.history.items()
-                }
-                self.totals = {k: v[:epoch] for k, v in self.totals.items()}
-                if epoch:
-                    last = {k: v[-1] for k, v in self.totals.items()}
-                    self.evaluations = last["evaluations"]
-                    self.eval_seconds = last["eval_seconds"]
-                    self.eval_cpu_seconds = last["eval_cpu_seconds"]
-                    self.started -= last["seconds"]
-                    self.started_cpu -= last["cpu_seconds"]
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.saved is None:
+            return
+        # The first epoch of a resumed run: keep what the epochs before it recorded.
+        self.saved = None
+        self.history = {
+            k: [v for v, e in zip(values, self.history["epoch"]) if e <= epoch]
+            for k, values in self.history.items()
+        }
+        self.totals = {k: v[:epoch] for k, v in self.totals.items()}
+        if epoch:
+            last = {k: v[-1] for k, v in self.totals.items()}
+            self.evaluations = last["evaluations"]
+            self.eval_seconds = last["eval_seconds"]
+            self.eval_cpu_seconds = last["eval_cpu_seconds"]
+            self.started -= last["seconds"]
+            self.started_cpu -= last["cpu_seconds"]
 
-            def on_epoch_end(self, epoch, logs=None):
-                self.record(epoch, logs)
-                totals = self.totals
-                totals["evaluations"].append(self.evaluations)
-                totals["eval_seconds"].append(self.eval_seconds)
-                totals["eval_cpu_seconds"].append(self.eval_cpu_seconds)
-                totals["seconds"].append(time.perf_counter() - self.started)
-                totals["cpu_seconds"].append(time.process_time() - self.started_cpu)
-                if progress is not None:
-                    progress.parent.mkdir(parents=True, exist_ok=True)
-                    files.write_json(progress, {"history": self.history, "totals": totals})
+    def on_epoch_end(self, epoch, logs=None):
+        self.record(epoch, logs)
+        totals = self.totals
+        totals["evaluations"].append(self.evaluations)
+        totals["eval_seconds"].append(self.eval_seconds)
+        totals["eval_cpu_seconds"].append(self.eval_cpu_seconds)
+        totals["seconds"].append(time.perf_counter() - self.started)
+        totals["cpu_seconds"].append(time.process_time() - self.started_cpu)
+        if self.progress is not None:
+            self.progress.parent.mkdir(parents=True, exist_ok=True)
+            files.write_json(self.progress, {"history": self.history, "totals": totals})
 
-            def record(self, epoch, logs=None):
-                now, now_cpu = time.perf_counter(), time.process_time()
-                logs = {} if logs is None else logs
-                two_pass = config.is_sam and config.method != "momentum_sam"  # MSAM: one
-                rate = logs.get("second_pass_rate", 1.0 if two_pass else 0.0)
-                self.evaluations += steps_per_epoch * (1.0 + float(rate))
-                last = epoch + 1 == config.epochs
-                if (epoch + 1) % config.eval_every and not last:
-                    return
-                h = self.history
-                h["epoch"].append(epoch + 1)
-                h["loss"].append(float(logs.get("loss", float("nan"))))
-                h["accuracy"].append(float(logs.get("accuracy", float("nan"))))
-                h["sharpness"].append(float(logs["sharpness"]) if "sharpness" in logs else None)
-                h["second_pass_rate"].append(
-                    float(logs["second_pass_rate"]) if "second_pass_rate" in logs else None
-                )
-                h["gradient_evaluations"].append(round(self.evaluations))
-                # Training time so far: time in fit, less the evaluations before this one.
-                h["train_seconds"].append(now - self.started - self.eval_seconds)
-                h["train_cpu_seconds"].append(now_cpu - self.started_cpu - self.eval_cpu_seconds)
-                self._evaluate(h, last)
-                self.eval_seconds += time.perf_counter() - now
-                self.eval_cpu_seconds += time.process_time() - now_cpu
-                h["eval_seconds"].append(self.eval_seconds)
-                h["seconds"].append(time.perf_counter() - self.started)
-                logs["test_accuracy"] = h["test_accuracy"][-1]
+    def record(self, epoch, logs=None):
+        now, now_cpu = time.perf_counter(), time.process_time()
+        logs = {} if logs is None else logs
+        two_pass = self.config.is_sam and self.config.method != "momentum_sam"  # MSAM: one
+        rate = logs.get("second_pass_rate", 1.0 if two_pass else 0.0)
+        self.evaluations += self.steps_per_epoch * (1.0 + float(rate))
+        last = epoch + 1 == self.config.epochs
+        if (epoch + 1) % self.config.eval_every and not last:
+            return
+        h = self.history
+        h["epoch"].append(epoch + 1)
+        h["loss"].append(float(logs.get("loss", float("nan"))))
+        h["accuracy"].append(float(logs.get("accuracy", float("nan"))))
+        h["sharpness"].append(float(logs["sharpness"]) if "sharpness" in logs else None)
+        h["second_pass_rate"].append(
+            float(logs["second_pass_rate"]) if "second_pass_rate" in logs else None
+        )
+        h["gradient_evaluations"].append(round(self.evaluations))
+        # Training time so far: time in fit, less the evaluations before this one.
+        h["train_seconds"].append(now - self.started - self.eval_seconds)
+        h["train_cpu_seconds"].append(now_cpu - self.started_cpu - self.eval_cpu_seconds)
+        self._evaluate(h, last)
+        self.eval_seconds += time.perf_counter() - now
+        self.eval_cpu_seconds += time.process_time() - now_cpu
+        h["eval_seconds"].append(self.eval_seconds)
+        h["seconds"].append(time.perf_counter() - self.started)
+        logs["test_accuracy"] = h["test_accuracy"][-1]
 
-            def _evaluate(self, h, last):
-                from keras_sam.diagnostics import sharpness
+    def _evaluate(self, h, last):
+        from keras_sam.diagnostics import sharpness
 
-                x_test, y_test = data.x_test, data.y_test
-                if self.test_subset is not None and not last:
-                    x_test, y_test = x_test[self.test_subset], y_test[self.test_subset]
-                logits = model.predict(x_test, batch_size=1000, verbose=0)
-                h["test_examples"].append(len(y_test))
-                h["test_loss"].append(float(loss(y_test, logits)))
-                h["test_accuracy"].append(float(np.mean(logits.argmax(-1) == y_test)))
-                measured = sharpness(
-                    model,
-                    data.x_train[self.probe[: config.sharpness_examples]],
-                    data.y_train[self.probe[: config.sharpness_examples]],
-                    loss=loss,
-                    batch_size=500,
-                    rho=config.sharpness_rho,
-                )
-                h["measured_sharpness"].append(measured["sharpness"])
-                h["hessian_top_eigenvalue"].append(
-                    self._top_eigenvalue() if last and config.hessian_examples else None
-                )
+        x_test, y_test = self.data.x_test, self.data.y_test
+        if self.test_subset is not None and not last:
+            x_test, y_test = x_test[self.test_subset], y_test[self.test_subset]
+        logits = self.model.predict(x_test, batch_size=1000, verbose=0)
+        h["test_examples"].append(len(y_test))
+        h["test_loss"].append(float(self.loss(y_test, logits)))
+        h["test_accuracy"].append(float(np.mean(logits.argmax(-1) == y_test)))
+        measured = sharpness(
+            self.model,
+            self.data.x_train[self.probe[: self.config.sharpness_examples]],
+            self.data.y_train[self.probe[: self.config.sharpness_examples]],
+            loss=self.loss,
+            batch_size=500,
+            rho=self.config.sharpness_rho,
+        )
+        h["measured_sharpness"].append(measured["sharpness"])
+        h["hessian_top_eigenvalue"].append(
+            self._top_eigenvalue() if last and self.config.hessian_examples else None
+        )
 
-            def _top_eigenvalue(self):
-                import warnings
+    def _top_eigenvalue(self):
+        import warnings
 
-                from keras_sam.diagnostics import hessian_eigenvalues
+        from keras_sam.diagnostics import hessian_eigenvalues
 
-                probe = self.probe[: config.hessian_examples]
-                with warnings.catch_warnings():
-                    # Not converged within the iterations: the best estimate is reported.
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    values = hessian_eigenvalues(
-                        model,
-                        data.x_train[probe],
-                        data.y_train[probe],
-                        loss=loss,
-                        batch_size=500,
-                        k=1,
-                        max_iterations=config.hessian_iterations,
-                        tol=1e-2,
-                        seed=config.seed,
-                        verbose=0,
-                    )
-                return float(values[0])
-
-        return Recorder()
+        probe = self.probe[: self.config.hessian_examples]
+        with warnings.catch_warnings():
+            # Not converged within the iterations: the best estimate is reported.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            values = hessian_eigenvalues(
+                self.model,
+                self.data.x_train[probe],
+                self.data.y_train[probe],
+                loss=self.loss,
+                batch_size=500,
+                k=1,
+                max_iterations=self.config.hessian_iterations,
+                tol=1e-2,
+                seed=self.config.seed,
+                verbose=0,
+            )
+        return float(values[0])
 
 
 # What `_EpochRecorder` saves at the end of each epoch, for a resumed run.
