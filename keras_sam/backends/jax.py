@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 from keras_sam import step
+from keras_sam.backends import base
 from keras_sam.methods import sam
 
 # ------------------------------------------------------------------ autodiff primitives
@@ -41,13 +42,13 @@ def hessian_vector_product(function, values, vector):
 # pass is `jax.grad` of the pass as a function of the weights' values.
 
 
-class JAX(step.Backend):
+class JAX(base.Backend):
     def gradients(self, compute, variables, values, pending, scale):
         mapping = list(pending.values())
         assigned = []
 
         def loss_of(values):
-            scope = step.RecordingScope(state_mapping=mapping + list(zip(variables, values)))
+            scope = base.RecordingScope(state_mapping=mapping + list(zip(variables, values)))
             with scope:
                 outputs, loss, _ = compute()
             scaled = ops.cast(loss, "float32")

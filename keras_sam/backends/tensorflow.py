@@ -7,6 +7,7 @@ import keras
 import tensorflow as tf
 
 from keras_sam import step
+from keras_sam.backends import base
 from keras_sam.methods import sam
 
 # ------------------------------------------------------------------ autodiff primitives
@@ -68,10 +69,10 @@ def hessian_vector_product(function, values, vector):
 # after the step was applied, and XLA drops assertions: the step has none.
 
 
-class TensorFlow(step.Backend):
+class TensorFlow(base.Backend):
     def gradients(self, compute, variables, values, pending, scale):
         mapping = list(pending.values()) + list(zip(variables, values))
-        scope = step.RecordingScope(state_mapping=mapping)
+        scope = base.RecordingScope(state_mapping=mapping)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(values)
             with scope:

@@ -7,6 +7,7 @@ import keras
 import torch
 
 from keras_sam import step
+from keras_sam.backends import base
 from keras_sam.methods import sam
 
 # ------------------------------------------------------------------ autodiff primitives
@@ -73,7 +74,7 @@ def _gradient(value, leaves, create_graph=False):
 # more all-reduce).
 
 
-class Torch(step.Backend):
+class Torch(base.Backend):
     # Keras's PyTorch dropout without a `seed` draws its mask from torch's global
     # generator, not from a Keras seed generator: each clean pass records that generator's
     # state before and after it, and the perturbed pass replays it (`same_randomness`).
@@ -101,7 +102,7 @@ class Torch(step.Backend):
 
     def _gradients(self, compute, variables, values, pending, scale):
         leaves = [v.detach().requires_grad_(True) for v in values]
-        scope = step.RecordingScope(
+        scope = base.RecordingScope(
             state_mapping=list(pending.values()) + list(zip(variables, leaves))
         )
         with torch.enable_grad():
