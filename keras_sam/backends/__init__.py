@@ -5,6 +5,8 @@ import importlib
 
 import keras
 
+from keras_sam.backends import autodiff  # noqa: F401 (`backends.autodiff.current()`)
+
 
 def current():
     """The adapter module of the backend Keras runs on (`keras.backend.backend()`)."""

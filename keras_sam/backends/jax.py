@@ -10,29 +10,6 @@ from keras_sam import step
 from keras_sam.backends import base
 from keras_sam.methods import sam
 
-# ------------------------------------------------------------------ autodiff primitives
-# (used by the diagnostics; the SAM step may share them)
-
-
-def compile_function(function):
-    """`function` compiled by XLA (`jax.jit`): pure, of arrays and lists of arrays."""
-    return jax.jit(function)
-
-
-def value_and_gradient(function, values):
-    """`(function(values), its gradient)`: `function` maps a list of arrays to a scalar;
-    the gradient is a list of arrays like `values`."""
-    return jax.value_and_grad(function)(values)
-
-
-def hessian_vector_product(function, values, vector):
-    """The Hessian of the scalar `function` at `values` times `vector` (a list like
-    `values`), by double differentiation: the forward derivative of the gradient along
-    `vector` (`jax.jvp` of `jax.grad`, forward-over-reverse)."""
-    _, product = jax.jvp(jax.grad(function), (list(values),), (list(vector),))
-    return product
-
-
 # ------------------------------------------------------------------------- the SAM step
 # JAX is functional: Keras's JAX trainer calls the stateless `train_step(state, data)`.
 # The step (`keras_sam.step`) is written statefully, so it runs here inside one
