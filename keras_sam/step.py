@@ -34,7 +34,7 @@ import keras
 from keras import ops
 
 from keras_sam.backends.base import Backend, RecordingScope  # noqa: F401 (`step.Backend`)
-from keras_sam.methods.sam import SAM, SYNCHRONIZED
+from keras_sam.methods.sam import SAM, SYNCHRONIZED, unwrap_loss_scale
 
 
 class Roles(typing.NamedTuple):
@@ -54,26 +54,24 @@ def resolve(optimizer):
     `LossScaleOptimizer` around a SAM method (what Keras's `compile` makes of a SAM
     optimizer under the `mixed_float16` policy).
     """
-    lso = keras.optimizers.LossScaleOptimizer
-    if isinstance(optimizer, lso) and isinstance(optimizer.inner_optimizer, SAM):
-        method, scaler = optimizer.inner_optimizer, optimizer
-        if isinstance(method.inner_optimizer, lso):
-            raise ValueError(
-                "The loss would be scaled twice: a `LossScaleOptimizer` wraps "
-                f"`{type(method).__name__}`, which wraps another one. Under the "
-                "`mixed_float16` policy `compile` adds the outer one by itself: give "
-                f"`{type(method).__name__}` the plain optimizer."
-            )
-        return Roles(method, scaler, method.inner_optimizer, optimizer)
-    if not isinstance(optimizer, SAM):
+    method = unwrap_loss_scale(optimizer)
+    if not isinstance(method, SAM):
         raise ValueError(
             "Expected a keras_sam method (`keras_sam.SAM` or a variant), possibly in a "
             f"`keras.optimizers.LossScaleOptimizer`. Received: optimizer={optimizer!r}"
         )
-    inner = optimizer.inner_optimizer
-    if isinstance(inner, lso):
-        return Roles(optimizer, inner, inner.inner_optimizer, optimizer)
-    return Roles(optimizer, None, inner, optimizer)
+    outer_scaler = None if method is optimizer else optimizer
+    applier = unwrap_loss_scale(method.inner_optimizer)
+    inner_scaler = None if applier is method.inner_optimizer else method.inner_optimizer
+    if outer_scaler is not None and inner_scaler is not None:
+        raise ValueError(
+            "The loss would be scaled twice: a `LossScaleOptimizer` wraps "
+            f"`{type(method).__name__}`, which wraps another one. Under the "
+            "`mixed_float16` policy `compile` adds the outer one by itself: give "
+            f"`{type(method).__name__}` the plain optimizer."
+        )
+    scaler = inner_scaler if outer_scaler is None else outer_scaler
+    return Roles(method, scaler, applier, optimizer)
 
 
 class Part(typing.NamedTuple):

@@ -225,9 +225,7 @@ def _detached(value):
 
 def check_compile(sam_model):
     """Refuses `jit_compile=True` for a SAM optimizer (called by `SAMModel.fit`)."""
-    optimizer = sam_model.optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
+    optimizer = sam.unwrap_loss_scale(sam_model.optimizer)
     if sam_model.jit_compile and isinstance(optimizer, sam.SAM):
         raise ValueError(
             "`jit_compile=True` (`torch.compile`) is not supported for a SAM step on the "

@@ -856,6 +856,14 @@ def _refuse_inner_optimizer_arguments(class_name, kwargs):
         )
 
 
+def unwrap_loss_scale(optimizer):
+    """The optimizer a `keras.optimizers.LossScaleOptimizer` wraps, or `optimizer` itself
+    when it is not one (Keras's `compile` wraps the optimizer so under `mixed_float16`)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer
+
+
 def _check_optimizer(class_name, optimizer):
     if isinstance(optimizer, str):
         optimizer = keras.optimizers.get(optimizer)
@@ -869,9 +877,7 @@ def _check_optimizer(class_name, optimizer):
             f"`optimizer` must be a plain Keras optimizer: `{class_name}` cannot wrap "
             f"another SAM method. Received: optimizer={optimizer!r}"
         )
-    steps_owner = optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        steps_owner = optimizer.inner_optimizer
+    steps_owner = unwrap_loss_scale(optimizer)
     if steps_owner.gradient_accumulation_steps:
         raise ValueError(
             f"Set `gradient_accumulation_steps` on `{class_name}`, not on the wrapped "

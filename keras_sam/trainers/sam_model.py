@@ -10,7 +10,7 @@ from typing import Any
 import keras
 
 from keras_sam import backends, files
-from keras_sam.methods.sam import SAM
+from keras_sam.methods.sam import SAM, unwrap_loss_scale
 from keras_sam.trainers.skipped_steps import (
     DEFAULT_MAX_CONSECUTIVE_SKIPS,
     StopOnSkippedSteps,
@@ -160,11 +160,7 @@ class SAMModel(keras.Model):
         return super().fit(*args, **kwargs)
 
     def _sam_optimizer(self):
-        optimizer = getattr(self, "optimizer", None)
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            # `compile` wraps the optimizer so under the `mixed_float16` policy.
-            optimizer = optimizer.inner_optimizer
-        return optimizer
+        return unwrap_loss_scale(getattr(self, "optimizer", None))
 
     def train_step(self, *args):
         # TensorFlow and PyTorch call `train_step(data)`; JAX calls the stateless
