@@ -20,6 +20,7 @@ import keras
 from keras import ops
 
 from keras_sam import maths
+from keras_sam.methods.sam import unwrap_loss_scale
 
 
 class RecordingScope(keras.StatelessScope):
@@ -51,12 +52,50 @@ class RecordingScope(keras.StatelessScope):
 
 
 class Backend:
-    """What the step needs of a backend. The defaults are `keras.ops`; adapters override.
+    """What keras_sam needs of a backend. The defaults are `keras.ops`; adapters override.
+
+    | section            | methods                                               | caller        |
+    |--------------------|-------------------------------------------------------|---------------|
+    | `SAMModel`         | `train_step`, `checkpointable`, `check_compile`       | `SAMModel`    |
+    | the custom loops   | `optimize`, `stateless_optimize`                      | `SAM`         |
+    | one pass           | `gradients`, `same_randomness`                        | the step      |
+    | gradients          | `prepare`, `rows`, `perturb`, `scaled`, `weighted_sum`, | the step    |
+    |                    | `norms`, `all_finite`, `dense`, `concatenate`         |               |
+    | control flow       | `cond`, `decide`, `stateful_cond`                     | the step      |
+    | distribution       | `num_replicas`, `replica_loss_divisor`,               | the step      |
+    |                    | `all_reduce_mean`, `reduce_replicas`, `check_context`, |              |
+    |                    | `build`, `per_replica`, `run_in_replicas`, `dynamic_split` |          |
 
     `tensors` passed around are dense unless an adapter keeps its own sparse type
     (TensorFlow's `IndexedSlices`), in which case it overrides every method that sees
     a gradient.
     """
+
+    # --------------------------------------------------------------- SAMModel
+    def train_step(self, sam_model, *args):
+        """`SAMModel.train_step` with a SAM optimizer on this backend.
+
+        Stateful backends (TensorFlow, PyTorch) take `(data)` and return the logs; JAX
+        takes Keras's stateless `(state, data)` and returns `(logs, state)`.
+        """
+        del args
+        method = unwrap_loss_scale(sam_model.optimizer)
+        raise NotImplementedError(
+            f"`SAMModel.fit` with `{type(method).__name__}` is not available on the "
+            f"{keras.backend.backend()} backend yet. It runs on TensorFlow, JAX and "
+            "PyTorch (set `KERAS_BACKEND`)."
+        )
+
+    def checkpointable(self, variables):
+        """An object that the backend's own checkpoints (`tf.train.Checkpoint`) track,
+        holding `variables` (the seed generators' states, which they do not follow); or
+        None where Keras's files are the only checkpoints."""
+        del variables
+        return None
+
+    def check_compile(self, sam_model):
+        """Refuses, before any step, a compile option the SAM step cannot run under."""
+        del sam_model
 
     # ------------------------------------------------------------------ one pass
     def gradients(self, compute, variables, values, pending, scale):

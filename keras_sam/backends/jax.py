@@ -66,6 +66,25 @@ class JAX(base.Backend):
             )
         super().build(optimizer, variables)
 
+    def train_step(self, sam_model, state, data):
+        """`SAMModel.train_step(state, data)` on JAX: the step as a pure function of `state`."""
+        groups = (
+            sam_model.trainable_variables,
+            sam_model.non_trainable_variables,
+            sam_model.optimizer.variables,
+            sam_model.metrics_variables,
+        )
+        variables = [v for group in groups for v in group]
+        values = [x for group in state for x in group]
+        logs, new_values = step.stateless_run(
+            variables, values, lambda: step.model_step(self, sam_model, data)
+        )
+        new_state, start = [], 0
+        for group in groups:
+            new_state.append(new_values[start : start + len(group)])
+            start += len(group)
+        return logs, tuple(new_state)
+
 
 BACKEND = JAX()
 
@@ -124,26 +143,6 @@ def _replica_mean(value, axis):
     if jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
         return jax.lax.pmean(value, axis)
     return value
-
-
-def train_step(sam_model, state, data):
-    """`SAMModel.train_step(state, data)` on JAX: the step as a pure function of `state`."""
-    groups = (
-        sam_model.trainable_variables,
-        sam_model.non_trainable_variables,
-        sam_model.optimizer.variables,
-        sam_model.metrics_variables,
-    )
-    variables = [v for group in groups for v in group]
-    values = [x for group in state for x in group]
-    logs, new_values = step.stateless_run(
-        variables, values, lambda: step.model_step(BACKEND, sam_model, data)
-    )
-    new_state, start = [], 0
-    for group in groups:
-        new_state.append(new_values[start : start + len(group)])
-        start += len(group)
-    return logs, tuple(new_state)
 
 
 def optimize(method, *args, **kwargs):

@@ -185,6 +185,16 @@ class TensorFlow(base.Backend):
         ]
         return parts, weights, sizes
 
+    def train_step(self, sam_model, data):
+        """`SAMModel.train_step` on TensorFlow: Keras's trainer calls it inside its function."""
+        return step.model_step(self, sam_model, data)
+
+    def checkpointable(self, variables):
+        """A `tf.Module` holding `variables`, so that `tf.train.Checkpoint` saves them."""
+        module = tf.Module(name="rng_states")
+        module.states = [v.value for v in variables]
+        return module
+
 
 BACKEND = TensorFlow()
 
@@ -194,11 +204,6 @@ def _coalesce(gradient):
     unique, positions = tf.unique(gradient.indices)
     summed = tf.math.unsorted_segment_sum(gradient.values, positions, tf.size(unique))
     return tf.IndexedSlices(summed, unique, gradient.dense_shape)
-
-
-def train_step(sam_model, data):
-    """`SAMModel.train_step` on TensorFlow: Keras's trainer calls it inside its function."""
-    return step.model_step(BACKEND, sam_model, data)
 
 
 def optimize(method, grad_func, variables):
@@ -221,13 +226,6 @@ def optimize(method, grad_func, variables):
 
     (part,), _ = step.run_step(BACKEND, method, [compute], [1.0], variables)
     return part.outputs, part.loss, part.loss_sam
-
-
-def checkpointable(variables):
-    """A `tf.Module` holding `variables`, so that `tf.train.Checkpoint` saves them."""
-    module = tf.Module(name="rng_states")
-    module.states = [v.value for v in variables]
-    return module
 
 
 sam.register_custom_loop("tensorflow", sys.modules[__name__])

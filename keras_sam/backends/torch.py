@@ -168,6 +168,24 @@ class Torch(base.Backend):
     def decide(self, ok, take_step, skip_step, tracked, args=()):
         self.stateful_cond(ok, lambda: take_step(*args), lambda: skip_step(*args), tracked)
 
+    def check_compile(self, sam_model):
+        """Refuses `jit_compile=True` for a SAM optimizer (called by `SAMModel.fit`)."""
+        optimizer = sam.unwrap_loss_scale(sam_model.optimizer)
+        if sam_model.jit_compile and isinstance(optimizer, sam.SAM):
+            raise ValueError(
+                "`jit_compile=True` (`torch.compile`) is not supported for a SAM step on the "
+                "PyTorch backend: the step decides in Python, on the values of its tensors, "
+                "whether to take the perturbed pass and whether to commit or skip, where "
+                "`torch.compile` would break the graph at every decision. Compile the "
+                "`SAMModel` with `jit_compile=False` (the default on PyTorch). Received: "
+                "jit_compile=True"
+            )
+
+    def train_step(self, sam_model, data):
+        """`SAMModel.train_step` on PyTorch: eager, stateful."""
+        with torch.no_grad():
+            return step.model_step(self, sam_model, data)
+
 
 BACKEND = Torch()
 
@@ -221,26 +239,6 @@ def _tensor(value):
 
 def _detached(value):
     return value.detach() if isinstance(value, torch.Tensor) else value
-
-
-def check_compile(sam_model):
-    """Refuses `jit_compile=True` for a SAM optimizer (called by `SAMModel.fit`)."""
-    optimizer = sam.unwrap_loss_scale(sam_model.optimizer)
-    if sam_model.jit_compile and isinstance(optimizer, sam.SAM):
-        raise ValueError(
-            "`jit_compile=True` (`torch.compile`) is not supported for a SAM step on the "
-            "PyTorch backend: the step decides in Python, on the values of its tensors, "
-            "whether to take the perturbed pass and whether to commit or skip, where "
-            "`torch.compile` would break the graph at every decision. Compile the "
-            "`SAMModel` with `jit_compile=False` (the default on PyTorch). Received: "
-            "jit_compile=True"
-        )
-
-
-def train_step(sam_model, data):
-    """`SAMModel.train_step` on PyTorch: eager, stateful."""
-    with torch.no_grad():
-        return step.model_step(BACKEND, sam_model, data)
 
 
 def optimize(method, closure, variables):

@@ -122,20 +122,18 @@ class SAMModel(keras.Model):
         self.max_consecutive_skips = check_max_consecutive_skips(max_consecutive_skips)
         self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
         self.second_pass_tracker = keras.metrics.Mean(name="second_pass_rate")
-        adapter = backends.current()
-        if hasattr(adapter, "checkpointable"):
+        checkpointable = backends.current().checkpointable(self._rng_states())
+        if checkpointable is not None:
             # Tracked by `tf.train.Checkpoint`, which does not follow seed generators.
-            self.rng_checkpoint = adapter.checkpointable(self._rng_states())
+            self.rng_checkpoint = checkpointable
         self.built = True
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
     def make_train_function(self, force=False):
-        adapter = backends.current()
-        if hasattr(adapter, "check_compile"):
-            # PyTorch refuses `jit_compile=True` for a SAM step here, before any step.
-            adapter.check_compile(self)
+        # PyTorch refuses `jit_compile=True` for a SAM step here, before any step.
+        backends.current().check_compile(self)
         return super().make_train_function(force=force)
 
     def fit(self, *args, **kwargs):
@@ -167,14 +165,7 @@ class SAMModel(keras.Model):
         # `train_step(state, data)` and takes `(logs, state)` back.
         optimizer = self._sam_optimizer()
         if isinstance(optimizer, SAM):
-            adapter = backends.current()
-            if not hasattr(adapter, "train_step"):
-                raise NotImplementedError(
-                    f"`SAMModel.fit` with `{type(optimizer).__name__}` is not available on the "
-                    f"{keras.backend.backend()} backend yet. It runs on TensorFlow, JAX and "
-                    "PyTorch (set `KERAS_BACKEND`)."
-                )
-            result = adapter.train_step(self, *args)
+            result = backends.current().train_step(self, *args)
             drop = () if optimizer.may_skip_second_pass else ("second_pass_rate",)
             if not optimizer.measures_sharpness:  # MomentumSAM: no pass at `w`
                 drop += ("sharpness",)
