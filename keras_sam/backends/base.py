@@ -97,6 +97,19 @@ class Backend:
         """Refuses, before any step, a compile option the SAM step cannot run under."""
         del sam_model
 
+    # ------------------------------------------------------------ the custom loops
+    def optimize(self, method, *args, **kwargs):
+        """`method.optimize(...)`: one SAM step in a custom loop, in this backend's form
+        (TensorFlow: `(grad_func, variables)`; PyTorch: `(closure, variables)`)."""
+        del method, args, kwargs
+        raise _no_custom_loop("optimize")
+
+    def stateless_optimize(self, method, state, compute, trainable, non_trainable):
+        """`method.stateless_optimize(...)`: one SAM step as a pure function of the state
+        (JAX)."""
+        del method, state, compute, trainable, non_trainable
+        raise _no_custom_loop("stateless_optimize")
+
     # ------------------------------------------------------------------ one pass
     def gradients(self, compute, variables, values, pending, scale):
         """Runs `compute` with `variables` reading `values`; no variable is written.
@@ -279,3 +292,10 @@ class Backend:
             f"num_batch_splits={num_splits} needs batches of a known size on the "
             f"{keras.backend.backend()} backend."
         )
+
+
+def _no_custom_loop(name):
+    return ValueError(
+        f"`{name}` is not available on the {keras.backend.backend()} backend: see the "
+        "custom-loop guide for this backend's form."
+    )

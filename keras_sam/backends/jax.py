@@ -1,7 +1,5 @@
 """The JAX adapter: what keras_sam needs of jax and cannot write with `keras.ops`."""
 
-import sys
-
 import jax
 import keras
 from keras import ops
@@ -85,6 +83,69 @@ class JAX(base.Backend):
             start += len(group)
         return logs, tuple(new_state)
 
+    def optimize(self, method, *args, **kwargs):
+        raise ValueError(
+            f"`{type(method).__name__}.optimize(grad_func, variables)` is the TensorFlow custom "
+            "loop. On JAX, write the step as a pure function of the state, as in Keras's JAX "
+            "custom-loop guide: `state, (predictions, loss, loss_sam) = "
+            "optimizer.stateless_optimize(state, compute, trainable_variables, "
+            "non_trainable_variables)`, with `compute()` returning `(predictions, loss)`; see "
+            "the custom-loop guide."
+        )
+
+    def stateless_optimize(
+        self, method, state, compute, trainable_variables, non_trainable_variables
+    ):
+        """One SAM step as a pure function of `state`, usable inside `jax.jit`.
+
+        Args:
+            state: `(trainable_values, non_trainable_values, optimizer_values)`, the values
+                of `trainable_variables`, `non_trainable_variables` and `method.variables`.
+            compute: a callable with no arguments running the forward pass statefully (the
+                model reads its variables) and returning `(predictions, loss)`.
+
+        Returns:
+            `(new_state, (predictions, loss, loss_sam))`.
+        """
+        trainable_variables = step.check_variables(trainable_variables)
+        non_trainable_variables = list(non_trainable_variables)
+        if not method.built:
+            raise ValueError(
+                f"Build `{type(method).__name__}` before the first step: "
+                "`optimizer.build(model.trainable_variables)`, then take its `variables` "
+                "into the state."
+            )
+        trainable_values, non_trainable_values, optimizer_values = state
+        groups = (trainable_variables, non_trainable_variables, method.variables)
+        variables = [v for group in groups for v in group]
+        values = list(trainable_values) + list(non_trainable_values) + list(optimizer_values)
+        if len(values) != len(variables):
+            raise ValueError(
+                "`state` must hold one value per variable: "
+                f"{len(trainable_variables)} trainable, {len(non_trainable_variables)} "
+                f"non-trainable and {len(method.variables)} optimizer variables. Received "
+                f"{len(trainable_values)}, {len(non_trainable_values)} and {len(optimizer_values)}."
+            )
+
+        def run():
+            def pass_():
+                result = compute()
+                if not (isinstance(result, (tuple, list)) and len(result) == 2):
+                    raise ValueError(
+                        f"`compute` must return `(predictions, loss)`. Received: {result!r}"
+                    )
+                return result[0], result[1], None
+
+            (part,), _ = step.run_step(self, method, [pass_], [1.0], trainable_variables)
+            return part.outputs, part.loss, part.loss_sam
+
+        outputs, new_values = step.stateless_run(variables, values, run)
+        new_state, start = [], 0
+        for group in groups:
+            new_state.append(new_values[start : start + len(group)])
+            start += len(group)
+        return tuple(new_state), outputs
+
 
 BACKEND = JAX()
 
@@ -143,69 +204,3 @@ def _replica_mean(value, axis):
     if jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
         return jax.lax.pmean(value, axis)
     return value
-
-
-def optimize(method, *args, **kwargs):
-    raise ValueError(
-        f"`{type(method).__name__}.optimize(grad_func, variables)` is the TensorFlow custom "
-        "loop. On JAX, write the step as a pure function of the state, as in Keras's JAX "
-        "custom-loop guide: `state, (predictions, loss, loss_sam) = "
-        "optimizer.stateless_optimize(state, compute, trainable_variables, "
-        "non_trainable_variables)`, with `compute()` returning `(predictions, loss)`; see "
-        "the custom-loop guide."
-    )
-
-
-def stateless_optimize(method, state, compute, trainable_variables, non_trainable_variables):
-    """One SAM step as a pure function of `state`, usable inside `jax.jit`.
-
-    Args:
-        state: `(trainable_values, non_trainable_values, optimizer_values)`, the values
-            of `trainable_variables`, `non_trainable_variables` and `method.variables`.
-        compute: a callable with no arguments running the forward pass statefully (the
-            model reads its variables) and returning `(predictions, loss)`.
-
-    Returns:
-        `(new_state, (predictions, loss, loss_sam))`.
-    """
-    trainable_variables = step.check_variables(trainable_variables)
-    non_trainable_variables = list(non_trainable_variables)
-    if not method.built:
-        raise ValueError(
-            f"Build `{type(method).__name__}` before the first step: "
-            "`optimizer.build(model.trainable_variables)`, then take its `variables` "
-            "into the state."
-        )
-    trainable_values, non_trainable_values, optimizer_values = state
-    groups = (trainable_variables, non_trainable_variables, method.variables)
-    variables = [v for group in groups for v in group]
-    values = list(trainable_values) + list(non_trainable_values) + list(optimizer_values)
-    if len(values) != len(variables):
-        raise ValueError(
-            "`state` must hold one value per variable: "
-            f"{len(trainable_variables)} trainable, {len(non_trainable_variables)} "
-            f"non-trainable and {len(method.variables)} optimizer variables. Received "
-            f"{len(trainable_values)}, {len(non_trainable_values)} and {len(optimizer_values)}."
-        )
-
-    def run():
-        def pass_():
-            result = compute()
-            if not (isinstance(result, (tuple, list)) and len(result) == 2):
-                raise ValueError(
-                    f"`compute` must return `(predictions, loss)`. Received: {result!r}"
-                )
-            return result[0], result[1], None
-
-        (part,), _ = step.run_step(BACKEND, method, [pass_], [1.0], trainable_variables)
-        return part.outputs, part.loss, part.loss_sam
-
-    outputs, new_values = step.stateless_run(variables, values, run)
-    new_state, start = [], 0
-    for group in groups:
-        new_state.append(new_values[start : start + len(group)])
-        start += len(group)
-    return tuple(new_state), outputs
-
-
-sam.register_custom_loop("jax", sys.modules[__name__])

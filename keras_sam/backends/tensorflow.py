@@ -1,13 +1,10 @@
 """The TensorFlow adapter: what keras_sam needs of tensorflow and cannot write with `keras.ops`."""
 
-import sys
-
 import keras
 import tensorflow as tf
 
 from keras_sam import step
 from keras_sam.backends import base
-from keras_sam.methods import sam
 
 # ------------------------------------------------------------------------- the SAM step
 # The tape, `tf.IndexedSlices` and `tf.distribute`; the step itself is `keras_sam.step`.
@@ -195,6 +192,27 @@ class TensorFlow(base.Backend):
         module.states = [v.value for v in variables]
         return module
 
+    def optimize(self, method, grad_func, variables):
+        """The custom-loop step: `pred, loss, loss_sam = method.optimize(grad_func, vars)`."""
+        variables = step.check_variables(variables)
+        if not callable(grad_func):
+            raise ValueError(
+                "`grad_func` must be a callable returning `(predictions, loss, tape)`. "
+                f"Received: grad_func={grad_func!r}"
+            )
+
+        def compute():
+            result = grad_func()
+            if not (isinstance(result, (tuple, list)) and len(result) == 3):
+                raise ValueError(
+                    "`grad_func` must return `(predictions, loss, tape)`, with `tape` the "
+                    f"`tf.GradientTape` that recorded the loss. Received: {result!r}"
+                )
+            return result
+
+        (part,), _ = step.run_step(self, method, [compute], [1.0], variables)
+        return part.outputs, part.loss, part.loss_sam
+
 
 BACKEND = TensorFlow()
 
@@ -204,28 +222,3 @@ def _coalesce(gradient):
     unique, positions = tf.unique(gradient.indices)
     summed = tf.math.unsorted_segment_sum(gradient.values, positions, tf.size(unique))
     return tf.IndexedSlices(summed, unique, gradient.dense_shape)
-
-
-def optimize(method, grad_func, variables):
-    """The custom-loop step: `pred, loss, loss_sam = method.optimize(grad_func, vars)`."""
-    variables = step.check_variables(variables)
-    if not callable(grad_func):
-        raise ValueError(
-            "`grad_func` must be a callable returning `(predictions, loss, tape)`. "
-            f"Received: grad_func={grad_func!r}"
-        )
-
-    def compute():
-        result = grad_func()
-        if not (isinstance(result, (tuple, list)) and len(result) == 3):
-            raise ValueError(
-                "`grad_func` must return `(predictions, loss, tape)`, with `tape` the "
-                f"`tf.GradientTape` that recorded the loss. Received: {result!r}"
-            )
-        return result
-
-    (part,), _ = step.run_step(BACKEND, method, [compute], [1.0], variables)
-    return part.outputs, part.loss, part.loss_sam
-
-
-sam.register_custom_loop("tensorflow", sys.modules[__name__])

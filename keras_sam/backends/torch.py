@@ -1,7 +1,6 @@
 """The PyTorch adapter: what keras_sam needs of torch and cannot write with `keras.ops`."""
 
 import contextlib
-import sys
 
 import keras
 import torch
@@ -186,6 +185,33 @@ class Torch(base.Backend):
         with torch.no_grad():
             return step.model_step(self, sam_model, data)
 
+    def optimize(self, method, closure, variables):
+        """The custom-loop step: `pred, loss, loss_sam = method.optimize(closure, variables)`.
+
+        `closure()` runs the forward pass (the model reads its variables) and returns
+        `(predictions, loss)`; it is called at `w` and at `w + e`, with no tape and no
+        `loss.backward()`: the step takes the gradients itself.
+        """
+        variables = step.check_variables(variables)
+        if not callable(closure):
+            raise ValueError(
+                "`closure` must be a callable returning `(predictions, loss)`. "
+                f"Received: closure={closure!r}"
+            )
+
+        def compute():
+            result = closure()
+            if not (isinstance(result, (tuple, list)) and len(result) == 2):
+                raise ValueError(
+                    "`closure` must return `(predictions, loss)`, with `loss` a scalar tensor "
+                    f"computed from the variables. Received: {result!r}"
+                )
+            return result[0], result[1], None
+
+        with torch.no_grad():
+            (part,), _ = step.run_step(self, method, [compute], [1.0], variables)
+        return part.outputs, part.loss, part.loss_sam
+
 
 BACKEND = Torch()
 
@@ -239,34 +265,3 @@ def _tensor(value):
 
 def _detached(value):
     return value.detach() if isinstance(value, torch.Tensor) else value
-
-
-def optimize(method, closure, variables):
-    """The custom-loop step: `pred, loss, loss_sam = method.optimize(closure, variables)`.
-
-    `closure()` runs the forward pass (the model reads its variables) and returns
-    `(predictions, loss)`; it is called at `w` and at `w + e`, with no tape and no
-    `loss.backward()`: the step takes the gradients itself.
-    """
-    variables = step.check_variables(variables)
-    if not callable(closure):
-        raise ValueError(
-            "`closure` must be a callable returning `(predictions, loss)`. "
-            f"Received: closure={closure!r}"
-        )
-
-    def compute():
-        result = closure()
-        if not (isinstance(result, (tuple, list)) and len(result) == 2):
-            raise ValueError(
-                "`closure` must return `(predictions, loss)`, with `loss` a scalar tensor "
-                f"computed from the variables. Received: {result!r}"
-            )
-        return result[0], result[1], None
-
-    with torch.no_grad():
-        (part,), _ = step.run_step(BACKEND, method, [compute], [1.0], variables)
-    return part.outputs, part.loss, part.loss_sam
-
-
-sam.register_custom_loop("torch", sys.modules[__name__])

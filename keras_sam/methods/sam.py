@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import importlib
 import math
 import numbers
 import re
@@ -41,32 +40,6 @@ DISTRIBUTED_PERTURBATIONS = (PER_REPLICA, SYNCHRONIZED)
 GLOBAL_NORM = "global"
 LAYERWISE_NORM = "layerwise"
 PERTURBATION_NORMS = (GLOBAL_NORM, LAYERWISE_NORM)
-
-# The custom-loop entry points of each backend (`backend name -> adapter`, which has
-# `optimize(method, ...)` and may have `stateless_optimize(method, ...)`): registered by
-# the backend's adapter in keras_sam/backends/ when imported, so that no method imports
-# a trainer.
-_CUSTOM_LOOPS = {}
-
-
-def register_custom_loop(backend, adapter):
-    """Makes `adapter.optimize` (and `adapter.stateless_optimize`) the custom loop of
-    `backend`."""
-    _CUSTOM_LOOPS[backend] = adapter
-
-
-def _custom_loop(method_name):
-    backend = keras.backend.backend()
-    if backend not in _CUSTOM_LOOPS:
-        importlib.import_module(f"keras_sam.backends.{backend}")  # registers itself
-    loop = getattr(_CUSTOM_LOOPS[backend], method_name, None)
-    if loop is None:
-        raise ValueError(
-            f"`{method_name}` is not available on the {backend} backend: see the custom-loop "
-            "guide for this backend's form."
-        )
-    return loop
-
 
 # ASAM leaves these at T = 1, as the official implementation does for every parameter
 # whose name does not contain "weight": biases and normalization offsets.
@@ -529,7 +502,7 @@ class SAM(keras.optimizers.Optimizer):
 
         JAX takes a pure function of the state instead: `stateless_optimize`.
         """
-        return _custom_loop("optimize")(self, *args, **kwargs)
+        return _backend().optimize(self, *args, **kwargs)
 
     def stateless_optimize(
         self,
@@ -577,7 +550,7 @@ class SAM(keras.optimizers.Optimizer):
             `(new_state, (predictions, loss, loss_sam))`. Nothing is written to a
             variable: write the final state back with `variable.assign(value)`.
         """
-        return _custom_loop("stateless_optimize")(
+        return _backend().stateless_optimize(
             self, state, compute, trainable_variables, non_trainable_variables
         )
 
@@ -656,6 +629,14 @@ class SAM(keras.optimizers.Optimizer):
                     value, custom_objects=custom_objects
                 )
         return cls(optimizer, perturb=perturb, **config)
+
+
+def _backend():
+    """The `keras_sam.backends.base.Backend` of Keras's backend, which runs the custom
+    loops. Imported when a loop is called: the methods never import a backend module."""
+    from keras_sam import backends
+
+    return backends.current()
 
 
 class _StepNorms:
