@@ -299,3 +299,23 @@ def _no_custom_loop(name):
         f"`{name}` is not available on the {keras.backend.backend()} backend: see the "
         "custom-loop guide for this backend's form."
     )
+
+
+# ---------------------------------------------------------------- shared helpers
+def custom_loop_pass(function, name, returns, detail=""):
+    """The step's pass (`compute() -> (outputs, loss, None)`) from a custom loop's
+    `function`, which returns `returns` (their names: the predictions and the loss
+    first). Checks that `function` is callable, and at each call what it returns."""
+    form = f"({', '.join(returns)})"
+    if not callable(function):
+        raise ValueError(
+            f"`{name}` must be a callable returning `{form}`. Received: {name}={function!r}"
+        )
+
+    def compute():
+        result = function()
+        if not (isinstance(result, (tuple, list)) and len(result) == len(returns)):
+            raise ValueError(f"`{name}` must return `{form}`{detail}. Received: {result!r}")
+        return result[0], result[1], None
+
+    return compute

@@ -108,6 +108,7 @@ class JAX(base.Backend):
             `(new_state, (predictions, loss, loss_sam))`.
         """
         trainable_variables = step.check_variables(trainable_variables)
+        pass_ = base.custom_loop_pass(compute, "compute", ("predictions", "loss"))
         non_trainable_variables = list(non_trainable_variables)
         if not method.built:
             raise ValueError(
@@ -128,14 +129,6 @@ class JAX(base.Backend):
             )
 
         def run():
-            def pass_():
-                result = compute()
-                if not (isinstance(result, (tuple, list)) and len(result) == 2):
-                    raise ValueError(
-                        f"`compute` must return `(predictions, loss)`. Received: {result!r}"
-                    )
-                return result[0], result[1], None
-
             (part,), _ = step.run_step(self, method, [pass_], [1.0], trainable_variables)
             return part.outputs, part.loss, part.loss_sam
 

@@ -195,21 +195,12 @@ class TensorFlow(base.Backend):
     def optimize(self, method, grad_func, variables):
         """The custom-loop step: `pred, loss, loss_sam = method.optimize(grad_func, vars)`."""
         variables = step.check_variables(variables)
-        if not callable(grad_func):
-            raise ValueError(
-                "`grad_func` must be a callable returning `(predictions, loss, tape)`. "
-                f"Received: grad_func={grad_func!r}"
-            )
-
-        def compute():
-            result = grad_func()
-            if not (isinstance(result, (tuple, list)) and len(result) == 3):
-                raise ValueError(
-                    "`grad_func` must return `(predictions, loss, tape)`, with `tape` the "
-                    f"`tf.GradientTape` that recorded the loss. Received: {result!r}"
-                )
-            return result
-
+        compute = base.custom_loop_pass(
+            grad_func,
+            "grad_func",
+            ("predictions", "loss", "tape"),
+            ", with `tape` the `tf.GradientTape` that recorded the loss",
+        )
         (part,), _ = step.run_step(self, method, [compute], [1.0], variables)
         return part.outputs, part.loss, part.loss_sam
 

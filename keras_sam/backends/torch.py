@@ -193,21 +193,12 @@ class Torch(base.Backend):
         `loss.backward()`: the step takes the gradients itself.
         """
         variables = step.check_variables(variables)
-        if not callable(closure):
-            raise ValueError(
-                "`closure` must be a callable returning `(predictions, loss)`. "
-                f"Received: closure={closure!r}"
-            )
-
-        def compute():
-            result = closure()
-            if not (isinstance(result, (tuple, list)) and len(result) == 2):
-                raise ValueError(
-                    "`closure` must return `(predictions, loss)`, with `loss` a scalar tensor "
-                    f"computed from the variables. Received: {result!r}"
-                )
-            return result[0], result[1], None
-
+        compute = base.custom_loop_pass(
+            closure,
+            "closure",
+            ("predictions", "loss"),
+            ", with `loss` a scalar tensor computed from the variables",
+        )
         with torch.no_grad():
             (part,), _ = step.run_step(self, method, [compute], [1.0], variables)
         return part.outputs, part.loss, part.loss_sam
