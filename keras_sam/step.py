@@ -34,6 +34,8 @@ import keras
 from keras import ops
 
 from keras_sam.backends.base import Backend, RecordingScope  # noqa: F401 (`step.Backend`)
+from keras_sam.backends.base import is_floating as _is_floating
+from keras_sam.backends.base import unique as _unique
 from keras_sam.methods.sam import SAM, SYNCHRONIZED, unwrap_loss_scale
 
 
@@ -551,20 +553,6 @@ def _sums(method):
         return []
     _, gradient_sums, state_sums = method.accumulation_variables
     return list(gradient_sums) + list(state_sums)
-
-
-def _is_floating(tensor):
-    dtype = keras.backend.standardize_dtype(tensor.dtype)
-    return "float" in dtype
-
-
-def _unique(variables):
-    seen, result = set(), []
-    for v in variables:
-        if id(v) not in seen:
-            seen.add(id(v))
-            result.append(v)
-    return result
 
 
 # ------------------------------------------------------------------------ model.fit

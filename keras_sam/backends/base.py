@@ -302,6 +302,21 @@ def _no_custom_loop(name):
 
 
 # ---------------------------------------------------------------- shared helpers
+def is_floating(tensor):
+    """Whether a tensor (or variable) has a floating dtype (bfloat16 included)."""
+    return "float" in keras.backend.standardize_dtype(tensor.dtype)
+
+
+def unique(variables):
+    """`variables` in order, each once (by identity: Keras variables do not hash by it)."""
+    seen, result = set(), []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            result.append(v)
+    return result
+
+
 def custom_loop_pass(function, name, returns, detail=""):
     """The step's pass (`compute() -> (outputs, loss, None)`) from a custom loop's
     `function`, which returns `returns` (their names: the predictions and the loss

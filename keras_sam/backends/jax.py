@@ -194,6 +194,6 @@ def _shard_map_step(replica_step, data, distribution, variables):
 def _replica_mean(value, axis):
     """Floating state (BatchNorm statistics) averaged over the devices; the rest (seed
     states, counters) is the same on every device."""
-    if jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
+    if base.is_floating(value):
         return jax.lax.pmean(value, axis)
     return value

@@ -136,8 +136,8 @@ class Torch(base.Backend):
         rest, seed states and counters, is the same on every process), and the vote: a
         process whose passes were not all finite makes every process skip."""
         present = [i for i, g in enumerate(gradients) if g is not None]
-        averaged_state = [i for i, value in enumerate(state) if _is_floating(value)]
-        averaged_updates = [i for i, (_, value) in enumerate(updates) if _is_floating(value)]
+        averaged_state = [i for i, value in enumerate(state) if base.is_floating(value)]
+        averaged_updates = [i for i, (_, value) in enumerate(updates) if base.is_floating(value)]
         vote = torch.logical_not(torch.as_tensor(finite)).to(torch.float32).reshape(1)
         means = iter(
             self.all_reduce_mean(
@@ -244,10 +244,6 @@ def world_size():
     if distributed.is_available() and distributed.is_initialized():
         return distributed.get_world_size()
     return 1
-
-
-def _is_floating(value):
-    return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
 def _tensor(value):

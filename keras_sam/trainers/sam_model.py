@@ -10,6 +10,7 @@ from typing import Any
 import keras
 
 from keras_sam import backends, files
+from keras_sam.backends.base import is_floating
 from keras_sam.methods.sam import SAM, unwrap_loss_scale
 from keras_sam.trainers.skipped_steps import (
     DEFAULT_MAX_CONSECUTIVE_SKIPS,
@@ -194,7 +195,7 @@ class SAMModel(keras.Model):
             count = state[3][index]
         applied = keras.ops.greater(count, 0)
         for name, value in logs.items():
-            if name != "skipped_steps" and "float" in keras.backend.standardize_dtype(value.dtype):
+            if name != "skipped_steps" and is_floating(value):
                 logs[name] = keras.ops.where(applied, value, math.nan)
 
     def test_step(self, *args):
