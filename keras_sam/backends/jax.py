@@ -72,16 +72,7 @@ class JAX(base.Backend):
             sam_model.optimizer.variables,
             sam_model.metrics_variables,
         )
-        variables = [v for group in groups for v in group]
-        values = [x for group in state for x in group]
-        logs, new_values = step.stateless_run(
-            variables, values, lambda: step.model_step(self, sam_model, data)
-        )
-        new_state, start = [], 0
-        for group in groups:
-            new_state.append(new_values[start : start + len(group)])
-            start += len(group)
-        return logs, tuple(new_state)
+        return _run_on_state(groups, state, lambda: step.model_step(self, sam_model, data))
 
     def optimize(self, method, *args, **kwargs):
         raise ValueError(
@@ -118,9 +109,7 @@ class JAX(base.Backend):
             )
         trainable_values, non_trainable_values, optimizer_values = state
         groups = (trainable_variables, non_trainable_variables, method.variables)
-        variables = [v for group in groups for v in group]
-        values = list(trainable_values) + list(non_trainable_values) + list(optimizer_values)
-        if len(values) != len(variables):
+        if any(len(values) != len(group) for values, group in zip(state, groups)):
             raise ValueError(
                 "`state` must hold one value per variable: "
                 f"{len(trainable_variables)} trainable, {len(non_trainable_variables)} "
@@ -132,15 +121,27 @@ class JAX(base.Backend):
             (part,), _ = step.run_step(self, method, [pass_], [1.0], trainable_variables)
             return part.outputs, part.loss, part.loss_sam
 
-        outputs, new_values = step.stateless_run(variables, values, run)
-        new_state, start = [], 0
-        for group in groups:
-            new_state.append(new_values[start : start + len(group)])
-            start += len(group)
-        return tuple(new_state), outputs
+        outputs, new_state = _run_on_state(groups, state, run)
+        return new_state, outputs
 
 
 BACKEND = JAX()
+
+
+def _run_on_state(groups, state, fn):
+    """`fn()` with each group of variables reading its group of values in `state`.
+
+    Returns its result and the new state, grouped alike (a tuple of lists): the step's
+    assignments are recorded, not written.
+    """
+    variables = [v for group in groups for v in group]
+    values = [x for group_values in state for x in group_values]
+    result, new_values = step.stateless_run(variables, values, fn)
+    new_state, start = [], 0
+    for group in groups:
+        new_state.append(new_values[start : start + len(group)])
+        start += len(group)
+    return result, tuple(new_state)
 
 
 def _shard_map_step(replica_step, data, distribution, variables):
