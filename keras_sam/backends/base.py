@@ -233,7 +233,11 @@ class Backend:
         is a share of the global batch's mean (Keras's `compute_loss` and
         `tf.nn.compute_average_loss` under `tf.distribute`), 1 where it is the mean of
         the replica's own batch. Its gradient times this is the replica's own mean
-        gradient."""
+        gradient.
+
+        Always 1 without replicas (`num_replicas() == 1`): the one factor the step and
+        its logs multiply by, with no guard of their own. An adapter that overrides it
+        keeps that."""
         return self.num_replicas()
 
     def all_reduce_mean(self, tensors):
