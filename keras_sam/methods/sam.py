@@ -205,7 +205,7 @@ class SAM(keras.optimizers.Optimizer):
         gradient_accumulation_steps = _check_accumulation_steps(gradient_accumulation_steps)
         rho = check_rate("rho", rho)
         adaptive = _check_bool("adaptive", adaptive)
-        eta = _check_number("eta", eta, minimum=0.0)
+        eta = check_number("eta", eta, minimum=0.0)
         epsilon = _check_epsilon(epsilon)
         perturb = _check_perturb(perturb)
         verify_optimizer_step = _check_bool("verify_optimizer_step", verify_optimizer_step)
@@ -702,7 +702,7 @@ def check_rate(name, value):
             "`keras.optimizers.schedules.LearningRateSchedule` of the step. "
             f"Received: {name}={value!r}"
         )
-    return _check_number(name, value, minimum=0.0, float32=True)
+    return check_number(name, value, minimum=0.0, float32=True)
 
 
 def serialize_rate(value):
@@ -887,7 +887,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 FLOAT32_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
 
 
-def _check_number(name, value, minimum, strict=False, float32=False):
+def check_number(name, value, minimum, strict=False, float32=False):
     """A finite real number >= `minimum` (> with `strict`), returned as a float.
 
     With `float32`, also finite in float32 (the value is used in float32 in the step).
@@ -911,7 +911,7 @@ def _check_number(name, value, minimum, strict=False, float32=False):
 def _check_epsilon(epsilon):
     """`epsilon` > 0 that float32 keeps: 1e-45 would round to 0 and make 0/0 of a zero
     gradient, where `e = 0` is promised."""
-    epsilon = _check_number("epsilon", epsilon, minimum=0.0, strict=True, float32=True)
+    epsilon = check_number("epsilon", epsilon, minimum=0.0, strict=True, float32=True)
     if epsilon < FLOAT32_SMALLEST_NORMAL:
         raise ValueError(
             "`epsilon` must be at least the smallest normal float32, "
