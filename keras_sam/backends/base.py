@@ -54,17 +54,13 @@ class RecordingScope(keras.StatelessScope):
 class Backend:
     """What keras_sam needs of a backend. The defaults are `keras.ops`; adapters override.
 
-    | section            | methods                                               | caller        |
-    |--------------------|-------------------------------------------------------|---------------|
-    | `SAMModel`         | `train_step`, `checkpointable`, `check_compile`       | `SAMModel`    |
-    | the custom loops   | `optimize`, `stateless_optimize`                      | `SAM`         |
-    | one pass           | `gradients`, `same_randomness`                        | the step      |
-    | gradients          | `prepare`, `rows`, `perturb`, `scaled`, `weighted_sum`, | the step    |
-    |                    | `norms`, `all_finite`, `dense`, `concatenate`         |               |
-    | control flow       | `cond`, `decide`, `stateful_cond`                     | the step      |
-    | distribution       | `num_replicas`, `replica_loss_divisor`,               | the step      |
-    |                    | `all_reduce_mean`, `reduce_replicas`, `check_context`, |              |
-    |                    | `build`, `per_replica`, `run_in_replicas`, `dynamic_split` |          |
+    - for `SAMModel`: `train_step`, `checkpointable`, `check_compile`;
+    - for `SAM`'s custom loops: `optimize`, `stateless_optimize`;
+    - for the step: one pass (`gradients`, `same_randomness`); gradients (`prepare`,
+      `rows`, `perturb`, `scaled`, `weighted_sum`, `norms`, `all_finite`, `dense`,
+      `concatenate`); control flow (`cond`, `decide`, `stateful_cond`); distribution
+      (`num_replicas`, `replica_loss_divisor`, `all_reduce_mean`, `reduce_replicas`,
+      `check_context`, `build`, `per_replica`, `run_in_replicas`, `dynamic_split`).
 
     `tensors` passed around are dense unless an adapter keeps its own sparse type
     (TensorFlow's `IndexedSlices`), in which case it overrides every method that sees
@@ -104,10 +100,12 @@ class Backend:
         del method, args, kwargs
         raise _no_custom_loop("optimize")
 
-    def stateless_optimize(self, method, state, compute, trainable, non_trainable):
+    def stateless_optimize(
+        self, method, state, compute, trainable_variables, non_trainable_variables
+    ):
         """`method.stateless_optimize(...)`: one SAM step as a pure function of the state
         (JAX)."""
-        del method, state, compute, trainable, non_trainable
+        del method, state, compute, trainable_variables, non_trainable_variables
         raise _no_custom_loop("stateless_optimize")
 
     # ------------------------------------------------------------------ one pass
