@@ -24,47 +24,20 @@ What differs between backends is small and lives in `keras_sam/backends/`: how t
 gradient of one pass is taken (tape, `jax.grad`, autograd), sparse gradients, how the
 replicas of a distribution agree, and how the commit-or-skip decision is taken (a
 `tf.cond` in the cross-replica context, a functional `lax.cond`, a Python `if`). They
-subclass `Backend` below. This module is written with `keras.ops` and never imports a
-backend.
+subclass `keras_sam.backends.base.Backend`. This module is written with `keras.ops` and
+never imports a backend.
 """
 
-import contextlib
 import functools
 import typing
 
 import keras
 from keras import ops
 
-from keras_sam import maths
-from keras_sam.methods.sam import SAM, SYNCHRONIZED
-
-
-class RecordingScope(keras.StatelessScope):
-    """A stateless scope that remembers which variables were assigned, to commit them.
-
-    A variable it does not map is read from the enclosing scope, if any (the JAX
-    trainer runs the whole step in a scope holding the step's state).
-    """
-
-    def __init__(self, state_mapping=None):
-        super().__init__(state_mapping=state_mapping)
-        self._assigned = {}
-
-    def add_update(self, update):
-        variable, _ = update
-        self._assigned[id(variable)] = variable
-        super().add_update(update)
-
-    def get_current_value(self, variable):
-        value = super().get_current_value(variable)
-        outer = getattr(self, "original_scope", None)
-        if value is None and outer is not None:
-            value = outer.get_current_value(variable)
-        return value
-
-    def updates(self):
-        """The `(variable, new value)` pairs, in the order of first assignment."""
-        return [(v, self.state_mapping[id(v)]) for v in self._assigned.values()]
+from keras_sam.backends.base import Backend, RecordingScope  # noqa: F401 (`step.Backend`)
+from keras_sam.backends.base import is_floating as _is_floating
+from keras_sam.backends.base import unique as _unique
+from keras_sam.methods.sam import SAM, SYNCHRONIZED, unwrap_loss_scale
 
 
 class Roles(typing.NamedTuple):
@@ -84,218 +57,24 @@ def resolve(optimizer):
     `LossScaleOptimizer` around a SAM method (what Keras's `compile` makes of a SAM
     optimizer under the `mixed_float16` policy).
     """
-    lso = keras.optimizers.LossScaleOptimizer
-    if isinstance(optimizer, lso) and isinstance(optimizer.inner_optimizer, SAM):
-        method, scaler = optimizer.inner_optimizer, optimizer
-        if isinstance(method.inner_optimizer, lso):
-            raise ValueError(
-                "The loss would be scaled twice: a `LossScaleOptimizer` wraps "
-                f"`{type(method).__name__}`, which wraps another one. Under the "
-                "`mixed_float16` policy `compile` adds the outer one by itself: give "
-                f"`{type(method).__name__}` the plain optimizer."
-            )
-        return Roles(method, scaler, method.inner_optimizer, optimizer)
-    if not isinstance(optimizer, SAM):
+    method = unwrap_loss_scale(optimizer)
+    if not isinstance(method, SAM):
         raise ValueError(
             "Expected a keras_sam method (`keras_sam.SAM` or a variant), possibly in a "
             f"`keras.optimizers.LossScaleOptimizer`. Received: optimizer={optimizer!r}"
         )
-    inner = optimizer.inner_optimizer
-    if isinstance(inner, lso):
-        return Roles(optimizer, inner, inner.inner_optimizer, optimizer)
-    return Roles(optimizer, None, inner, optimizer)
-
-
-class Backend:
-    """What the step needs of a backend. The defaults are `keras.ops`; adapters override.
-
-    `tensors` passed around are dense unless an adapter keeps its own sparse type
-    (TensorFlow's `IndexedSlices`), in which case it overrides every method that sees
-    a gradient.
-    """
-
-    # ------------------------------------------------------------------ one pass
-    def gradients(self, compute, variables, values, pending, scale):
-        """Runs `compute` with `variables` reading `values`; no variable is written.
-
-        `pending` maps `id(variable)` to `(variable, value)`: state updates of earlier
-        parts of the step, which this pass reads. With a loss scale, the gradients are
-        those of the scaled loss.
-
-        Returns the outputs, the loss, the gradients with respect to `values` (None
-        where the loss does not depend on a value, if the backend can tell), and the
-        `(variable, value)` state updates the pass would have made.
-        """
-        raise NotImplementedError
-
-    def same_randomness(self):
-        """A context in which a pass draws the random numbers of the last clean pass.
-
-        The perturbed pass runs in it, so that it sees the clean pass's dropout masks,
-        and the random state after the step is the one after the clean passes (a rho=0
-        step draws what a plain step draws). Keras's seed generators are variables that
-        the stateless scope already rewinds; a backend with a global generator of its
-        own (PyTorch's unseeded dropout) overrides this.
-        """
-        return contextlib.nullcontext()
-
-    # ---------------------------------------------------------------- gradients
-    def prepare(self, gradient, factor, sparse_ok):
-        """A raw gradient, times `factor` (None: unchanged)."""
-        del sparse_ok
-        if gradient is None or factor is None:
-            return gradient
-        return gradient * ops.cast(factor, gradient.dtype)
-
-    def rows(self, gradient):
-        """What a method reads of a gradient (a sparse one's rows)."""
-        return gradient
-
-    def perturb(self, weight, perturbation, gradient):
-        """`w + e`."""
-        del gradient
-        if perturbation is None:
-            return weight
-        return weight + ops.cast(perturbation, weight.dtype)
-
-    def scaled(self, gradient, factor):
-        return gradient * ops.cast(factor, gradient.dtype)
-
-    def weighted_sum(self, tensors, weights):
-        total = None
-        for t, w in zip(tensors, weights):
-            term = ops.cast(w, t.dtype) * t
-            total = term if total is None else total + term
-        return total
-
-    def norms(self, tensors):
-        """The float32 Euclidean norm of each tensor, as a float32 vector: one reduction
-        per tensor. The step's finite check and SAM's norm both read them."""
-        return maths.tensor_norms(tensors)
-
-    def all_finite(self, tensors):
-        """Whether every entry of every tensor is finite (element by element: the exact
-        check of `verify_optimizer_step`, not on the step's usual path)."""
-        checks = [ops.all(ops.isfinite(t)) for t in tensors if t is not None]
-        return ops.all(ops.stack(checks))
-
-    def dense(self, gradient):
-        return gradient
-
-    def concatenate(self, tensors):
-        return ops.concatenate(tensors, axis=0)
-
-    # ------------------------------------------------------------ control flow
-    def cond(self, pred, true_fn, false_fn):
-        """A conditional of pure functions returning tensors (`ops.cond`)."""
-        return ops.cond(pred, true_fn, false_fn)
-
-    def decide(self, ok, take_step, skip_step, tracked, args=()):
-        """Runs `take_step(*args)` if `ok`, else `skip_step(*args)`; both assign variables.
-
-        `ok` is this replica's verdict; under a distribution every replica must take
-        the same branch (TensorFlow overrides this with a cross-replica decision).
-
-        The default, for a functional backend (JAX), is a `stateful_cond`: one
-        conditional whose branches return the new values of `tracked`. (Computing
-        both outcomes and selecting each variable's value with `where` instead, as
-        optax's `apply_if_finite` does, was measured to keep every new weight and
-        slot in a temporary buffer: 2 to 3 parameter copies of compiled memory more
-        than the conditional, which XLA runs in place.)
-        """
-        self.stateful_cond(ok, lambda: take_step(*args), lambda: skip_step(*args), tracked)
-
-    def stateful_cond(self, pred, true_fn, false_fn, tracked):
-        """Runs `true_fn()` if `pred`, else `false_fn()`; both may assign `tracked`.
-
-        Functional: each branch runs in a recording scope over `tracked` (every
-        variable either branch may assign) and returns their new values, which are
-        assigned after an `ops.cond`. Stateful backends override it.
-        """
-
-        def branch(fn):
-            def run():
-                scope = RecordingScope(state_mapping=[(v, v.value) for v in tracked])
-                with scope:
-                    fn()
-                return [ops.cast(scope.get_current_value(v), v.dtype) for v in tracked]
-
-            return run
-
-        values = ops.cond(pred, branch(true_fn), branch(false_fn))
-        for variable, value in zip(tracked, values):
-            variable.assign(value)
-
-    # ------------------------------------------------------------ distribution
-    def num_replicas(self):
-        """Replicas that each run the step on their own share of the global batch (1:
-        none, or one global SPMD program)."""
-        return 1
-
-    def replica_loss_divisor(self):
-        """What each replica's loss is divided by: the number of replicas where the loss
-        is a share of the global batch's mean (Keras's `compute_loss` and
-        `tf.nn.compute_average_loss` under `tf.distribute`), 1 where it is the mean of
-        the replica's own batch. Its gradient times this is the replica's own mean
-        gradient."""
-        return self.num_replicas()
-
-    def all_reduce_mean(self, tensors):
-        """The mean over the replicas of each tensor (identity without replicas)."""
-        return tensors
-
-    def reduce_replicas(self, gradients, state, updates, finite):
-        """The step's results made the same on every replica (several replicas only).
-
-        `gradients` are this replica's final (mean) gradients, None where none; `state`
-        the method's new state values; `updates` the clean passes' `(variable, value)`
-        state updates; `finite` this replica's verdict. Returns the four as the step
-        commits them. The default is `tf.distribute`'s: the method's state is averaged;
-        the gradients are divided by the number of replicas, as the wrapped optimizer
-        sums them; the strategy aggregates the updates; `decide` takes the vote.
-        """
-        replicas = self.num_replicas()
-        if state:  # the replicas keep one state: the average of their updates
-            state = self.all_reduce_mean(state)
-        gradients = [None if g is None else self.scaled(g, 1.0 / replicas) for g in gradients]
-        return gradients, state, updates, finite
-
-    def check_context(self):
-        """Raises if a step cannot run here (TensorFlow: outside `strategy.run`)."""
-
-    def build(self, optimizer, variables):
-        """Creates the optimizers' variables before the first step."""
-        if not optimizer.built:
-            with keras.name_scope(optimizer.name, caller=optimizer):
-                optimizer.build(variables)
-            optimizer.built = True
-
-    def per_replica(self, replica_step, data, method, variables):
-        """Runs `replica_step(data)` (a `StepResult`) per replica, reduced over them.
-
-        `variables` are all those the passes may read. The default runs it once:
-        replicas, if any, are the backend's own (TensorFlow's `strategy.run` calls the
-        whole step per replica).
-        """
-        del method, variables
-        return replica_step(data)
-
-    def run_in_replicas(self, fn, *args):
-        """Runs `fn(*args)` in each replica (from the decision's context)."""
-        return fn(*args)
-
-    def dynamic_split(self, batch, num_splits):
-        """Splits a batch whose size is known only when the step runs.
-
-        Returns `num_splits` parts, their weights and their sizes (tensors). A part
-        that would be empty (a batch smaller than `num_splits`) reads the batch's first
-        example instead, with weight 0 and size 0: the step drops its state updates
-        and outputs, so it changes nothing (see `split_batch`).
-        """
+    outer_scaler = None if method is optimizer else optimizer
+    applier = unwrap_loss_scale(method.inner_optimizer)
+    inner_scaler = None if applier is method.inner_optimizer else method.inner_optimizer
+    if outer_scaler is not None and inner_scaler is not None:
         raise ValueError(
-            f"num_batch_splits={num_splits} needs batches of a known size on the "
-            f"{keras.backend.backend()} backend."
+            "The loss would be scaled twice: a `LossScaleOptimizer` wraps "
+            f"`{type(method).__name__}`, which wraps another one. Under the "
+            "`mixed_float16` policy `compile` adds the outer one by itself: give "
+            f"`{type(method).__name__}` the plain optimizer."
         )
+    scaler = inner_scaler if outer_scaler is None else outer_scaler
+    return Roles(method, scaler, applier, optimizer)
 
 
 class Part(typing.NamedTuple):
@@ -829,20 +608,6 @@ def _sums(method):
         return []
     _, gradient_sums, state_sums = method.accumulation_variables
     return list(gradient_sums) + list(state_sums)
-
-
-def _is_floating(tensor):
-    dtype = keras.backend.standardize_dtype(tensor.dtype)
-    return "float" in dtype
-
-
-def _unique(variables):
-    seen, result = set(), []
-    for v in variables:
-        if id(v) not in seen:
-            seen.add(id(v))
-            result.append(v)
-    return result
 
 
 # ------------------------------------------------------------------------ model.fit

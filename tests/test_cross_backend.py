@@ -82,7 +82,7 @@ def _backends():
     """The backends installed whose adapter has `SAMModel`'s train step."""
     backends = ["tensorflow", "jax"]
     if importlib.util.find_spec("torch") is not None:
-        if hasattr(importlib.import_module("keras_sam.backends.torch"), "train_step"):
+        if "train_step" in vars(type(importlib.import_module("keras_sam.backends.torch").BACKEND)):
             backends.append("torch")
     return backends
 

@@ -1,36 +1,12 @@
 """The JAX adapter: what keras_sam needs of jax and cannot write with `keras.ops`."""
 
-import sys
-
 import jax
 import keras
 from keras import ops
 
 from keras_sam import step
+from keras_sam.backends import base
 from keras_sam.methods import sam
-
-# ------------------------------------------------------------------ autodiff primitives
-# (used by the diagnostics; the SAM step may share them)
-
-
-def compile_function(function):
-    """`function` compiled by XLA (`jax.jit`): pure, of arrays and lists of arrays."""
-    return jax.jit(function)
-
-
-def value_and_gradient(function, values):
-    """`(function(values), its gradient)`: `function` maps a list of arrays to a scalar;
-    the gradient is a list of arrays like `values`."""
-    return jax.value_and_grad(function)(values)
-
-
-def hessian_vector_product(function, values, vector):
-    """The Hessian of the scalar `function` at `values` times `vector` (a list like
-    `values`), by double differentiation: the forward derivative of the gradient along
-    `vector` (`jax.jvp` of `jax.grad`, forward-over-reverse)."""
-    _, product = jax.jvp(jax.grad(function), (list(values),), (list(vector),))
-    return product
-
 
 # ------------------------------------------------------------------------- the SAM step
 # JAX is functional: Keras's JAX trainer calls the stateless `train_step(state, data)`.
@@ -41,13 +17,13 @@ def hessian_vector_product(function, values, vector):
 # pass is `jax.grad` of the pass as a function of the weights' values.
 
 
-class JAX(step.Backend):
+class JAX(base.Backend):
     def gradients(self, compute, variables, values, pending, scale):
         mapping = list(pending.values())
         assigned = []
 
         def loss_of(values):
-            scope = step.RecordingScope(state_mapping=mapping + list(zip(variables, values)))
+            scope = base.RecordingScope(state_mapping=mapping + list(zip(variables, values)))
             with scope:
                 outputs, loss, _ = compute()
             scaled = ops.cast(loss, "float32")
@@ -88,8 +64,84 @@ class JAX(step.Backend):
             )
         super().build(optimizer, variables)
 
+    def train_step(self, sam_model, state, data):
+        """`SAMModel.train_step(state, data)` on JAX: the step as a pure function of `state`."""
+        groups = (
+            sam_model.trainable_variables,
+            sam_model.non_trainable_variables,
+            sam_model.optimizer.variables,
+            sam_model.metrics_variables,
+        )
+        return _run_on_state(groups, state, lambda: step.model_step(self, sam_model, data))
+
+    def optimize(self, method, *args, **kwargs):
+        raise ValueError(
+            f"`{type(method).__name__}.optimize(grad_func, variables)` is the TensorFlow custom "
+            "loop. On JAX, write the step as a pure function of the state, as in Keras's JAX "
+            "custom-loop guide: `state, (predictions, loss, loss_sam) = "
+            "optimizer.stateless_optimize(state, compute, trainable_variables, "
+            "non_trainable_variables)`, with `compute()` returning `(predictions, loss)`; see "
+            "the custom-loop guide."
+        )
+
+    def stateless_optimize(
+        self, method, state, compute, trainable_variables, non_trainable_variables
+    ):
+        """One SAM step as a pure function of `state`, usable inside `jax.jit`.
+
+        Args:
+            state: `(trainable_values, non_trainable_values, optimizer_values)`, the values
+                of `trainable_variables`, `non_trainable_variables` and `method.variables`.
+            compute: a callable with no arguments running the forward pass statefully (the
+                model reads its variables) and returning `(predictions, loss)`.
+
+        Returns:
+            `(new_state, (predictions, loss, loss_sam))`.
+        """
+        trainable_variables = step.check_variables(trainable_variables)
+        pass_ = base.custom_loop_pass(compute, "compute", ("predictions", "loss"))
+        non_trainable_variables = list(non_trainable_variables)
+        if not method.built:
+            raise ValueError(
+                f"Build `{type(method).__name__}` before the first step: "
+                "`optimizer.build(model.trainable_variables)`, then take its `variables` "
+                "into the state."
+            )
+        trainable_values, non_trainable_values, optimizer_values = state
+        groups = (trainable_variables, non_trainable_variables, method.variables)
+        if any(len(values) != len(group) for values, group in zip(state, groups)):
+            raise ValueError(
+                "`state` must hold one value per variable: "
+                f"{len(trainable_variables)} trainable, {len(non_trainable_variables)} "
+                f"non-trainable and {len(method.variables)} optimizer variables. Received "
+                f"{len(trainable_values)}, {len(non_trainable_values)} and {len(optimizer_values)}."
+            )
+
+        def run():
+            (part,), _ = step.run_step(self, method, [pass_], [1.0], trainable_variables)
+            return part.outputs, part.loss, part.loss_sam
+
+        outputs, new_state = _run_on_state(groups, state, run)
+        return new_state, outputs
+
 
 BACKEND = JAX()
+
+
+def _run_on_state(groups, state, fn):
+    """`fn()` with each group of variables reading its group of values in `state`.
+
+    Returns its result and the new state, grouped alike (a tuple of lists): the step's
+    assignments are recorded, not written.
+    """
+    variables = [v for group in groups for v in group]
+    values = [x for group_values in state for x in group_values]
+    result, new_values = step.stateless_run(variables, values, fn)
+    new_state, start = [], 0
+    for group in groups:
+        new_state.append(new_values[start : start + len(group)])
+        start += len(group)
+    return result, tuple(new_state)
 
 
 def _shard_map_step(replica_step, data, distribution, variables):
@@ -143,92 +195,6 @@ def _shard_map_step(replica_step, data, distribution, variables):
 def _replica_mean(value, axis):
     """Floating state (BatchNorm statistics) averaged over the devices; the rest (seed
     states, counters) is the same on every device."""
-    if jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
+    if base.is_floating(value):
         return jax.lax.pmean(value, axis)
     return value
-
-
-def train_step(sam_model, state, data):
-    """`SAMModel.train_step(state, data)` on JAX: the step as a pure function of `state`."""
-    groups = (
-        sam_model.trainable_variables,
-        sam_model.non_trainable_variables,
-        sam_model.optimizer.variables,
-        sam_model.metrics_variables,
-    )
-    variables = [v for group in groups for v in group]
-    values = [x for group in state for x in group]
-    logs, new_values = step.stateless_run(
-        variables, values, lambda: step.model_step(BACKEND, sam_model, data)
-    )
-    new_state, start = [], 0
-    for group in groups:
-        new_state.append(new_values[start : start + len(group)])
-        start += len(group)
-    return logs, tuple(new_state)
-
-
-def optimize(method, *args, **kwargs):
-    raise ValueError(
-        f"`{type(method).__name__}.optimize(grad_func, variables)` is the TensorFlow custom "
-        "loop. On JAX, write the step as a pure function of the state, as in Keras's JAX "
-        "custom-loop guide: `state, (predictions, loss, loss_sam) = "
-        "optimizer.stateless_optimize(state, compute, trainable_variables, "
-        "non_trainable_variables)`, with `compute()` returning `(predictions, loss)`; see "
-        "the custom-loop guide."
-    )
-
-
-def stateless_optimize(method, state, compute, trainable_variables, non_trainable_variables):
-    """One SAM step as a pure function of `state`, usable inside `jax.jit`.
-
-    Args:
-        state: `(trainable_values, non_trainable_values, optimizer_values)`, the values
-            of `trainable_variables`, `non_trainable_variables` and `method.variables`.
-        compute: a callable with no arguments running the forward pass statefully (the
-            model reads its variables) and returning `(predictions, loss)`.
-
-    Returns:
-        `(new_state, (predictions, loss, loss_sam))`.
-    """
-    trainable_variables = step.check_variables(trainable_variables)
-    non_trainable_variables = list(non_trainable_variables)
-    if not method.built:
-        raise ValueError(
-            f"Build `{type(method).__name__}` before the first step: "
-            "`optimizer.build(model.trainable_variables)`, then take its `variables` "
-            "into the state."
-        )
-    trainable_values, non_trainable_values, optimizer_values = state
-    groups = (trainable_variables, non_trainable_variables, method.variables)
-    variables = [v for group in groups for v in group]
-    values = list(trainable_values) + list(non_trainable_values) + list(optimizer_values)
-    if len(values) != len(variables):
-        raise ValueError(
-            "`state` must hold one value per variable: "
-            f"{len(trainable_variables)} trainable, {len(non_trainable_variables)} "
-            f"non-trainable and {len(method.variables)} optimizer variables. Received "
-            f"{len(trainable_values)}, {len(non_trainable_values)} and {len(optimizer_values)}."
-        )
-
-    def run():
-        def pass_():
-            result = compute()
-            if not (isinstance(result, (tuple, list)) and len(result) == 2):
-                raise ValueError(
-                    f"`compute` must return `(predictions, loss)`. Received: {result!r}"
-                )
-            return result[0], result[1], None
-
-        (part,), _ = step.run_step(BACKEND, method, [pass_], [1.0], trainable_variables)
-        return part.outputs, part.loss, part.loss_sam
-
-    outputs, new_values = step.stateless_run(variables, values, run)
-    new_state, start = [], 0
-    for group in groups:
-        new_state.append(new_values[start : start + len(group)])
-        start += len(group)
-    return tuple(new_state), outputs
-
-
-sam.register_custom_loop("jax", sys.modules[__name__])

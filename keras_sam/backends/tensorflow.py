@@ -1,55 +1,10 @@
 """The TensorFlow adapter: what keras_sam needs of tensorflow and cannot write with `keras.ops`."""
 
-import functools
-import sys
-
 import keras
 import tensorflow as tf
 
 from keras_sam import step
-from keras_sam.methods import sam
-
-# ------------------------------------------------------------------ autodiff primitives
-# (used by the diagnostics; the SAM step may share them)
-
-
-def compile_function(function):
-    """`function` compiled into a graph (`tf.function`), retraced as rarely as possible."""
-    # TensorFlow counts traces per Python code object and warns about "retracing" after a
-    # few; a `functools.partial` has no code object, so each compiled function counts alone.
-    return tf.function(functools.partial(function), reduce_retracing=True)
-
-
-def value_and_gradient(function, values):
-    """`(function(values), its gradient)`: `function` maps a list of tensors to a scalar;
-    the gradient is a list of dense tensors like `values` (zeros where unconnected)."""
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(values)
-        value = function(values)
-    gradient = tape.gradient(value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return value, [tf.convert_to_tensor(g) for g in gradient]
-
-
-def hessian_vector_product(function, values, vector):
-    """The Hessian of the scalar `function` at `values` times `vector` (a list like
-    `values`), by double differentiation: `H v = grad_w (grad_w f(w) . v)`, nested tapes."""
-    with tf.GradientTape(watch_accessed_variables=False) as outer:
-        outer.watch(values)
-        with tf.GradientTape(watch_accessed_variables=False) as inner:
-            inner.watch(values)
-            value = function(values)
-        gradient = inner.gradient(value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        directional = tf.add_n(
-            [
-                tf.reduce_sum(tf.cast(tf.convert_to_tensor(g), "float32") * tf.cast(v, "float32"))
-                for g, v in zip(gradient, vector)
-            ]
-        )
-    product = outer.gradient(
-        directional, values, unconnected_gradients=tf.UnconnectedGradients.ZERO
-    )
-    return [tf.convert_to_tensor(p) for p in product]
-
+from keras_sam.backends import base
 
 # ------------------------------------------------------------------------- the SAM step
 # The tape, `tf.IndexedSlices` and `tf.distribute`; the step itself is `keras_sam.step`.
@@ -68,10 +23,10 @@ def hessian_vector_product(function, values, vector):
 # after the step was applied, and XLA drops assertions: the step has none.
 
 
-class TensorFlow(step.Backend):
+class TensorFlow(base.Backend):
     def gradients(self, compute, variables, values, pending, scale):
         mapping = list(pending.values()) + list(zip(variables, values))
-        scope = step.RecordingScope(state_mapping=mapping)
+        scope = base.RecordingScope(state_mapping=mapping)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(values)
             with scope:
@@ -227,6 +182,28 @@ class TensorFlow(step.Backend):
         ]
         return parts, weights, sizes
 
+    def train_step(self, sam_model, data):
+        """`SAMModel.train_step` on TensorFlow: Keras's trainer calls it inside its function."""
+        return step.model_step(self, sam_model, data)
+
+    def checkpointable(self, variables):
+        """A `tf.Module` holding `variables`, so that `tf.train.Checkpoint` saves them."""
+        module = tf.Module(name="rng_states")
+        module.states = [v.value for v in variables]
+        return module
+
+    def optimize(self, method, grad_func, variables):
+        """The custom-loop step: `pred, loss, loss_sam = method.optimize(grad_func, vars)`."""
+        variables = step.check_variables(variables)
+        compute = base.custom_loop_pass(
+            grad_func,
+            "grad_func",
+            ("predictions", "loss", "tape"),
+            ", with `tape` the `tf.GradientTape` that recorded the loss",
+        )
+        (part,), _ = step.run_step(self, method, [compute], [1.0], variables)
+        return part.outputs, part.loss, part.loss_sam
+
 
 BACKEND = TensorFlow()
 
@@ -236,40 +213,3 @@ def _coalesce(gradient):
     unique, positions = tf.unique(gradient.indices)
     summed = tf.math.unsorted_segment_sum(gradient.values, positions, tf.size(unique))
     return tf.IndexedSlices(summed, unique, gradient.dense_shape)
-
-
-def train_step(sam_model, data):
-    """`SAMModel.train_step` on TensorFlow: Keras's trainer calls it inside its function."""
-    return step.model_step(BACKEND, sam_model, data)
-
-
-def optimize(method, grad_func, variables):
-    """The custom-loop step: `pred, loss, loss_sam = method.optimize(grad_func, vars)`."""
-    variables = step.check_variables(variables)
-    if not callable(grad_func):
-        raise ValueError(
-            "`grad_func` must be a callable returning `(predictions, loss, tape)`. "
-            f"Received: grad_func={grad_func!r}"
-        )
-
-    def compute():
-        result = grad_func()
-        if not (isinstance(result, (tuple, list)) and len(result) == 3):
-            raise ValueError(
-                "`grad_func` must return `(predictions, loss, tape)`, with `tape` the "
-                f"`tf.GradientTape` that recorded the loss. Received: {result!r}"
-            )
-        return result
-
-    (part,), _ = step.run_step(BACKEND, method, [compute], [1.0], variables)
-    return part.outputs, part.loss, part.loss_sam
-
-
-def checkpointable(variables):
-    """A `tf.Module` holding `variables`, so that `tf.train.Checkpoint` saves them."""
-    module = tf.Module(name="rng_states")
-    module.states = [v.value for v in variables]
-    return module
-
-
-sam.register_custom_loop("tensorflow", sys.modules[__name__])

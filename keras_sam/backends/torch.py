@@ -1,57 +1,13 @@
 """The PyTorch adapter: what keras_sam needs of torch and cannot write with `keras.ops`."""
 
 import contextlib
-import sys
 
 import keras
 import torch
 
 from keras_sam import step
+from keras_sam.backends import base
 from keras_sam.methods import sam
-
-# ------------------------------------------------------------------ autodiff primitives
-# (used by the diagnostics; the SAM step may share them)
-
-
-def compile_function(function):
-    """`function` as is: PyTorch runs eagerly."""
-    return function
-
-
-def value_and_gradient(function, values):
-    """`(function(values), its gradient)`: `function` maps a list of tensors to a scalar;
-    the gradient is a list of tensors like `values` (zeros where unconnected)."""
-    leaves = [v.detach().requires_grad_(True) for v in values]
-    with torch.enable_grad():
-        value = function(leaves)
-        gradient = _gradient(value, leaves)
-    return value.detach(), gradient
-
-
-def hessian_vector_product(function, values, vector):
-    """The Hessian of the scalar `function` at `values` times `vector` (a list like
-    `values`), by double differentiation: `H v = grad_w (grad_w f(w) . v)`, double backward."""
-    leaves = [v.detach().requires_grad_(True) for v in values]
-    with torch.enable_grad():
-        value = function(leaves)
-        gradient = _gradient(value, leaves, create_graph=True)
-        directional = sum(
-            torch.sum(g.to(torch.float32) * v.to(torch.float32)) for g, v in zip(gradient, vector)
-        )
-        return _gradient(directional, leaves)
-
-
-def _gradient(value, leaves, create_graph=False):
-    """The gradient of `value` at `leaves`, detached unless `create_graph`; zeros where
-    `value` does not depend on a leaf (or on none: a function linear in them)."""
-    if not value.requires_grad:
-        return [torch.zeros_like(w) for w in leaves]
-    gradient = torch.autograd.grad(value, leaves, create_graph=create_graph, allow_unused=True)
-    return [
-        torch.zeros_like(w) if g is None else (g if create_graph else g.detach())
-        for g, w in zip(gradient, leaves)
-    ]
-
 
 # ------------------------------------------------------------------------- the SAM step
 # PyTorch runs eagerly: the gradient of a pass is `torch.autograd.grad` of the loss with
@@ -73,7 +29,7 @@ def _gradient(value, leaves, create_graph=False):
 # more all-reduce).
 
 
-class Torch(step.Backend):
+class Torch(base.Backend):
     # Keras's PyTorch dropout without a `seed` draws its mask from torch's global
     # generator, not from a Keras seed generator: each clean pass records that generator's
     # state before and after it, and the perturbed pass replays it (`same_randomness`).
@@ -101,7 +57,7 @@ class Torch(step.Backend):
 
     def _gradients(self, compute, variables, values, pending, scale):
         leaves = [v.detach().requires_grad_(True) for v in values]
-        scope = step.RecordingScope(
+        scope = base.RecordingScope(
             state_mapping=list(pending.values()) + list(zip(variables, leaves))
         )
         with torch.enable_grad():
@@ -180,8 +136,8 @@ class Torch(step.Backend):
         rest, seed states and counters, is the same on every process), and the vote: a
         process whose passes were not all finite makes every process skip."""
         present = [i for i, g in enumerate(gradients) if g is not None]
-        averaged_state = [i for i, value in enumerate(state) if _is_floating(value)]
-        averaged_updates = [i for i, (_, value) in enumerate(updates) if _is_floating(value)]
+        averaged_state = [i for i, value in enumerate(state) if base.is_floating(value)]
+        averaged_updates = [i for i, (_, value) in enumerate(updates) if base.is_floating(value)]
         vote = torch.logical_not(torch.as_tensor(finite)).to(torch.float32).reshape(1)
         means = iter(
             self.all_reduce_mean(
@@ -210,6 +166,42 @@ class Torch(step.Backend):
 
     def decide(self, ok, take_step, skip_step, tracked, args=()):
         self.stateful_cond(ok, lambda: take_step(*args), lambda: skip_step(*args), tracked)
+
+    def check_compile(self, sam_model):
+        """Refuses `jit_compile=True` for a SAM optimizer (called by `SAMModel.fit`)."""
+        optimizer = sam.unwrap_loss_scale(sam_model.optimizer)
+        if sam_model.jit_compile and isinstance(optimizer, sam.SAM):
+            raise ValueError(
+                "`jit_compile=True` (`torch.compile`) is not supported for a SAM step on the "
+                "PyTorch backend: the step decides in Python, on the values of its tensors, "
+                "whether to take the perturbed pass and whether to commit or skip, where "
+                "`torch.compile` would break the graph at every decision. Compile the "
+                "`SAMModel` with `jit_compile=False` (the default on PyTorch). Received: "
+                "jit_compile=True"
+            )
+
+    def train_step(self, sam_model, data):
+        """`SAMModel.train_step` on PyTorch: eager, stateful."""
+        with torch.no_grad():
+            return step.model_step(self, sam_model, data)
+
+    def optimize(self, method, closure, variables):
+        """The custom-loop step: `pred, loss, loss_sam = method.optimize(closure, variables)`.
+
+        `closure()` runs the forward pass (the model reads its variables) and returns
+        `(predictions, loss)`; it is called at `w` and at `w + e`, with no tape and no
+        `loss.backward()`: the step takes the gradients itself.
+        """
+        variables = step.check_variables(variables)
+        compute = base.custom_loop_pass(
+            closure,
+            "closure",
+            ("predictions", "loss"),
+            ", with `loss` a scalar tensor computed from the variables",
+        )
+        with torch.no_grad():
+            (part,), _ = step.run_step(self, method, [compute], [1.0], variables)
+        return part.outputs, part.loss, part.loss_sam
 
 
 BACKEND = Torch()
@@ -254,66 +246,9 @@ def world_size():
     return 1
 
 
-def _is_floating(value):
-    return isinstance(value, torch.Tensor) and value.is_floating_point()
-
-
 def _tensor(value):
     return value.value if isinstance(value, keras.Variable) else value
 
 
 def _detached(value):
     return value.detach() if isinstance(value, torch.Tensor) else value
-
-
-def check_compile(sam_model):
-    """Refuses `jit_compile=True` for a SAM optimizer (called by `SAMModel.fit`)."""
-    optimizer = sam_model.optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    if sam_model.jit_compile and isinstance(optimizer, sam.SAM):
-        raise ValueError(
-            "`jit_compile=True` (`torch.compile`) is not supported for a SAM step on the "
-            "PyTorch backend: the step decides in Python, on the values of its tensors, "
-            "whether to take the perturbed pass and whether to commit or skip, where "
-            "`torch.compile` would break the graph at every decision. Compile the "
-            "`SAMModel` with `jit_compile=False` (the default on PyTorch). Received: "
-            "jit_compile=True"
-        )
-
-
-def train_step(sam_model, data):
-    """`SAMModel.train_step` on PyTorch: eager, stateful."""
-    with torch.no_grad():
-        return step.model_step(BACKEND, sam_model, data)
-
-
-def optimize(method, closure, variables):
-    """The custom-loop step: `pred, loss, loss_sam = method.optimize(closure, variables)`.
-
-    `closure()` runs the forward pass (the model reads its variables) and returns
-    `(predictions, loss)`; it is called at `w` and at `w + e`, with no tape and no
-    `loss.backward()`: the step takes the gradients itself.
-    """
-    variables = step.check_variables(variables)
-    if not callable(closure):
-        raise ValueError(
-            "`closure` must be a callable returning `(predictions, loss)`. "
-            f"Received: closure={closure!r}"
-        )
-
-    def compute():
-        result = closure()
-        if not (isinstance(result, (tuple, list)) and len(result) == 2):
-            raise ValueError(
-                "`closure` must return `(predictions, loss)`, with `loss` a scalar tensor "
-                f"computed from the variables. Received: {result!r}"
-            )
-        return result[0], result[1], None
-
-    with torch.no_grad():
-        (part,), _ = step.run_step(BACKEND, method, [compute], [1.0], variables)
-    return part.outputs, part.loss, part.loss_sam
-
-
-sam.register_custom_loop("torch", sys.modules[__name__])

@@ -160,7 +160,7 @@ def _sam_step(optimizer, variables, loss):
 
     from keras_sam import backends
 
-    autodiff = backends.current()
+    autodiff = backends.autodiff.current()
 
     def descent_gradients(values, *batch):
         def gradient(at):

@@ -12,7 +12,7 @@ JAX, eager on PyTorch) adding to running sums that stay on the device:
 
 `values` is a list of tensors, one per trainable variable; the model reads them through
 a `keras.StatelessScope`, so no variable is ever written. The code is `keras.ops`; the
-differentiation and the compilation are the backend's (`keras_sam.backends`).
+differentiation and the compilation are the backend's (`keras_sam.backends.autodiff`).
 """
 
 import numbers
@@ -21,7 +21,7 @@ import sys
 import keras
 import numpy as np
 
-from keras_sam import backends
+from keras_sam.backends import autodiff
 
 
 def loss_function(model, loss):
@@ -171,7 +171,7 @@ class Passes:
         self._classifier = None
         # One compiled function per kind of pass, called once per batch: it adds the
         # batch's share to running sums, which stay on the device between batches.
-        self._autodiff = backends.current()
+        self._autodiff = autodiff.current()
         self._loss = self._autodiff.compile_function(self._loss_batch)
         self._gradient = self._autodiff.compile_function(self._gradient_batch)
         self._hvp = self._autodiff.compile_function(self._hvp_batch)

@@ -4,7 +4,7 @@ from typing import Any
 
 import keras
 
-from keras_sam.methods.sam import SAM, _check_number
+from keras_sam.methods.sam import SAM, check_number
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -54,8 +54,8 @@ class FriendlySAM(SAM):
         lmbda: float = 0.95,
         **kwargs: Any,
     ) -> None:
-        sigma = _check_number("sigma", sigma, minimum=0.0)
-        lmbda = _check_number("lmbda", lmbda, minimum=0.0)
+        sigma = check_number("sigma", sigma, minimum=0.0)
+        lmbda = check_number("lmbda", lmbda, minimum=0.0)
         if lmbda >= 1:
             raise ValueError(f"`lmbda` must be in [0, 1). Received: lmbda={lmbda!r}")
         super().__init__(optimizer, rho=rho, **kwargs)

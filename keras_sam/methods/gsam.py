@@ -5,7 +5,7 @@ from typing import Any
 import keras
 
 from keras_sam import maths
-from keras_sam.methods.sam import SAM, _check_number
+from keras_sam.methods.sam import SAM, check_number
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -54,7 +54,7 @@ class GSAM(SAM):
         alpha: float = 0.4,
         **kwargs: Any,
     ) -> None:
-        alpha = _check_number("alpha", alpha, minimum=0.0)
+        alpha = check_number("alpha", alpha, minimum=0.0)
         super().__init__(optimizer, rho=rho, **kwargs)
         self.alpha = alpha
 

@@ -5,7 +5,7 @@ from typing import Any
 import keras
 
 from keras_sam import maths
-from keras_sam.methods.sam import SAM, _check_number
+from keras_sam.methods.sam import SAM, check_number
 from keras_sam.methods.switching import check_period
 
 
@@ -63,7 +63,7 @@ class LookSAM(SAM):
         **kwargs: Any,
     ) -> None:
         k = check_period("k", k)
-        alpha = _check_number("alpha", alpha, minimum=0.0)
+        alpha = check_number("alpha", alpha, minimum=0.0)
         super().__init__(optimizer, rho=rho, **kwargs)
         self.k = k
         self.alpha = alpha

@@ -5,7 +5,7 @@ from typing import Any
 
 import keras
 
-from keras_sam.methods.sam import SAM, _check_number
+from keras_sam.methods.sam import SAM, check_number
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -86,7 +86,7 @@ class MomentumSAM(SAM):
         momentum: float = 0.9,
         **kwargs: Any,
     ) -> None:
-        momentum = _check_number("momentum", momentum, minimum=0.0)
+        momentum = check_number("momentum", momentum, minimum=0.0)
         if momentum >= 1:
             raise ValueError(f"`momentum` must be in [0, 1). Received: momentum={momentum!r}")
         super().__init__(optimizer, rho=rho, **kwargs)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import importlib
 import math
 import numbers
 import re
@@ -41,32 +40,6 @@ DISTRIBUTED_PERTURBATIONS = (PER_REPLICA, SYNCHRONIZED)
 GLOBAL_NORM = "global"
 LAYERWISE_NORM = "layerwise"
 PERTURBATION_NORMS = (GLOBAL_NORM, LAYERWISE_NORM)
-
-# The custom-loop entry points of each backend (`backend name -> adapter`, which has
-# `optimize(method, ...)` and may have `stateless_optimize(method, ...)`): registered by
-# the backend's adapter in keras_sam/backends/ when imported, so that no method imports
-# a trainer.
-_CUSTOM_LOOPS = {}
-
-
-def register_custom_loop(backend, adapter):
-    """Makes `adapter.optimize` (and `adapter.stateless_optimize`) the custom loop of
-    `backend`."""
-    _CUSTOM_LOOPS[backend] = adapter
-
-
-def _custom_loop(method_name):
-    backend = keras.backend.backend()
-    if backend not in _CUSTOM_LOOPS:
-        importlib.import_module(f"keras_sam.backends.{backend}")  # registers itself
-    loop = getattr(_CUSTOM_LOOPS[backend], method_name, None)
-    if loop is None:
-        raise ValueError(
-            f"`{method_name}` is not available on the {backend} backend: see the custom-loop "
-            "guide for this backend's form."
-        )
-    return loop
-
 
 # ASAM leaves these at T = 1, as the official implementation does for every parameter
 # whose name does not contain "weight": biases and normalization offsets.
@@ -108,6 +81,25 @@ class SAM(keras.optimizers.Optimizer):
     (PyTorch), `distributed_perturbation` says whether each replica perturbs with its own
     gradient; `gradient_accumulation_steps` accumulates SAM gradients over
     micro-batches.
+
+    Its members, besides the Keras optimizer's own (`learning_rate`, `iterations`,
+    `variables`, `build`, `get_config`, ...), are of two kinds:
+
+    - for users: the custom-loop step, `optimize` (TensorFlow, PyTorch) or
+      `stateless_optimize` (JAX); `bind(model)`, for a `perturb` given as layer classes
+      in a custom loop; the counters `skipped_steps` and `second_passes` (and
+      `may_skip_second_pass`, whether the latter counts); the hyperparameters, as
+      attributes (`rho`, `adaptive`, `eta`, `epsilon`, `perturb`, ...; the wrapped
+      optimizer is `inner_optimizer`);
+    - hooks, for a new method to override (see "Adding a method"): the per-step
+      questions `initial_perturbation`, `needs_second_pass`, `perturbation`,
+      `descent_gradients` and `one_pass_gradients`; the class attributes
+      `skips_second_pass` and `measures_sharpness`; and what they call:
+      `add_state_variable`, `add_state_slots`, `state_variables`, `current_rho`,
+      `rho_is_positive`, `at_step`, `every_k_steps`, `decide_second_pass` and
+      `perturbation_along`.
+
+    The rest (a leading underscore) is read by the step only.
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` instance that takes the steps
@@ -232,7 +224,7 @@ class SAM(keras.optimizers.Optimizer):
         gradient_accumulation_steps = _check_accumulation_steps(gradient_accumulation_steps)
         rho = check_rate("rho", rho)
         adaptive = _check_bool("adaptive", adaptive)
-        eta = _check_number("eta", eta, minimum=0.0)
+        eta = check_number("eta", eta, minimum=0.0)
         epsilon = _check_epsilon(epsilon)
         perturb = _check_perturb(perturb)
         verify_optimizer_step = _check_bool("verify_optimizer_step", verify_optimizer_step)
@@ -311,7 +303,7 @@ class SAM(keras.optimizers.Optimizer):
 
     def perturbation_along(self, directions, variables):
         """`rho * T**2 d / ||T d||` restricted to the perturbed variables (`perturb`)."""
-        mask = self.perturbed_mask(variables)
+        mask = self._perturbed_mask(variables)
         directions = [d if m else None for d, m in zip(directions, mask)]
         scales = adaptive_scales(variables, self.eta) if self.adaptive else None
         if self.perturbation_norm == LAYERWISE_NORM:
@@ -356,7 +348,7 @@ class SAM(keras.optimizers.Optimizer):
             return maths.combined_norm(norms)
         return maths.combined_norm(keras.ops.take(norms, [positions[id(d)] for d in present]))
 
-    def perturbed_mask(self, variables):
+    def _perturbed_mask(self, variables):
         """One bool per variable: whether `perturb` selects it."""
         perturb = self.perturb
         if perturb is None:
@@ -421,7 +413,7 @@ class SAM(keras.optimizers.Optimizer):
         else:
             combined = keras.ops.logical_and(positive, decision)
         if self.may_skip_second_pass:
-            combined = self.count_second_pass(combined)
+            combined = self._count_second_pass(combined)
         return combined
 
     @property
@@ -439,7 +431,7 @@ class SAM(keras.optimizers.Optimizer):
             return True
         return keras.ops.equal(keras.ops.mod(self.iterations, k), 0)
 
-    def count_second_pass(self, decision):
+    def _count_second_pass(self, decision):
         """Adds this step's decision to the `second_passes` state variable."""
         counter = self._second_passes
         counter.assign(counter.value + keras.ops.cast(decision, "float32"))
@@ -482,7 +474,7 @@ class SAM(keras.optimizers.Optimizer):
         return _Slots({id(v): self.add_state_variable(reference=v, name=name) for v in var_list})
 
     @property
-    def sparse_gradients_supported(self):
+    def _sparse_gradients_supported(self):
         """Whether the trainer may keep an Embedding's sparse gradient sparse.
 
         True when the perturbation scales each gradient entry by one global factor
@@ -508,9 +500,14 @@ class SAM(keras.optimizers.Optimizer):
         return self._skipped_steps
 
     @property
-    def accumulation_variables(self):
+    def _accumulation_variables(self):
         """`(micro_steps, gradient_sums, state_sums)` under gradient accumulation."""
         return self._micro_steps, list(self._gradient_sums), list(self._state_sums)
+
+    # The step's reads under their former public names, until the step reads the
+    # private ones (issue 23: the step is restructured on its own branch).
+    accumulation_variables = _accumulation_variables
+    sparse_gradients_supported = _sparse_gradients_supported
 
     # ------------------------------------------------------------ the custom loop
     def optimize(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
@@ -529,7 +526,7 @@ class SAM(keras.optimizers.Optimizer):
 
         JAX takes a pure function of the state instead: `stateless_optimize`.
         """
-        return _custom_loop("optimize")(self, *args, **kwargs)
+        return _backend().optimize(self, *args, **kwargs)
 
     def stateless_optimize(
         self,
@@ -577,7 +574,7 @@ class SAM(keras.optimizers.Optimizer):
             `(new_state, (predictions, loss, loss_sam))`. Nothing is written to a
             variable: write the final state back with `variable.assign(value)`.
         """
-        return _custom_loop("stateless_optimize")(
+        return _backend().stateless_optimize(
             self, state, compute, trainable_variables, non_trainable_variables
         )
 
@@ -658,6 +655,14 @@ class SAM(keras.optimizers.Optimizer):
         return cls(optimizer, perturb=perturb, **config)
 
 
+def _backend():
+    """The `keras_sam.backends.base.Backend` of Keras's backend, which runs the custom
+    loops. Imported when a loop is called: the methods never import a backend module."""
+    from keras_sam import backends
+
+    return backends.current()
+
+
 class _StepNorms:
     """The step's gradient norms by gradient (a plain object: TensorFlow's tracking
     would wrap a dict or tuple attribute, and refuses integer keys)."""
@@ -721,7 +726,7 @@ def check_rate(name, value):
             "`keras.optimizers.schedules.LearningRateSchedule` of the step. "
             f"Received: {name}={value!r}"
         )
-    return _check_number(name, value, minimum=0.0, float32=True)
+    return check_number(name, value, minimum=0.0, float32=True)
 
 
 def serialize_rate(value):
@@ -856,6 +861,14 @@ def _refuse_inner_optimizer_arguments(class_name, kwargs):
         )
 
 
+def unwrap_loss_scale(optimizer):
+    """The optimizer a `keras.optimizers.LossScaleOptimizer` wraps, or `optimizer` itself
+    when it is not one (Keras's `compile` wraps the optimizer so under `mixed_float16`)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer
+
+
 def _check_optimizer(class_name, optimizer):
     if isinstance(optimizer, str):
         optimizer = keras.optimizers.get(optimizer)
@@ -869,9 +882,7 @@ def _check_optimizer(class_name, optimizer):
             f"`optimizer` must be a plain Keras optimizer: `{class_name}` cannot wrap "
             f"another SAM method. Received: optimizer={optimizer!r}"
         )
-    steps_owner = optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        steps_owner = optimizer.inner_optimizer
+    steps_owner = unwrap_loss_scale(optimizer)
     if steps_owner.gradient_accumulation_steps:
         raise ValueError(
             f"Set `gradient_accumulation_steps` on `{class_name}`, not on the wrapped "
@@ -900,7 +911,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 FLOAT32_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
 
 
-def _check_number(name, value, minimum, strict=False, float32=False):
+def check_number(name, value, minimum, strict=False, float32=False):
     """A finite real number >= `minimum` (> with `strict`), returned as a float.
 
     With `float32`, also finite in float32 (the value is used in float32 in the step).
@@ -924,7 +935,7 @@ def _check_number(name, value, minimum, strict=False, float32=False):
 def _check_epsilon(epsilon):
     """`epsilon` > 0 that float32 keeps: 1e-45 would round to 0 and make 0/0 of a zero
     gradient, where `e = 0` is promised."""
-    epsilon = _check_number("epsilon", epsilon, minimum=0.0, strict=True, float32=True)
+    epsilon = check_number("epsilon", epsilon, minimum=0.0, strict=True, float32=True)
     if epsilon < FLOAT32_SMALLEST_NORMAL:
         raise ValueError(
             "`epsilon` must be at least the smallest normal float32, "

@@ -5,7 +5,7 @@ import numbers
 
 import keras
 
-from keras_sam.methods.sam import _check_number
+from keras_sam.methods.sam import check_number
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -57,8 +57,8 @@ class ProportionalRho(keras.optimizers.schedules.LearningRateSchedule):
                 "LearningRateSchedule` (the wrapped optimizer's). "
                 f"Received: learning_rate={learning_rate!r}"
             )
-        rho_max = _check_number("rho_max", rho_max, minimum=0.0, float32=True)
-        rho_min = _check_number("rho_min", rho_min, minimum=0.0, float32=True)
+        rho_max = check_number("rho_max", rho_max, minimum=0.0, float32=True)
+        rho_min = check_number("rho_min", rho_min, minimum=0.0, float32=True)
         if rho_min > rho_max:
             raise ValueError(
                 "`rho_min` must be <= `rho_max`. "
@@ -66,8 +66,8 @@ class ProportionalRho(keras.optimizers.schedules.LearningRateSchedule):
             )
         if lr_max is None:
             lr_max = float(keras.ops.convert_to_numpy(learning_rate(0)))
-        lr_max = _check_number("lr_max", lr_max, minimum=0.0)
-        lr_min = _check_number("lr_min", lr_min, minimum=0.0)
+        lr_max = check_number("lr_max", lr_max, minimum=0.0)
+        lr_min = check_number("lr_min", lr_min, minimum=0.0)
         if lr_min >= lr_max:
             raise ValueError(
                 "`lr_min` must be < `lr_max` (give `lr_max` for a schedule that starts "
@@ -136,7 +136,7 @@ class LatePhaseRho(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, rho: float, start_step: int) -> None:
-        rho = _check_number("rho", rho, minimum=0.0, float32=True)
+        rho = check_number("rho", rho, minimum=0.0, float32=True)
         if (
             isinstance(start_step, bool)
             or not isinstance(start_step, numbers.Integral)

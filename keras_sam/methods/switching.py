@@ -8,7 +8,7 @@ from typing import Any
 import keras
 
 from keras_sam import maths
-from keras_sam.methods.sam import SAM, _check_number, serialize_rate
+from keras_sam.methods.sam import SAM, check_number, serialize_rate
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -109,7 +109,7 @@ class AESAM(SAM):
         **kwargs: Any,
     ) -> None:
         margin = _check_margin(margin)
-        decay = _check_number("decay", decay, minimum=0.0)
+        decay = check_number("decay", decay, minimum=0.0)
         if decay >= 1:
             raise ValueError(f"`decay` must be in [0, 1). Received: decay={decay!r}")
         super().__init__(optimizer, rho=rho, **kwargs)

@@ -10,7 +10,8 @@ from typing import Any
 import keras
 
 from keras_sam import backends, files
-from keras_sam.methods.sam import SAM
+from keras_sam.backends.base import is_floating
+from keras_sam.methods.sam import SAM, unwrap_loss_scale
 from keras_sam.trainers.skipped_steps import (
     DEFAULT_MAX_CONSECUTIVE_SKIPS,
     StopOnSkippedSteps,
@@ -122,20 +123,18 @@ class SAMModel(keras.Model):
         self.max_consecutive_skips = check_max_consecutive_skips(max_consecutive_skips)
         self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
         self.second_pass_tracker = keras.metrics.Mean(name="second_pass_rate")
-        adapter = backends.current()
-        if hasattr(adapter, "checkpointable"):
+        checkpointable = backends.current().checkpointable(self._rng_states())
+        if checkpointable is not None:
             # Tracked by `tf.train.Checkpoint`, which does not follow seed generators.
-            self.rng_checkpoint = adapter.checkpointable(self._rng_states())
+            self.rng_checkpoint = checkpointable
         self.built = True
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
     def make_train_function(self, force=False):
-        adapter = backends.current()
-        if hasattr(adapter, "check_compile"):
-            # PyTorch refuses `jit_compile=True` for a SAM step here, before any step.
-            adapter.check_compile(self)
+        # PyTorch refuses `jit_compile=True` for a SAM step here, before any step.
+        backends.current().check_compile(self)
         return super().make_train_function(force=force)
 
     def fit(self, *args, **kwargs):
@@ -160,25 +159,14 @@ class SAMModel(keras.Model):
         return super().fit(*args, **kwargs)
 
     def _sam_optimizer(self):
-        optimizer = getattr(self, "optimizer", None)
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            # `compile` wraps the optimizer so under the `mixed_float16` policy.
-            optimizer = optimizer.inner_optimizer
-        return optimizer
+        return unwrap_loss_scale(getattr(self, "optimizer", None))
 
     def train_step(self, *args):
         # TensorFlow and PyTorch call `train_step(data)`; JAX calls the stateless
         # `train_step(state, data)` and takes `(logs, state)` back.
         optimizer = self._sam_optimizer()
         if isinstance(optimizer, SAM):
-            adapter = backends.current()
-            if not hasattr(adapter, "train_step"):
-                raise NotImplementedError(
-                    f"`SAMModel.fit` with `{type(optimizer).__name__}` is not available on the "
-                    f"{keras.backend.backend()} backend yet. It runs on TensorFlow, JAX and "
-                    "PyTorch (set `KERAS_BACKEND`)."
-                )
-            result = adapter.train_step(self, *args)
+            result = backends.current().train_step(self, *args)
             drop = () if optimizer.may_skip_second_pass else ("second_pass_rate",)
             if not optimizer.measures_sharpness:  # MomentumSAM: no pass at `w`
                 drop += ("sharpness",)
@@ -207,7 +195,7 @@ class SAMModel(keras.Model):
             count = state[3][index]
         applied = keras.ops.greater(count, 0)
         for name, value in logs.items():
-            if name != "skipped_steps" and "float" in keras.backend.standardize_dtype(value.dtype):
+            if name != "skipped_steps" and is_floating(value):
                 logs[name] = keras.ops.where(applied, value, math.nan)
 
     def test_step(self, *args):

@@ -13,6 +13,8 @@ from typing import Any
 
 import keras
 
+from keras_sam.methods.sam import unwrap_loss_scale
+
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 100
 
 
@@ -132,9 +134,7 @@ class StopOnSkippedSteps(keras.callbacks.Callback):
         self._last_batch = -1
 
     def on_train_begin(self, logs=None):
-        optimizer = self.model.optimizer
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            optimizer = optimizer.inner_optimizer
+        optimizer = unwrap_loss_scale(self.model.optimizer)
         self.guard = SkippedStepsGuard(self.max_consecutive_skips, optimizer.skipped_steps)
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -73,7 +73,7 @@ FORMS = {
 
 
 def _mask(optimizer, model):
-    return optimizer.bind(model).perturbed_mask(model.trainable_variables)
+    return optimizer.bind(model)._perturbed_mask(model.trainable_variables)
 
 
 @pytest.mark.parametrize("form", FORMS)
