@@ -34,9 +34,7 @@ import typing
 import keras
 from keras import ops
 
-from keras_sam.backends.base import Backend, RecordingScope  # noqa: F401 (`step.Backend`)
-from keras_sam.backends.base import is_floating as _is_floating
-from keras_sam.backends.base import unique as _unique
+from keras_sam.backends.base import RecordingScope, is_floating, unique
 from keras_sam.methods.sam import SAM, SYNCHRONIZED, unwrap_loss_scale
 
 
@@ -184,7 +182,7 @@ class _PartRun:
         self.synchronized = backend.num_replicas() > 1 and (
             method.distributed_perturbation == SYNCHRONIZED
         )
-        self.sparse_ok = method.sparse_gradients_supported and not self.synchronized
+        self.sparse_ok = method._sparse_gradients_supported and not self.synchronized
         self.scale = None if roles.scaler is None else roles.scaler.dynamic_scale
         self.clean = None
         self.present = []
@@ -410,7 +408,7 @@ def compute_step(backend, roles, computes, part_weights, variables, real=None):
 def _gradient_factor(backend, roles):
     """What turns a pass's raw gradients into its mean gradient (None: nothing): one
     over the loss scale, times `Backend.replica_loss_divisor` under replicas."""
-    divisor = backend.replica_loss_divisor() if backend.num_replicas() > 1 else 1
+    divisor = backend.replica_loss_divisor()
     if roles.scaler is not None:
         return divisor / roles.scaler.dynamic_scale
     if divisor > 1:
@@ -436,8 +434,8 @@ def _verdict(backend, parts, updates, state):
     tame too (an input of 1e20 can make a BatchNorm moving variance infinite while
     every loss and gradient is finite)."""
     finite = ops.all(ops.stack([p.finite for p in parts]))
-    floating = [value for _, value in updates if _is_floating(value)] + [
-        value for value in state if _is_floating(value)
+    floating = [value for _, value in updates if is_floating(value)] + [
+        value for value in state if is_floating(value)
     ]
     if floating:
         finite = ops.logical_and(finite, _tame(_norms(backend, floating)))
@@ -495,13 +493,13 @@ class _Outcomes:
         self.steps = method.accumulation_steps
         self.present = [g is not None for g in gradients]
         # Every variable an outcome may assign (for backends whose decision needs them).
-        self.tracked = _unique(list(variables) + update_variables + list(roles.outer.variables))
+        self.tracked = unique(list(variables) + update_variables + list(roles.outer.variables))
         # What a verified take checks: what the wrapped optimizer writes (the weights,
         # its slots) and the sums.
         self.checked = []
         if method.verify_optimizer_step:
             written = list(variables) + list(roles.applier.variables) + _sums(method)
-            self.checked = [v for v in _unique(written) if _is_floating(v)]
+            self.checked = [v for v in unique(written) if is_floating(v)]
         self.snapshot = None  # the copy of `tracked` a verified take keeps
 
     # ------------------------------------------------------ once for the step
@@ -543,14 +541,14 @@ class _Outcomes:
             backend.run_in_replicas(self.apply, gradients, update_values, state_values)
             return
         backend.run_in_replicas(self.accumulate, gradients, update_values, state_values)
-        micro_steps = self.method.accumulation_variables[0]
+        micro_steps = self.method._accumulation_variables[0]
         micro_steps.assign(micro_steps.value + 1)
         full = ops.equal(micro_steps.value, self.steps)
         backend.stateful_cond(full, self.apply_accumulated, _no_change, self.tracked)
 
     def apply_accumulated(self):
         self.backend.run_in_replicas(self.apply_averages)
-        micro_steps = self.method.accumulation_variables[0]
+        micro_steps = self.method._accumulation_variables[0]
         micro_steps.assign(ops.zeros_like(micro_steps.value))
 
     def grow_loss_scale(self):
@@ -578,7 +576,7 @@ class _Outcomes:
 
     def accumulate(self, gradients, update_values, state_values):
         self.commit(update_values, [])
-        _, gradient_sums, state_sums = self.method.accumulation_variables
+        _, gradient_sums, state_sums = self.method._accumulation_variables
         for total, g in zip(gradient_sums, gradients):
             if g is not None:
                 total.assign(total.value + ops.cast(self.backend.dense(g), total.dtype))
@@ -587,7 +585,7 @@ class _Outcomes:
 
     def apply_averages(self):
         """The optimizer's step with the averages of the sums; the sums zeroed."""
-        _, gradient_sums, state_sums = self.method.accumulation_variables
+        _, gradient_sums, state_sums = self.method._accumulation_variables
         averages = [
             total.value / self.steps if p else None for total, p in zip(gradient_sums, self.present)
         ]
@@ -606,7 +604,7 @@ def _sums(method):
     """The gradient and state sums of gradient accumulation (none without it)."""
     if method.accumulation_steps == 1:
         return []
-    _, gradient_sums, state_sums = method.accumulation_variables
+    _, gradient_sums, state_sums = method._accumulation_variables
     return list(gradient_sums) + list(state_sums)
 
 
@@ -623,7 +621,7 @@ def model_step(backend, sam_model, data):
     if isinstance(method.perturb, tuple):
         method.bind(sam_model)
     replica_step = functools.partial(_replica_step, backend, sam_model, roles, variables)
-    readable = _unique(
+    readable = unique(
         sam_model.trainable_variables
         + sam_model.non_trainable_variables
         + list(roles.outer.variables)
@@ -669,7 +667,7 @@ def _update_metrics(backend, sam_model, data, result):
     per replica.
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    divisor = backend.replica_loss_divisor() if backend.num_replicas() > 1 else 1
+    divisor = backend.replica_loss_divisor()
     batch_size = ops.shape(next(t for t in keras.tree.flatten(x) if t is not None))[0]
     update = functools.partial(
         _update_trackers, sam_model, result, divisor, batch_size, x, y, sample_weight

@@ -504,11 +504,6 @@ class SAM(keras.optimizers.Optimizer):
         """`(micro_steps, gradient_sums, state_sums)` under gradient accumulation."""
         return self._micro_steps, list(self._gradient_sums), list(self._state_sums)
 
-    # The step's reads under their former public names, until the step reads the
-    # private ones (issue 23: the step is restructured on its own branch).
-    accumulation_variables = _accumulation_variables
-    sparse_gradients_supported = _sparse_gradients_supported
-
     # ------------------------------------------------------------ the custom loop
     def optimize(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
         """One SAM step in a custom training loop, in the backend's own form.
