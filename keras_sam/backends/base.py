@@ -189,6 +189,9 @@ class Backend:
 
         `ok` is this replica's verdict; under a distribution every replica must take
         the same branch (TensorFlow overrides this with a cross-replica decision).
+        `take_step` and `skip_step` run once for the step (under `tf.distribute`, in
+        the cross-replica context, after every replica's vote); what they do per
+        replica goes through `run_in_replicas`.
 
         The default, for a functional backend (JAX), is a `stateful_cond`: one
         conditional whose branches return the new values of `tracked`. (Computing
@@ -279,7 +282,13 @@ class Backend:
         return replica_step(data)
 
     def run_in_replicas(self, fn, *args):
-        """Runs `fn(*args)` in each replica (from the decision's context)."""
+        """Runs `fn(*args)` in each replica (from the decision's context).
+
+        The step's outcomes call it for what reads a replica's own values: committing
+        the state updates and the method's state, applying or accumulating the
+        gradients, applying the sums. `decide`'s branches themselves, and the counters
+        they assign (`skipped_steps`, the micro-step count, the loss scale), run once
+        for the step."""
         return fn(*args)
 
     def dynamic_split(self, batch, num_splits):

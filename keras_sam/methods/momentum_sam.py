@@ -49,8 +49,8 @@ class MomentumSAM(SAM):
     (CIFAR-100 with SGD, where SAM got 0.2; ImageNet with SGD and with AdamW); that is
     the default here. Small models, whose weight vectors are short, want less: on
     keras_sam's Fashion-MNIST CNN with SGD at 40 % label noise (one seed, 40 epochs),
-    `rho=3` and `rho=2` never left chance level, while `rho=1` reached 78.9 % clean test
-    accuracy at one pass a step (plain SGD 65.3 %, SAM 81.6 % at two); sweep `rho`, e.g.
+    `rho=3` and `rho=2` never left chance level, while `rho=1` trained, between plain
+    SGD and SAM at one pass a step (docs/RESULTS.md has the figures); sweep `rho`, e.g.
     `keras-sam train --method momentum_sam --rho X`.
 
     Args:
