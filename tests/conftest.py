@@ -1,10 +1,29 @@
 """One pytest session per Keras backend: `KERAS_BACKEND=jax pytest` runs the JAX session.
 
-Keras picks its backend once, at import, so a session tests one backend. The battery is
-shared: a test module runs on every backend unless it is listed below as written for one
-backend (the TensorFlow custom loop, `tf.distribute`, `tf.IndexedSlices`, ...). The
-backend-neutral battery (tests/harness.py runs `SAMModel` eagerly, compiled and under XLA):
-methods/test_reference_battery.py and trainers/test_contract.py.
+Keras picks its backend once, at import, so a session tests one backend. Where a module
+runs is decided here, in three lists:
+
+- the battery (every module not listed below) runs in every session: the step, the
+  methods, `SAMModel`, the diagnostics, written once and run on each backend;
+- `ONLY[backend]`: modules written for one backend's own API (the TensorFlow custom loop,
+  `tf.distribute`, `tf.IndexedSlices`, JAX's stateless loop, `torch.distributed`);
+- `NEUTRAL`: modules whose code under test is the same on every backend (the command line,
+  the experiment runner, the data sets, the files, the models, the maths on dense
+  tensors, the packaging, and the tests that start their own process per backend). Each
+  runs once, in the session named beside it: TensorFlow's for those that train the CNN
+  (its graph runs the convolutions several times faster than PyTorch's eager step on
+  this CPU; and the runner's resume is bitwise only where Keras checkpoints the dropout
+  seeds, which PyTorch's unseeded dropout is not), PyTorch's for the rest (the cheapest
+  per test: no graph to trace). A single backend-neutral test in a battery module is
+  marked `@pytest.mark.once` and runs in the `ONCE` session.
+
+A test that runs the step "eagerly, compiled and under XLA" (`mode`, tests/harness.py's
+`MODES`) runs in the modes that are different code on the session's backend: all three on
+TensorFlow. On JAX and PyTorch Keras compiles only with `jit_compile=True`, so there
+`run_eagerly=True` runs the same step as `jit_compile=False` (`SAME_MODE`): a test case
+that differs from another only by that is deselected (tests/backends/test_modes.py checks
+that Keras still treats them alike). PyTorch refuses `xla` for a SAM step (checked by
+tests/backends/test_torch.py): those cases are deselected there.
 """
 
 import os
@@ -18,37 +37,54 @@ ONLY = {
     "tensorflow": [
         "trainers/test_bad_input.py",
         "trainers/test_checkpoints.py",
-        "trainers/test_clipping.py",
         "trainers/test_distribute.py",
         "trainers/test_multi_worker.py",
         "trainers/test_optimize.py",
         "trainers/test_sam_model.py",
-        "trainers/test_sparse.py",
+        "step/test_clipping.py",
+        "step/test_sparse.py",
         "diagnostics/test_tf_data.py",
-        "diagnostics/test_cross_backend.py",  # every backend, in subprocesses: run once
-        "datasets/test_fashion_mnist.py",
-        "datasets/test_label_noise.py",
-        "test_cli.py",
-        "test_models.py",
+        # Evaluating an uncompiled model raises Keras's ValueError here, an AttributeError
+        # on PyTorch (as the README's quick start says for TensorFlow).
         "test_registration.py",
-        "test_training.py",
-        "test_maths.py",
-        "test_wheel.py",  # installs the `tensorflow-cpu` extra; other backends can follow
-        # Starts a process per backend itself: one session runs it.
-        "test_cross_backend.py",
+    ],
+    "jax": ["backends/test_jax.py", "backends/test_jax_distribution.py"],
+    "torch": [
+        "backends/test_torch.py",
+        "backends/test_torch_distribution.py",
+        "backends/test_torch_dead_replica.py",
     ],
 }
-ONLY["jax"] = ["backends/test_jax.py", "backends/test_jax_distribution.py"]
-ONLY["torch"] = [
-    "backends/test_torch.py",
-    "backends/test_torch_distribution.py",
-    "backends/test_torch_dead_replica.py",
-]
+# Backend-neutral modules, each run once, in the session named (see above).
+NEUTRAL = {
+    "cli/test_commands.py": "tensorflow",
+    "cli/test_training.py": "tensorflow",
+    "cli/test_playground.py": "tensorflow",
+    "cli/test_inspect.py": "tensorflow",
+    "datasets/test_fashion_mnist.py": "torch",
+    "datasets/test_label_noise.py": "torch",
+    "test_files.py": "torch",
+    "test_maths.py": "torch",
+    "test_models.py": "torch",
+    "test_packaging.py": "torch",
+    "test_planted_defects.py": "torch",
+    "test_wheel.py": "torch",  # installs the `tensorflow-cpu` extra into a fresh environment
+    # Start a process per backend themselves.
+    "test_cross_backend.py": "torch",
+    "diagnostics/test_cross_backend.py": "torch",
+}
+ONCE = "torch"
+for _path, _backend in NEUTRAL.items():
+    ONLY[_backend] = ONLY[_backend] + [_path]
 collect_ignore = [
     "backends/jax_distribution.py",
     "backends/torch_distribution.py",
     "backends/torch_dead_replica.py",
 ] + [path for backend, paths in ONLY.items() if backend != BACKEND for path in paths]
+
+# The `mode`s that run the same step as another on this backend, and those it refuses.
+SAME_MODE = {"jax": {"eager": "compiled"}, "torch": {"eager": "compiled"}}.get(BACKEND, {})
+REFUSED_MODES = {"torch": {"xla"}}.get(BACKEND, set())
 
 if BACKEND == "tensorflow":
     import tensorflow as tf
@@ -64,6 +100,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from tests import budget  # noqa: E402
+
 keras.config.disable_interactive_logging()
 
 
@@ -71,31 +109,56 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "backends(*names): runs only in these backends' sessions (the others skip)"
     )
+    config.addinivalue_line(
+        "markers", f"once: backend-neutral, runs in one session only (the {ONCE} session)"
+    )
+
+
+def _same_step_as_another(item, cases):
+    """Whether `item` runs a `mode` this backend refuses, or the same step as a test case
+    already in `cases` (which it joins)."""
+    callspec = getattr(item, "callspec", None)
+    mode = callspec.params.get("mode") if callspec is not None else None
+    if not isinstance(mode, str):
+        return False
+    if mode in REFUSED_MODES:
+        return True
+    params = dict(callspec.params, mode=SAME_MODE.get(mode, mode))
+    case = (item.nodeid.split("[")[0], repr(sorted(params.items())))
+    if case in cases:
+        return True
+    cases.add(case)
+    return False
 
 
 def pytest_collection_modifyitems(config, items):
+    kept, deselected, cases = [], [], set()
     for item in items:
         marker = item.get_closest_marker("backends")
         if marker is not None and BACKEND not in marker.args:
             item.add_marker(pytest.mark.skip(reason=f"written for {', '.join(marker.args)}"))
-        callspec = getattr(item, "callspec", None)
-        if BACKEND == "torch" and callspec is not None and callspec.params.get("mode") == "xla":
-            # tests/backends/test_torch.py checks the refusal itself.
-            item.add_marker(pytest.mark.skip(reason=TORCH_NO_JIT))
+        once = item.get_closest_marker("once") is not None and BACKEND != ONCE
+        if once or _same_step_as_another(item, cases):
+            deselected.append(item)
+        else:
+            kept.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+    # The slow tests first, so that two workers do not finish on one long test each.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
-TORCH_NO_JIT = (
-    "jit_compile=True: SAMModel.fit refuses torch.compile for a SAM step on PyTorch "
-    "(its commit-or-skip and two-pass decisions are Python ifs on tensor values)"
-)
+def pytest_terminal_summary(terminalreporter):
+    budget.report(terminalreporter)
 
 
 @pytest.fixture(autouse=True)
 def _fresh_state():
     """Each test starts from the same seeds and a fresh Keras name space."""
-    # Without the full garbage collection `clear_session` runs by default: on PyTorch it
-    # cost up to 2 s a test on a busy 2-core machine (TensorFlow and torch loaded).
-    keras.backend.clear_session(free_memory=BACKEND != "torch")
+    # Without the full garbage collection `clear_session` runs by default (0.1 to 0.4 s a
+    # test with TensorFlow or JAX loaded): Python's own collector still runs as usual.
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(1234)
     if BACKEND == "tensorflow":
         from tests import harness

@@ -12,12 +12,34 @@ import numpy as np
 
 import keras_sam
 
-# How `compile` runs the step: eagerly, compiled without XLA, compiled with XLA.
+# How `compile` runs the step: eagerly, compiled without XLA, compiled with XLA. A session
+# runs the modes that are different code on its backend (tests/conftest.py).
 MODES = {
     "eager": {"run_eagerly": True},
     "compiled": {"jit_compile": False},
     "xla": {"jit_compile": True},
 }
+# The mode `compile` picks by default (`jit_compile="auto"`) on each backend: XLA where the
+# model supports it, and PyTorch's eager step (it refuses `torch.compile` for SAM).
+DEFAULT_MODE = {"tensorflow": "xla", "jax": "xla", "torch": "compiled"}[keras.backend.backend()]
+
+
+def modes_for(cases, mode_sensitive):
+    """`(case, mode)` pairs: every case in `DEFAULT_MODE`, and the `mode_sensitive` ones in
+    every mode too (the session keeps the modes that differ on its backend).
+
+    A case is mode-sensitive where tracing or compiling the step could change what it
+    computes: a decision taken in the step (a pass skipped, a schedule read from the
+    iteration count), the method's state carried from step to step, parts of unequal
+    size. The others differ from a mode-sensitive case only in maths that every mode
+    runs alike (a mask resolved in Python when the optimizer is built, the inner
+    optimizer's update, ASAM's scaling).
+    """
+    unknown = set(mode_sensitive) - set(cases)
+    assert not unknown, unknown
+    pairs = [(case, DEFAULT_MODE) for case in cases]
+    pairs += [(case, mode) for case in mode_sensitive for mode in MODES if mode != DEFAULT_MODE]
+    return pairs
 
 
 def to_numpy(value):

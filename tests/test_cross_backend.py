@@ -1,17 +1,14 @@
 """The same initial weights and batches through `SAMModel.fit` on every Keras backend give
 the same weights and method state (1e-5): a subprocess per backend, since Keras picks its
-backend at import. Run from the TensorFlow session only (tests/conftest.py)."""
+backend at import. Run from one session only (tests/conftest.py's `NEUTRAL`)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests import reference
+from tests import processes, reference
 
 STEPS, BATCH = 5, 16
 ROOT = Path(__file__).parents[1]
@@ -96,22 +93,7 @@ def _run(backend, inputs, output):
         steps=STEPS,
         batch=BATCH,
     )
-    env = dict(
-        os.environ,
-        KERAS_BACKEND=backend,
-        CUDA_VISIBLE_DEVICES="",
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="3",
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=str(ROOT),
-    )
-    assert result.returncode == 0, f"{backend}:\n{result.stderr[-4000:]}"
+    processes.run_code(script, backend=backend, timeout=900)
     saved = np.load(output)
     assert str(saved["backend"]) == backend
     return {key: saved[key] for key in saved.files if key != "backend"}

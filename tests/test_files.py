@@ -2,8 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 
 from keras_sam import files
+from tests import processes
 
 
 def _leftovers(folder):
@@ -118,25 +117,18 @@ _SAVER = textwrap.dedent(
 
 
 def _kill_while_saving(path, mode, rng):
-    process = subprocess.Popen(
-        [sys.executable, "-c", _SAVER, str(path), mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
-    )
-    with process:
-        try:
-            assert process.stdout.readline().strip() == b"ready"
-            time.sleep(rng.uniform(0.05, 1.0))
-        finally:
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
+    process = processes.start(["-c", _SAVER, path, mode], pipe=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.05, 1.0))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        process.stdout.close()
     return process.returncode
 
 
 @pytest.mark.slow
-# The atomic write is keras_sam.files, the same on every backend: one session runs it.
-@pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("mode", ["atomic", "sam_model"])
 def test_sigkill_during_save_leaves_a_loadable_file(tmp_path, mode):
     # Each kill lands at a random moment of back-to-back saves (`keras_sam.files.save_model`,
@@ -163,5 +155,5 @@ def test_sigkill_during_save_leaves_a_loadable_file(tmp_path, mode):
 
 def test_files_module_imports_neither_keras_nor_a_backend():
     code = "import sys, keras_sam.files; print(sorted({'keras', 'tensorflow'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = processes.run_code(code)
     assert out.stdout.strip() == "[]"

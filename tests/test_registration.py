@@ -1,8 +1,6 @@
 """A `.keras` file of a SAMModel loads in a fresh process after `import keras, keras_sam`;
 what `dir(keras_sam)` lists; the saved inner model, as the quick start describes it."""
 
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -10,6 +8,7 @@ import numpy as np
 import pytest
 
 import keras_sam
+from tests import processes
 
 
 def test_import_keras_then_keras_sam_registers_every_class(tmp_path):
@@ -33,17 +32,14 @@ def test_import_keras_then_keras_sam_registers_every_class(tmp_path):
         """
     )
     for code in (save, load):
-        result = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
+        result = processes.run_code(code)
     assert result.stdout.split()[-3:] == ["SAMModel", "LookSAM", "3"]
 
 
 def test_keras_sam_alone_does_not_import_tensorflow():
     code = "import sys, keras_sam; print('tensorflow' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.stdout.strip() == "False", result.stderr[-2000:]
+    result = processes.run_code(code)
+    assert result.stdout.strip() == "False"
 
 
 def test_dir_lists_the_public_subpackages_and_each_resolves():

@@ -4,7 +4,6 @@ Slow (a minute or two: a build, a fresh virtual environment and a TensorFlow ins
 pip's cache). The sdist must carry the whole test tree, so that its tests can run.
 """
 
-import subprocess
 import sys
 import tarfile
 import textwrap
@@ -13,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tests import processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module: its processes start once, in a module fixture.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_wheel")]
 
 # A short SAM fit on a task it can learn (the label is the sign of the first feature),
 # run in the fresh environment from a folder outside the source tree.
@@ -51,9 +53,7 @@ FIT = textwrap.dedent(
 
 
 def _run(*command, **kwargs):
-    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
+    return processes.execute(command, timeout=900, **kwargs).stdout
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,12 @@
 """What only the JAX backend has: the stateless custom loop, and no TensorFlow import."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import keras
 import numpy as np
 import pytest
 
 import keras_sam
-from tests import harness
+from tests import harness, processes
 
 
 def _sam():
@@ -102,11 +98,7 @@ def test_jax_never_imports_tensorflow():
         "import keras_sam.diagnostics, keras_sam.datasets, keras_sam.models, keras_sam.cli\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
     )
-    env = dict(os.environ, KERAS_BACKEND="jax")
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    processes.run_code(code, backend="jax")
 
 
 def test_stateless_loop_skips_a_step_that_overflows_adam():

@@ -3,20 +3,20 @@ device count is fixed when JAX starts)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+from tests import processes
+
+# One worker runs the whole module: its processes start once, in a module fixture.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_jax_distribution")]
 
 
 @pytest.fixture(scope="module")
 def runs():
     script = os.path.join(os.path.dirname(__file__), "jax_distribution.py")
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = processes.run([script], backend="jax", timeout=900)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -5,13 +5,14 @@ global batches. The test launches the processes and ends them (bounded timeouts)
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+from tests import processes
+
+# One worker runs the whole module: its processes start once, in a module fixture.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_jax_multi_process")]
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "jax_multi_process.py")
 TIMEOUT = 300
@@ -26,36 +27,17 @@ def _free_port():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("processes")
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    env = processes.environment("jax", XLA_FLAGS=None)  # one CPU device per process
     port = _free_port()
     workers = [
-        subprocess.Popen(
-            [sys.executable, SCRIPT, str(port), str(i), "2", str(folder / f"process_{i}.json")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
+        processes.start([SCRIPT, port, i, 2, folder / f"process_{i}.json"], env=env)
         for i in range(2)
     ]
     try:
-        single = subprocess.run(
-            [sys.executable, SCRIPT, "--single", str(folder / "single.json")],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            env=env,
-        )
-        assert single.returncode == 0, single.stderr[-3000:]
-        for worker in workers:
-            output, _ = worker.communicate(timeout=TIMEOUT)
-            assert worker.returncode == 0, output[-3000:]
+        processes.run([SCRIPT, "--single", folder / "single.json"], timeout=TIMEOUT, env=env)
+        processes.finish(workers, timeout=TIMEOUT)
     finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait(timeout=30)
+        processes.kill(workers)
     return {
         name: json.loads((folder / f"{name}.json").read_text())
         for name in ("single", "process_0", "process_1")

@@ -1,17 +1,13 @@
 """What only the PyTorch backend has: the closure custom loop, the refusal of
 `torch.compile` for a SAM step, autograd left clean, and no TensorFlow import."""
 
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
 import torch
 
 import keras_sam
-from tests import harness, reference
+from tests import harness, processes, reference
 
 
 def _sam(rho=0.1):
@@ -161,11 +157,7 @@ def test_torch_never_imports_tensorflow():
         "import keras_sam.diagnostics, keras_sam.datasets, keras_sam.models, keras_sam.cli\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
     )
-    env = dict(os.environ, KERAS_BACKEND="torch")
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    processes.run_code(code, backend="torch")
 
 
 def _quadratic_loop(optimizer, steps, bad_steps=()):

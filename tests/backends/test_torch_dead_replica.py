@@ -12,17 +12,16 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
+from tests import processes
+
 pytestmark = pytest.mark.slow  # two launches of two processes: 1 to 3 minutes
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "torch_dead_replica.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH_TIMEOUT = 400
 # The survivor must exit this soon after its peer died: the script's process-group
 # timeout (30 s) plus the time to unwind and exit.
@@ -37,32 +36,16 @@ def _free_port():
 
 def _launch(tmp_path, name, backup, kill_at=None, also_uninterrupted=False):
     """Starts both processes; returns [(returncode, stdout, stderr, exit time)] by rank."""
-    env = dict(
-        os.environ,
-        KERAS_BACKEND="torch",
+    env = processes.environment(
+        "torch",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        WORLD_SIZE="2",
-        BACKUP=str(backup),
-        PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+        MASTER_PORT=_free_port(),
+        WORLD_SIZE=2,
+        BACKUP=backup,
+        KILL_AT=kill_at or None,
+        ALSO_UNINTERRUPTED="1" if also_uninterrupted else None,
     )
-    env.pop("KILL_AT", None)
-    env.pop("ALSO_UNINTERRUPTED", None)
-    if kill_at:
-        env["KILL_AT"] = kill_at
-    if also_uninterrupted:
-        env["ALSO_UNINTERRUPTED"] = "1"
-    # Output to files: a process blocked on a full pipe would block the other.
-    files = [
-        (open(tmp_path / f"{name}.out{r}", "w+"), open(tmp_path / f"{name}.err{r}", "w+"))
-        for r in range(2)
-    ]
-    started = [
-        subprocess.Popen(
-            [sys.executable, SCRIPT], env=dict(env, RANK=str(r)), stdout=out, stderr=err
-        )
-        for r, (out, err) in enumerate(files)
-    ]
+    started = [processes.start([SCRIPT], env=dict(env, RANK=str(r))) for r in range(2)]
     ended = [None, None]
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
@@ -71,18 +54,17 @@ def _launch(tmp_path, name, backup, kill_at=None, also_uninterrupted=False):
                 if ended[r] is None and process.poll() is not None:
                     ended[r] = time.monotonic()
             time.sleep(0.2)
-        results = []
-        for r, (process, (out, err)) in enumerate(zip(started, files, strict=True)):
-            out.seek(0), err.seek(0)
-            results.append((process.poll(), out.read(), err.read(), ended[r]))
-        return results
+        return [
+            (
+                process.poll(),
+                processes.output(process, "stdout"),
+                processes.output(process, "stderr"),
+                ended[r],
+            )
+            for r, process in enumerate(started)
+        ]
     finally:
-        for process in started:  # no orphans
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        for out, err in files:
-            out.close(), err.close()
+        processes.kill(started)  # no orphans
 
 
 def _weights(result, key="weights"):

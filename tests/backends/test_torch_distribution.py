@@ -7,15 +7,15 @@ The processes are started by the test and ended by it (a timeout kills both).
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from tests import processes
 from tests.backends import torch_distribution as runs_on
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module: its processes start once, in a module fixture.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_torch_distribution")]
 
 TIMEOUT = 600
 
@@ -27,50 +27,21 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def processes(tmp_path_factory):
+def ranks():
     """The JSON each of the 2 processes printed, by rank."""
-    logs = tmp_path_factory.mktemp("torch_distribution")
     script = os.path.join(os.path.dirname(__file__), "torch_distribution.py")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(
-        os.environ,
-        KERAS_BACKEND="torch",
+    env = processes.environment(
+        "torch",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        WORLD_SIZE=str(runs_on.PROCESSES),
-        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        MASTER_PORT=_free_port(),
+        WORLD_SIZE=runs_on.PROCESSES,
     )
-    # Output to files, not pipes: a process blocked on a full pipe would block the other
-    # in the all-reduce.
-    files = [
-        (open(logs / f"stdout{rank}", "w+"), open(logs / f"stderr{rank}", "w+"))
+    started = [
+        processes.start([script], env=dict(env, RANK=str(rank)))
         for rank in range(runs_on.PROCESSES)
     ]
-    started = [
-        subprocess.Popen(
-            [sys.executable, script], env=dict(env, RANK=str(rank)), stdout=out, stderr=err
-        )
-        for rank, (out, err) in enumerate(files)
-    ]
-    try:
-        for process in started:
-            process.wait(timeout=TIMEOUT)
-        for out, err in files:
-            out.seek(0), err.seek(0)
-        failures = [
-            f"process {rank} exited with {process.returncode}:\n{err.read()[-2000:]}"
-            for rank, (process, (_, err)) in enumerate(zip(started, files))
-            if process.returncode != 0
-        ]
-        assert not failures, "\n".join(failures)
-        outputs = [json.loads(out.read().strip().splitlines()[-1]) for out, _ in files]
-    finally:
-        for process in started:  # no orphans: a process still running is killed
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        for out, err in files:
-            out.close(), err.close()
+    printed = processes.finish(started, timeout=TIMEOUT)
+    outputs = [json.loads(out.strip().splitlines()[-1]) for out in printed]
     assert [o["rank"] for o in outputs] == list(range(runs_on.PROCESSES))
     return [o["runs"] for o in outputs]
 
@@ -110,8 +81,8 @@ def _max_difference(a, b):
 
 
 @pytest.mark.parametrize("loop", ["fit", "loop", "fit_under_data_parallel"])
-def test_per_replica_equals_one_process_with_a_part_per_process(processes, one_process, loop):
-    for runs in processes:
+def test_per_replica_equals_one_process_with_a_part_per_process(ranks, one_process, loop):
+    for runs in ranks:
         run = runs[
             "fit_data_parallel" if loop == "fit_under_data_parallel" else f"{loop}_per_replica"
         ]
@@ -123,32 +94,32 @@ def test_per_replica_equals_one_process_with_a_part_per_process(processes, one_p
 
 
 @pytest.mark.parametrize("loop", ["fit", "loop"])
-def test_synchronized_equals_one_process_on_the_global_batch(processes, one_process, loop):
-    for runs in processes:
+def test_synchronized_equals_one_process_on_the_global_batch(ranks, one_process, loop):
+    for runs in ranks:
         run = runs[f"{loop}_synchronized"]
         _assert_weights_close(run, one_process["global_batch"])
         assert run["iterations"] == runs_on.STEPS
 
 
-def test_the_processes_hold_the_same_weights(processes):
-    first, second = processes
+def test_the_processes_hold_the_same_weights(ranks):
+    first, second = ranks
     for name in first:
         for a, b in zip(first[name]["weights"], second[name]["weights"], strict=True):
             np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=name)
 
 
-def test_batch_norm_statistics_are_averaged_over_the_processes(processes):
+def test_batch_norm_statistics_are_averaged_over_the_processes(ranks):
     """Each process's BatchNorm moving statistics come from its own shard; the step
     commits their average, so the processes keep the same statistics (checked bitwise
     by the test above) and those moved."""
-    weights = processes[0]["fit_batch_norm"]["weights"]
+    weights = ranks[0]["fit_batch_norm"]["weights"]
     moving_mean, moving_variance = np.array(weights[4]), np.array(weights[5])
     assert np.all(moving_mean != 0) and np.all(moving_variance != 1)
 
 
-def test_all_reduces_per_step(processes):
+def test_all_reduces_per_step(ranks):
     steps = runs_on.STEPS
-    for runs in processes:
+    for runs in ranks:
         for loop in ("fit", "loop"):
             # Per replica: one all-reduce of one flat buffer per step, the gradients
             # (4*8 + 8 + 8*3 + 3 = 67 values) with the vote on finiteness.
@@ -161,32 +132,32 @@ def test_all_reduces_per_step(processes):
         assert batch_norm == [[68 + 2 * 8 + 2 * 8]] * steps
 
 
-def test_a_nan_on_one_process_skips_the_step_on_every_process(processes, one_process):
+def test_a_nan_on_one_process_skips_the_step_on_every_process(ranks, one_process):
     # The NaN is in process 1's shard of the second global batch, once an epoch.
     _, reference = one_process["nan"]
     assert int(reference.skipped_steps.numpy()) == runs_on.EPOCHS
-    for runs in processes:
+    for runs in ranks:
         run = runs["fit_nan"]
         assert run["skipped_steps"] == runs_on.EPOCHS
         assert run["iterations"] == runs_on.STEPS - runs_on.EPOCHS
         _assert_weights_close(run, one_process["nan"])
 
 
-def test_gradient_accumulation_over_processes(processes, one_process):
+def test_gradient_accumulation_over_processes(ranks, one_process):
     """Each micro-batch's SAM gradient is averaged over the processes, then accumulated:
     one process with a part per process and the same accumulation."""
     _, reference = one_process["accumulation"]
     assert int(reference.iterations.numpy()) == runs_on.STEPS // 2
-    for runs in processes:
+    for runs in ranks:
         run = runs["fit_accumulation"]
         assert run["iterations"] == runs_on.STEPS // 2
         assert run["all_reduces"] == [[68]] * runs_on.STEPS
         _assert_weights_close(run, one_process["accumulation"])
 
 
-def test_mixed_float16_over_processes(processes, one_process):
+def test_mixed_float16_over_processes(ranks, one_process):
     """Both passes loss-scaled in each process; the same step as one process."""
-    for runs in processes:
+    for runs in ranks:
         run = runs["fit_mixed_float16"]
         assert run["iterations"] == runs_on.STEPS
         _assert_weights_close(run, one_process["mixed_float16"])

@@ -2,21 +2,20 @@
 
 Keras picks its backend at import, so each backend runs in its own process
 (`tests/diagnostics/cross_backend.py`, and `keras-sam inspect`); this module runs once,
-from the TensorFlow session (tests/conftest.py), and compares each installed backend
+from one session (tests/conftest.py's `NEUTRAL`), and compares each installed backend
 with TensorFlow. The backends that are not TensorFlow must not import it.
 """
 
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from tests import processes
+from tests.cli.test_inspect import FAST, _tiny_classifier, needs_data
 from tests.diagnostics import cross_backend
-from tests.diagnostics.test_cli_inspect import FAST, _tiny_classifier, needs_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OTHERS = [b for b in ("jax", "torch") if importlib.util.find_spec(b) is not None]
@@ -29,12 +28,7 @@ pytestmark = [
 
 
 def _run(backend, argv):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run(
-        [sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, f"{backend}:\n{result.stderr[-3000:]}"
-    return result
+    return processes.run(argv, backend=backend, timeout=900)
 
 
 def _assert_close(name, actual, expected, scale=None):

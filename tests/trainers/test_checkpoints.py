@@ -1,9 +1,6 @@
 """Exact resume from `.keras` files and `tf.train.Checkpoint`s, dropout masks included;
 and what a SAM checkpoint holds."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -12,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_sam
+from tests import processes
 from tests.harness import RESUME_OPTIMIZERS as OPTIMIZERS
 from tests.harness import full_state as _state
 from tests.harness import resume_compiled as _compiled
@@ -183,11 +181,7 @@ def test_resume_in_a_fresh_process_is_bitwise(tmp_path):
 
     root = str(Path(__file__).parents[2])
     script = RESUME_SCRIPT.format(root=root, directory=str(tmp_path))
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    processes.run_code(script)
     want = _state(straight)
     for form in ("keras", "tf_checkpoint"):
         saved = np.load(tmp_path / f"{form}.npz")

@@ -16,6 +16,9 @@ from tests import harness, reference
 
 GLOBAL_BATCH = 8
 
+# One worker runs the whole module: its tests share the module's strategy.
+pytestmark = pytest.mark.xdist_group("test_distribute")
+
 
 @pytest.fixture(scope="module")
 def strategy():

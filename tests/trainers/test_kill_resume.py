@@ -7,15 +7,14 @@ method's state, accumulation sums, loss scale) must equal, bit for bit, those of
 that was never interrupted.
 """
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+
+from tests import processes
 
 SCRIPT = Path(__file__).with_name("kill_resume.py")
 KILL_AT = 8  # global step 8: the third step of the second epoch (6 steps an epoch)
@@ -29,13 +28,7 @@ CASES = {
 
 
 def _train(case, backup, out, kill_at):
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), case, str(backup), str(out), str(kill_at)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
-    )
+    return processes.run([SCRIPT, case, backup, out, kill_at], timeout=600, check=False)
 
 
 @pytest.mark.slow

@@ -5,10 +5,7 @@ and compares it with the same training done here on one device.
 """
 
 import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -16,9 +13,11 @@ import numpy as np
 import pytest
 
 import keras_sam
+from tests import processes
 from tests.trainers import multi_worker
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module: its processes start once, in a module fixture.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_multi_worker")]
 
 WORKER = Path(__file__).with_name("multi_worker.py")
 TIMEOUT = 300  # seconds for both workers together; they are killed after it
@@ -39,40 +38,16 @@ def _free_ports(count):
 
 def _run_workers(directory):
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    processes, logs = [], []
+    workers = []
     try:
         for index in range(2):
             task = {"type": "worker", "index": index}
-            env = dict(
-                os.environ,
-                TF_CONFIG=json.dumps({"cluster": cluster, "task": task}),
-                CUDA_VISIBLE_DEVICES="",
-                TF_CPP_MIN_LOG_LEVEL="3",
-                PYTHONPATH=str(WORKER.parents[2]),
-            )
-            log = open(directory / f"worker{index}.log", "w")  # noqa: SIM115
-            logs.append(log)
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, str(WORKER), str(directory / f"worker{index}.npz")],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        for process in processes:
-            process.wait(timeout=TIMEOUT)
+            env = processes.environment(TF_CONFIG=json.dumps({"cluster": cluster, "task": task}))
+            workers.append(processes.start([WORKER, directory / f"worker{index}.npz"], env=env))
+        # A worker waiting for its peer ignores SIGTERM: `finish` kills what is left.
+        processes.finish(workers, timeout=TIMEOUT)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()  # a worker waiting for its peer ignores SIGTERM
-                process.wait()
-        for log in logs:
-            log.close()
-    for index, process in enumerate(processes):
-        if process.returncode != 0:
-            output = (directory / f"worker{index}.log").read_text()[-3000:]
-            pytest.fail(f"worker {index} exited with {process.returncode}:\n{output}")
+        processes.kill(workers)
     return [dict(np.load(directory / f"worker{i}.npz")) for i in range(2)]
 
 

@@ -4,13 +4,12 @@ subset; help, version, argument errors, defaults; the output written to a log fi
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from keras_sam.cli import commands as cli
 from keras_sam.datasets import fashion_mnist
+from tests import processes
 
 DATA = fashion_mnist.find_data_dir()
 needs_data = pytest.mark.skipif(
@@ -258,8 +257,6 @@ def test_a_killed_train_resumes_bitwise(tmp_path):
     # SIGKILL `keras-sam train` after its first epoch's checkpoint; `--resume` must then
     # write the same model and history as the uninterrupted run (all but the seconds).
     import signal
-    import subprocess
-    import sys
     import time
 
     import keras
@@ -268,15 +265,16 @@ def test_a_killed_train_resumes_bitwise(tmp_path):
     argv = [*TINY, "--epochs", "3", "--method", "looksam", "--k", "2"]
     assert cli.main(["train", *argv, "--out", str(tmp_path / "whole")]) == 0
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "keras_sam.cli", "train", *argv, "--out", str(out)]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL) as process:
+    process = processes.start(["-m", "keras_sam.cli", "train", *argv, "--out", out])
+    try:
         deadline = time.monotonic() + 300
         while not (out / "checkpoint" / "progress.json").exists():
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
+    finally:
+        processes.kill([process])
     assert not (out / "model.keras").exists() and (out / "checkpoint").is_dir()
     assert cli.main(["train", *argv, "--out", str(out)]) == 1  # refused: a run is there
     assert cli.main(["train", *argv, "--out", str(out), "--resume"]) == 0
@@ -400,14 +398,7 @@ def test_output_to_a_file_is_one_line_per_epoch_with_the_test_accuracy(tmp_path)
     epochs, no carriage returns, and the clean test accuracy where it was measured."""
     argv = ["train", "--train-size", "200", "--epochs", "3", "--batch-size", "50"]
     argv += ["--eval-every", "2", "--out", str(tmp_path / "run")]
-    result = subprocess.run(
-        [sys.executable, "-m", "keras_sam.cli", *argv],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = processes.run(["-m", "keras_sam.cli", *argv], timeout=600)
     assert "\r" not in result.stdout and "\r" not in result.stderr
     lines = result.stdout.splitlines()
     epochs = [i for i, line in enumerate(lines) if re.match(r"Epoch \d+/3$", line)]

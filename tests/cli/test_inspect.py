@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import zipfile
 
 import keras
@@ -13,6 +11,7 @@ import pytest
 from keras_sam import cli
 from keras_sam.cli import inspection
 from keras_sam.datasets import fashion_mnist
+from tests import processes
 
 DATA = fashion_mnist.find_data_dir()
 needs_data = pytest.mark.skipif(
@@ -126,7 +125,7 @@ def test_a_text_file_named_keras_is_refused_before_tensorflow_is_imported(tmp_pa
         f"code = cli.main(['inspect', {str(path)!r}]); "
         "print(code, 'tensorflow' in sys.modules, 'keras' in sys.modules)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = processes.run_code(code, check=False)
     assert result.stdout.split() == ["1", "False", "False"], result.stderr[-2000:]
     assert f"{path} is not a Keras model archive: it is not a zip file" in result.stderr
 
@@ -167,9 +166,6 @@ def test_the_dataset_may_be_spelled_with_a_hyphen(tmp_path, capsys):
 
 @pytest.mark.slow
 @needs_data
-# Drawing two runs side by side is the same on every backend (the other tests here train
-# and inspect on each backend): one session runs it.
-@pytest.mark.backends("tensorflow")
 def test_compare_inspect_draws_both_models_side_by_side(tmp_path, capsys, monkeypatch):
     small = inspection.InspectSettings(
         batch_size=100, k=2, max_iterations=6, probes=2, line_points=3, grid=3, m=50,

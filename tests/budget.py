@@ -1,0 +1,82 @@
+"""What a test may cost, and the tests of a session that cost more, printed at its end.
+
+`make test` runs each backend's session on two worker processes of a 2-core machine, so
+the seconds below are seconds under that load (setup, call and teardown together). A test
+over its budget is not a failure: the session's summary names it, so that a test added
+later that breaks the budget shows in the output of the run that added it. Make it
+smaller (the least model, data and steps that still fail on the defect it guards), or
+mark it `slow`, or, past the slow budget, name it in `LONGER` with the reason it cannot be
+smaller. docs/development.md gives the figures and the list.
+"""
+
+UNIT_SECONDS = 5.0  # a test not marked `slow`
+SLOW_SECONDS = 30.0  # an end-to-end test, marked `slow`
+
+# Tests allowed more than `SLOW_SECONDS` (a node id, or the prefix of one), with the reason.
+LONGER = {
+    "tests/backends/test_jax_model_parallel.py": (
+        "starts JAX with 2 and 4 host devices in subprocesses and compiles a sharded step"
+    ),
+    "tests/backends/test_jax_multi_process.py": (
+        "three JAX processes (two collectives over gloo, one reference) on localhost"
+    ),
+    "tests/backends/test_torch_dead_replica.py": (
+        "two launches of two torch.distributed processes, one of which kills itself"
+    ),
+    "tests/backends/test_torch_distribution.py": (
+        "two torch.distributed processes against one, for `fit` and the custom loop"
+    ),
+    "tests/trainers/test_kill_resume.py": (
+        "a training process SIGKILLed mid-epoch and started again, per backend"
+    ),
+    "tests/trainers/test_multi_worker.py": (
+        "two TensorFlow worker processes under MultiWorkerMirroredStrategy"
+    ),
+    "tests/test_wheel.py": (
+        "builds the wheel and installs it with TensorFlow into a fresh virtual environment"
+    ),
+    "tests/test_cross_backend.py": "one process per backend, each importing its framework",
+    "tests/diagnostics/test_cross_backend.py": (
+        "one process per backend, each importing its framework"
+    ),
+}
+
+
+def allowed_seconds(nodeid, slow):
+    for prefix in LONGER:
+        if nodeid.startswith(prefix):
+            return None
+    return SLOW_SECONDS if slow else UNIT_SECONDS
+
+
+def over_budget(reports):
+    """`(seconds, budget, nodeid)` of each test over its budget, slowest first.
+
+    `reports` are pytest's `TestReport`s of the session (setup, call and teardown).
+    """
+    seconds, slow = {}, set()
+    for report in reports:
+        seconds[report.nodeid] = seconds.get(report.nodeid, 0.0) + report.duration
+        if "slow" in report.keywords:
+            slow.add(report.nodeid)
+    over = []
+    for nodeid, spent in seconds.items():
+        allowed = allowed_seconds(nodeid, nodeid in slow)
+        if allowed is not None and spent > allowed:
+            over.append((spent, allowed, nodeid))
+    return sorted(over, reverse=True)
+
+
+def report(terminalreporter):
+    reports = [
+        report
+        for key in ("passed", "failed", "skipped", "xfailed", "xpassed", "error")
+        for report in terminalreporter.stats.get(key, [])
+        if hasattr(report, "duration") and getattr(report, "when", None) is not None
+    ]
+    over = over_budget(reports)
+    if not over:
+        return
+    terminalreporter.section("tests over their budget (tests/budget.py)", sep="-")
+    for spent, allowed, nodeid in over:
+        terminalreporter.write_line(f"{spent:7.1f} s  (budget {allowed:.0f} s)  {nodeid}")
