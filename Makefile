@@ -60,8 +60,8 @@ test-quick: $(STAMP) data
 	done
 
 lint: $(STAMP)
-	$(BIN)/ruff check keras_sam tests benchmarks
-	$(BIN)/ruff format --check keras_sam tests benchmarks
+	$(BIN)/ruff check keras_sam tests benchmarks tools
+	$(BIN)/ruff format --check keras_sam tests benchmarks tools
 
 # --keras2 times Keras 2's SAM beside keras-sam's in the same rounds: tf_keras (the version
 # matching TensorFlow's) goes into .venv without its dependencies, which TensorFlow already is.
