@@ -22,6 +22,10 @@ MODES = {
 # The mode `compile` picks by default (`jit_compile="auto"`) on each backend: XLA where the
 # model supports it, and PyTorch's eager step (it refuses `torch.compile` for SAM).
 DEFAULT_MODE = {"tensorflow": "xla", "jax": "xla", "torch": "compiled"}[keras.backend.backend()]
+# The cheapest compiled step, for a case that needs one and no mode in particular: a
+# `tf.function` without XLA on TensorFlow; on JAX `jit_compile=False` is no compilation at
+# all (each op dispatched from Python, the slowest step there), so `jax.jit`.
+COMPILED = "xla" if keras.backend.backend() == "jax" else "compiled"
 
 
 def modes_for(cases, mode_sensitive):

@@ -122,8 +122,9 @@ LATE_PHASE = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("method", list(LATE_PHASE))
+# Every method in the default mode; in every mode, one whose decision follows the schedule
+# alone and one whose decision reads the gradients (AESAM).
+@pytest.mark.parametrize("method, mode", harness.modes_for(LATE_PHASE, ["sam", "aesam"]))
 def test_steps_where_the_rho_schedule_is_zero_take_one_pass(rng, method, mode):
     make_optimizer, perturbed = LATE_PHASE[method]
     passes, optimizer, run = _counted_run(make_optimizer, mode, rng)

@@ -15,8 +15,9 @@ import keras_sam
 from tests import harness, reference
 
 # Every test of a step runs in every mode where cheap; the costlier ones in every mode for
-# one case and compiled without XLA for the others.
+# one case and in the backend's cheapest compiled mode (`harness.COMPILED`) for the others.
 MODES = sorted(harness.MODES)
+COMPILED = harness.COMPILED
 
 
 def _sgd(lr=0.1):
@@ -40,7 +41,7 @@ class _TrainingProbe(keras.layers.Layer):
         return inputs
 
 
-@pytest.mark.parametrize("mode, splits", [(m, None) for m in MODES] + [("compiled", 2)])
+@pytest.mark.parametrize("mode, splits", [(m, None) for m in MODES] + [(COMPILED, 2)])
 def test_batchnorm_moving_statistics_come_from_the_clean_pass_only(rng, mode, splits):
     probe = _TrainingProbe()
     model = keras.Sequential(
@@ -180,7 +181,7 @@ def _fit_mlp(params, x, t, mode, batch_size, epochs, rho, l2=0.0, splits=None, *
 
 @pytest.mark.parametrize(
     "mode, l2, splits",
-    [(m, 0.01, None) for m in MODES] + [("compiled", 0.0, None), ("xla", 0.01, 2)],
+    [(m, 0.01, None) for m in MODES] + [(COMPILED, 0.0, None), ("xla", 0.01, 2)],
 )
 def test_regularization_losses_in_both_passes_and_the_loss_and_sharpness_logs(
     rng, mode, l2, splits
@@ -319,14 +320,14 @@ def test_the_sharpness_and_second_pass_rate_logs(rng, mode):
     "method, failing_pass, splits, mode",
     [("SAM+Adam", "clean", None, m) for m in MODES]
     + [
-        ("SAM+Adam", "perturbed", None, "compiled"),
+        ("SAM+Adam", "perturbed", None, COMPILED),
         ("SAM+Adam", "perturbed", None, "xla"),
-        ("SAM+Adam", "clean", 2, "compiled"),  # one bad part: the whole step is skipped
-        ("FriendlySAM+SGD", "perturbed", None, "compiled"),
+        ("SAM+Adam", "clean", 2, COMPILED),  # one bad part: the whole step is skipped
+        ("FriendlySAM+SGD", "perturbed", None, COMPILED),
         ("LookSAM+SGD", "clean", None, "xla"),
         # Its one pass, at w (the clean batch) or at w - rho v / ||v|| (armed): v untouched.
         ("MomentumSAM+SGD", "clean", None, "xla"),
-        ("MomentumSAM+SGD", "perturbed", 2, "compiled"),
+        ("MomentumSAM+SGD", "perturbed", 2, COMPILED),
     ],
 )
 def test_a_non_finite_pass_skips_the_step_with_everything_untouched(
@@ -414,8 +415,9 @@ def test_with_a_plain_optimizer_it_trains_exactly_like_the_unwrapped_model(rng, 
 
 @pytest.mark.parametrize(
     "name, mode",
-    [(n, "eager") for n in sorted(INNER_OPTIMIZERS)]
-    + [("sgd_momentum", "compiled"), ("adam", "compiled"), ("adam", "xla")],
+    # Every optimizer where the step is bitwise (TensorFlow eagerly; PyTorch), else compiled.
+    [(n, COMPILED if keras.backend.backend() == "jax" else "eager") for n in INNER_OPTIMIZERS]
+    + [("sgd_momentum", COMPILED), ("adam", "compiled"), ("adam", "xla")],
 )
 def test_rho_zero_is_the_inner_optimizer(rng, name, mode):
     # Bitwise where the ops run as written (TensorFlow, eagerly). Compiled, the one-pass SAM
@@ -449,7 +451,7 @@ def test_rho_zero_is_the_inner_optimizer(rng, name, mode):
 # ---------------------------------------------------------- steps per execution
 @pytest.mark.parametrize(
     "method, mode",
-    [("SAM", "eager"), ("SAM", "compiled"), ("LookSAM", "compiled"), ("LookSAM", "xla")],
+    [("SAM", "eager"), ("SAM", "compiled"), ("LookSAM", COMPILED), ("LookSAM", "xla")],
 )
 def test_several_steps_per_execution_match_the_float64_reference(rng, mode, method):
     if keras.backend.backend() == "torch":
@@ -476,7 +478,8 @@ def test_several_steps_per_execution_match_the_float64_reference(rng, mode, meth
 # ------------------------------------------------------------- saving, resuming
 @pytest.mark.parametrize(
     "name, mode",
-    [(n, "compiled") for n in harness.RESUME_OPTIMIZERS] + [("SAM+Adam", "eager")],
+    [(n, harness.DEFAULT_MODE) for n in harness.RESUME_OPTIMIZERS]
+    + [("SAM+Adam", m) for m in MODES if m != harness.DEFAULT_MODE],
 )
 def test_resume_from_a_keras_file_is_bitwise_the_uninterrupted_run(tmp_path, name, mode):
     make_optimizer = harness.RESUME_OPTIMIZERS[name]
