@@ -15,7 +15,7 @@ SITE := build/site
 
 DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo playground test test-quick lint bench results data clean docs docs-serve dist constraints
+.PHONY: demo playground test test-quick coverage lint bench results data clean docs docs-serve dist constraints
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -41,11 +41,13 @@ playground: $(STAMP)
 	$(BIN)/keras-sam playground
 
 # One pytest session per Keras backend (Keras picks its backend at import), each spread
-# over JOBS worker processes (pytest-xdist; `auto`: one per core), a test module per worker
-# at a time (module fixtures, and TensorFlow's per-process state, stay with the module).
+# over JOBS worker processes (pytest-xdist; `auto`: one per core), test by test (a module
+# whose tests share processes started once is kept on one worker: its `xdist_group`). Each
+# session ends with its slowest tests and those over their budget (tests/budget.py;
+# docs/development.md has each session's time).
 BACKENDS := tensorflow jax torch
 JOBS ?= auto
-PYTEST := $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup --durations=15
 
 test: $(STAMP) data docs
 	@set -e; for backend in $(BACKENDS); do \
@@ -57,6 +59,16 @@ test-quick: $(STAMP) data
 	@set -e; for backend in $(BACKENDS); do \
 		echo "== KERAS_BACKEND=$$backend"; \
 		KERAS_BACKEND=$$backend $(PYTEST) -m "not slow"; \
+	done
+
+# Line and branch coverage of keras_sam/ in each backend's session (slower than `make test`:
+# the tracer), the figures a change to the suite is held to (docs/development.md).
+coverage: $(STAMP) data
+	@set -e; mkdir -p build; for backend in $(BACKENDS); do \
+		echo "== KERAS_BACKEND=$$backend"; \
+		KERAS_BACKEND=$$backend COVERAGE_FILE=build/coverage.$$backend \
+			$(PYTEST) --cov=keras_sam --cov-branch --cov-report=; \
+		$(BIN)/coverage report --data-file=build/coverage.$$backend | tail -1; \
 	done
 
 lint: $(STAMP)

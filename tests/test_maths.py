@@ -34,6 +34,15 @@ def test_global_norm_is_float32_for_float16_input():
     np.testing.assert_allclose(float(norm), 3500 * np.sqrt(300), rtol=1e-3)
 
 
+def test_tensor_norms_are_float32_for_float16_input():
+    # The norms the step takes itself (JAX's step, and the layerwise split): each square
+    # (300**2) overflows float16, whose largest value is 65504.
+    t = ops.full((4, 4), 300.0, dtype="float16")
+    norms = maths.tensor_norms([t, ops.ones((2,), dtype="float16")])
+    assert keras.backend.standardize_dtype(norms.dtype) == "float32"
+    np.testing.assert_allclose(np.asarray(norms), [1200.0, np.sqrt(2.0)], rtol=1e-6)
+
+
 def test_zero_gradient_gives_zero_perturbation_not_nan():
     e = maths.sam_perturbation([ops.zeros((3, 2)), ops.zeros((4,))], rho=0.05)
     for t in e:

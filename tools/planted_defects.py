@@ -206,11 +206,18 @@ DEFECTS = (
         "layerwise perturbation: each of the L layers gets rho, not rho / sqrt(L)",
         ALL,
     ),
-    # Not listed, as the suite misses it (no test has float16 gradients in the step, and
-    # `global_norm`'s rescaled fallback hides it from tests/test_maths.py): the per-tensor
-    # norms taken in the gradient's dtype, `ops.sqrt(ops.sum(ops.square(t)))` in
-    # `maths.tensor_norms`, which on JAX skips every step of a float16 model whose
-    # gradient norm passes 256 (the squares overflow float16).
+    # Missed by the suite until tests/test_maths.py checked `tensor_norms` alone (the
+    # rescaled fallback of `global_norm` hid it): on JAX it skips every step of a float16
+    # model whose gradient norm passes 256.
+    Defect(
+        "maths-norm-float16",
+        "maths",
+        "keras_sam/maths.py",
+        'ops.sqrt(ops.sum(ops.square(ops.cast(t, "float32")))) for t in tensors',
+        "ops.sqrt(ops.sum(ops.square(t))) for t in tensors",
+        "the per-tensor norms are taken in the gradient's dtype: float16 squares overflow",
+        ("torch",),
+    ),
     # -------------------------------------------------------------- the command line
     Defect(
         "cli-asam-rho",
