@@ -32,6 +32,9 @@ LONGER = {
     "tests/trainers/test_multi_worker.py": (
         "two TensorFlow worker processes under MultiWorkerMirroredStrategy"
     ),
+    "tests/test_files.py::test_sigkill_during_save_leaves_a_loadable_file": (
+        "kills a process mid-save 4 times, each a fresh interpreter that imports Keras"
+    ),
     "tests/test_wheel.py": (
         "builds the wheel and installs it with TensorFlow into a fresh virtual environment"
     ),

@@ -48,7 +48,12 @@ ONLY = {
         # on PyTorch (as the README's quick start says for TensorFlow).
         "test_registration.py",
     ],
-    "jax": ["backends/test_jax.py", "backends/test_jax_distribution.py"],
+    "jax": [
+        "backends/test_jax.py",
+        "backends/test_jax_distribution.py",
+        "backends/test_jax_model_parallel.py",
+        "backends/test_jax_multi_process.py",
+    ],
     "torch": [
         "backends/test_torch.py",
         "backends/test_torch_distribution.py",
@@ -64,6 +69,8 @@ NEUTRAL = {
     "datasets/test_fashion_mnist.py": "torch",
     "datasets/test_label_noise.py": "torch",
     "test_files.py": "torch",
+    # The GPU benchmarks' scripts are written for JAX or PyTorch: one of them runs them.
+    "test_gpu_benchmarks.py": "torch",
     "test_maths.py": "torch",
     "test_models.py": "torch",
     "test_packaging.py": "torch",

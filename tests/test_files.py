@@ -139,7 +139,7 @@ def test_sigkill_during_save_leaves_a_loadable_file(tmp_path, mode):
     old = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256), keras.layers.Dense(64)])
     old.set_weights([np.full(w.shape, 1.0, "float32") for w in old.get_weights()])
     mid_save = 0
-    for _ in range(8):
+    for _ in range(4):
         old.save(path)
         assert _kill_while_saving(path, mode, rng) == -signal.SIGKILL
         loaded = keras.saving.load_model(path)

@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 
@@ -20,12 +19,8 @@ needs_data = pytest.mark.skipif(
     reason="Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist`",
 )
 
-# The scripts are written for a GPU's backends (their docstrings: JAX, or PyTorch); their
-# smoke runs are not repeated in the TensorFlow session, which adds minutes to the suite.
-gpu_backends = pytest.mark.skipif(
-    keras.backend.backend() == "tensorflow",
-    reason="the GPU benchmarks run on JAX or PyTorch",
-)
+# The scripts are written for a GPU's backends (their docstrings: JAX, or PyTorch): the
+# module runs in the PyTorch session alone (tests/conftest.py's `NEUTRAL`).
 
 
 def _module(name):
@@ -103,7 +98,6 @@ def test_a_spent_budget_skips_every_run_and_still_writes_the_json(tmp_path):
 
 @pytest.mark.slow
 @needs_data
-@gpu_backends
 def test_full_fashion_mnist_smoke_trains_both_runs_on_the_same_batches(tmp_path):
     full = _module("full_fashion_mnist")
     out = tmp_path / "full.json"
@@ -125,7 +119,6 @@ def test_full_fashion_mnist_smoke_trains_both_runs_on_the_same_batches(tmp_path)
 
 @pytest.mark.slow
 @needs_data
-@gpu_backends
 def test_vit_smoke_trains_on_the_cnn_study_subset_and_measures_the_hessian(tmp_path):
     from keras_sam.cli.training import RunConfig, prepare_data
 

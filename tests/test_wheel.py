@@ -52,8 +52,10 @@ FIT = textwrap.dedent(
 )
 
 
-def _run(*command, **kwargs):
-    return processes.execute(command, timeout=900, **kwargs).stdout
+def _run(*command, env=None, **kwargs):
+    # Without the source tree on PYTHONPATH: pip would take it for the installed package.
+    env = env if env is not None else processes.environment(PYTHONPATH=None)
+    return processes.execute(command, timeout=900, env=env, **kwargs).stdout
 
 
 @pytest.fixture(scope="module")

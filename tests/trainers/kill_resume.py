@@ -2,6 +2,10 @@
 
     python tests/trainers/kill_resume.py CASE BACKUP_DIR OUT.npz KILL_AT
 
+CASE is the state to carry over, one or several joined by "+": `sam`; `looksam` (the
+method's own state); `accumulation` (the accumulation sums, 4 micro-batches a step);
+`mixed_float16` (the loss scale).
+
 Trains a small dropout + BatchNorm model with `SAMModel.fit` for `EPOCHS` epochs under
 `keras.callbacks.BackupAndRestore(BACKUP_DIR)` (a backup at every epoch's end). With
 KILL_AT >= 0 the process SIGKILLs itself at the end of that global step (mid-epoch, so
@@ -27,17 +31,17 @@ EXAMPLES = 96  # 6 steps an epoch
 
 
 def optimizer(case):
+    parts = set(case.split("+"))
+    unknown = parts - {"sam", "looksam", "accumulation", "mixed_float16"}
+    if unknown:
+        raise ValueError(case)
     inner = keras.optimizers.SGD(0.05, momentum=0.9)
-    if case == "sam":
-        return keras_sam.SAM(inner, rho=0.1)
-    if case == "looksam":
-        return keras_sam.LookSAM(inner, rho=0.1, k=2)
-    if case == "accumulation":
-        return keras_sam.SAM(inner, rho=0.1, gradient_accumulation_steps=4)
-    if case == "mixed_float16":
+    kwargs = {"gradient_accumulation_steps": 4} if "accumulation" in parts else {}
+    if "mixed_float16" in parts:
         keras.mixed_precision.set_global_policy("mixed_float16")
-        return keras_sam.SAM(inner, rho=0.1)
-    raise ValueError(case)
+    if "looksam" in parts:
+        return keras_sam.LookSAM(inner, rho=0.1, k=2, **kwargs)
+    return keras_sam.SAM(inner, rho=0.1, **kwargs)
 
 
 def main(case, backup_dir, out, kill_at):
