@@ -27,7 +27,7 @@ parametrizations trimmed) loses no check: run it after such a change, and with
     .venv/bin/python tools/planted_defects.py --baseline    # first: no defect, must pass
     # A quick look: one test file, in one process.
     .venv/bin/python tools/planted_defects.py --only tf-sparse-duplicates --jobs 0 \\
-        --pytest-args "tests/trainers/test_sparse.py"
+        --pytest-args "tests/step/test_sparse.py"
 
 How long it takes: 35 runs (a defect in each session named for it). A caught defect
 stops at its first failing test, but pytest gets there in collection order (tests/backends,
