@@ -164,6 +164,7 @@ def test_causal_lm_lora_moves_only_the_adapters_and_they_reload(tmp_path):
     assert np.abs(after - before).max() > 1e-4  # the adapters carry the fine-tuning
 
 
+@pytest.mark.slow
 def test_classifier_lora_trains_the_adapters_and_the_head():
     sam_model, _, _ = _fit_and_check("classifier", lora=True)
     model = sam_model.model

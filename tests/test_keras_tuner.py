@@ -32,6 +32,7 @@ def build(hp):
     return sam_model
 
 
+@pytest.mark.slow
 def test_random_search_over_rho_and_learning_rate(tmp_path):
     keras.utils.set_random_seed(0)
     (x, y), validation = _data()

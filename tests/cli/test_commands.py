@@ -35,6 +35,7 @@ def test_train_writes_history_model_and_reports_accuracy(tmp_path, capsys):
     assert (out / "model.keras").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 @needs_data
 def test_compare_writes_table_and_png_plots(tmp_path, capsys):
     out = tmp_path / "cmp"
@@ -81,6 +82,7 @@ def test_a_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     assert "keras-sam train: error:" in err and "nowhere" in err
 
 
+@pytest.mark.slow
 @needs_data
 def test_train_a_variant_with_its_own_options(tmp_path):
     out = tmp_path / "looksam"
@@ -392,6 +394,7 @@ def test_asams_default_rho_is_scaled(argv, rho, monkeypatch):
     assert cli._config(args, args.method).rho == pytest.approx(rho)
 
 
+@pytest.mark.slow
 @needs_data
 def test_output_to_a_file_is_one_line_per_epoch_with_the_test_accuracy(tmp_path):
     """Not a terminal (a pipe here, a log file in `make demo > log`): Keras's one-line

@@ -42,6 +42,7 @@ def test_with_rho_zero_sam_is_sgd_and_stays_sharp():
     assert result["sam"] == result["sgd"]
 
 
+@pytest.mark.slow
 def test_playground_command_prints_the_report(capsys):
     assert cli.main(["playground", "--steps", "600"]) == 0
     out = capsys.readouterr().out

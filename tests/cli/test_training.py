@@ -285,6 +285,7 @@ def _same(run_a, run_b):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_bitwise(rng, tmp_path, monkeypatch):
     from keras_sam import files
     from keras_sam.cli import training

@@ -156,8 +156,11 @@ class _TwoPassesAlways:
         return True
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["SAM", "GSAM", "FriendlySAM"])
+# Each method in the default mode; in every mode SAM (the one-pass branch is the step's) and
+# FriendlySAM (its state moves in that branch too).
+@pytest.mark.parametrize(
+    "name, mode", harness.modes_for(["SAM", "GSAM", "FriendlySAM"], ["SAM", "FriendlySAM"])
+)
 def test_the_one_pass_step_at_rho_zero_is_the_two_pass_step_at_rho_zero(rng, name, mode):
     # The weights (and F-SAM's moving average) are those of two passes at rho = 0: the
     # skipped pass changed nothing but the cost. Eagerly, SAM and F-SAM descend with the

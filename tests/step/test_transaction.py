@@ -200,6 +200,7 @@ def _batchnorm_model():
     )
 
 
+@pytest.mark.slow
 def test_a_last_batch_smaller_than_the_number_of_splits_is_trained_alike_in_every_mode(rng):
     # 18 examples in batches of 8 with num_batch_splits=4: a last batch of 2, trained as
     # two parts of one example. Every mode applies it (three steps an epoch) and ends

@@ -476,6 +476,7 @@ def test_several_steps_per_execution_match_the_float64_reference(rng, mode, meth
 
 
 # ------------------------------------------------------------- saving, resuming
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, mode",
     [(n, harness.DEFAULT_MODE) for n in harness.RESUME_OPTIMIZERS]
