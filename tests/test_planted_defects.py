@@ -44,3 +44,14 @@ def test_the_defects_cover_the_step_methods_backends_transaction_maths_and_cli()
     for backend in tool.BACKENDS:
         assert f"keras_sam/backends/{backend}.py" in paths, backend
         assert any(backend in d.backends for d in defects), backend
+
+
+def test_a_failure_is_a_catch_and_anything_else_is_not():
+    failed = "FAILED tests/step/test_x.py::test_y - AssertionError\n1 failed, 3 passed"
+    assert tool.verdict(1, failed) == ("CAUGHT", "tests/step/test_x.py::test_y")
+    # pytest-xdist's `-x` stops the workers after the first failure: exit 2, a failure named.
+    stopped = failed + "\n!! xdist.dsession.Interrupted: stopping after 1 failures !!"
+    assert tool.verdict(2, stopped) == ("CAUGHT", "tests/step/test_x.py::test_y")
+    assert tool.verdict(0, "5 passed")[0] == "MISSED"
+    assert tool.verdict(2, "ERROR tests/a.py - ImportError")[0].startswith("NOT RUN CLEANLY")
+    assert tool.verdict(None, "")[0] == "TIME-OUT"

@@ -11,9 +11,10 @@ session(s) that should catch it there, stopping at the first failure:
     KERAS_BACKEND=<backend> PYTHONPATH=<copy> python -m pytest -x -q -n auto -p no:cacheprovider
 
 `PYTHONPATH` makes the suite, and the processes it starts, import the planted copy rather
-than the editable install. Exit status 1 (a test failed) is CAUGHT and names the first
-failing test; 0 is MISSED; anything else (a collection error, a usage error, the time
-limit) is reported as such, never as caught.
+than the editable install. Exit status 1 (a test failed; or 2 when pytest-xdist stops the
+workers after that first failure) is CAUGHT and names the first failing test; 0 is
+MISSED; anything else (a collection error, a usage error, the time limit) is reported as
+such, never as caught.
 
 It is the record that a change to the suite (tests moved between folders or sessions,
 parametrizations trimmed) loses no check: run it after such a change, and with
@@ -399,7 +400,10 @@ def verdict(code, output, expect_pass=False):
         return "TIME-OUT", name
     if expect_pass:
         return ("PASSED" if code == 0 else f"FAILED (exit {code})"), name
-    if code == 1:
+    # Under pytest-xdist, `-x` ends the session as interrupted (exit 2) after the first
+    # failure: that is a catch too, when a failing test is named.
+    stopped = code == 2 and "stopping after 1 failures" in output and first is not None
+    if code == 1 or stopped:
         return "CAUGHT", name
     if code == 0:
         return "MISSED", ""
