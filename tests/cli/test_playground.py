@@ -99,6 +99,7 @@ def test_public_names():
         keras_sam.Nope  # noqa: B018
 
 
+@pytest.mark.slow
 def test_the_seed_toy_network_learns_with_and_without_sam():
     result = playground.uniform_vs_normal(steps=800)
     for method in ("sgd", "sam"):
