@@ -10,13 +10,12 @@ runs is decided here, in three lists:
 - `NEUTRAL`: modules whose code under test is the same on every backend (the command line,
   the experiment runner, the data sets, the files, the models, the packaging, and the
   tests that start their own process per backend; not the maths, whose numbers are each
-  backend's kernels'). Each
+  backend's kernels). Each
   runs once, in the session named beside it: TensorFlow's for those that train the CNN
   (its graph runs the convolutions several times faster than PyTorch's eager step on
   this CPU; and the runner's resume is bitwise only where Keras checkpoints the dropout
   seeds, which PyTorch's unseeded dropout is not), PyTorch's for the rest (the cheapest
-  per test: no graph to trace). A single backend-neutral test in a battery module is
-  marked `@pytest.mark.once` and runs in the `ONCE` session.
+  per test: no graph to trace).
 
 A test that runs the step "eagerly, compiled and under XLA" (`mode`, tests/harness.py's
 `MODES`) runs in the modes that are different code on the session's backend: all three on
@@ -82,7 +81,6 @@ NEUTRAL = {
     "test_cross_backend.py": "torch",
     "diagnostics/test_cross_backend.py": "torch",
 }
-ONCE = "torch"
 for _path, _backend in NEUTRAL.items():
     ONLY[_backend] = ONLY[_backend] + [_path]
 collect_ignore = [
@@ -118,9 +116,6 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "backends(*names): runs only in these backends' sessions (the others skip)"
     )
-    config.addinivalue_line(
-        "markers", f"once: backend-neutral, runs in one session only (the {ONCE} session)"
-    )
 
 
 def _same_step_as_another(item, cases):
@@ -146,8 +141,7 @@ def pytest_collection_modifyitems(config, items):
         marker = item.get_closest_marker("backends")
         if marker is not None and BACKEND not in marker.args:
             item.add_marker(pytest.mark.skip(reason=f"written for {', '.join(marker.args)}"))
-        once = item.get_closest_marker("once") is not None and BACKEND != ONCE
-        if once or _same_step_as_another(item, cases):
+        if _same_step_as_another(item, cases):
             deselected.append(item)
         else:
             kept.append(item)
