@@ -11,6 +11,44 @@ densified, so duplicate indices are already summed and the norm is the true one.
 from keras import ops
 
 
+class ListOps:
+    """Element-wise arithmetic over lists of tensors, written with `keras.ops`: one call
+    per tensor (XLA fuses them in a compiled step).
+
+    Every list function here goes through `list_ops`, so that a backend with
+    multi-tensor kernels can install its own (`use_list_ops`): PyTorch's adapter does,
+    with `torch._foreach_*` (one kernel launch for a whole list on a GPU, as Keras's own
+    PyTorch optimizers use). The results are the same; only the number of operations a
+    step dispatches differs. `None` entries stay `None`.
+    """
+
+    def scale(self, tensors, factor):
+        """`factor * t` for each tensor, in float32, cast back to the tensor's dtype;
+        `factor` a float32 scalar."""
+        return [
+            None if t is None else ops.cast(factor * ops.cast(t, "float32"), t.dtype)
+            for t in tensors
+        ]
+
+
+    def combined_norm(self, norms):
+        """`combined_norm`: the largest norm, divided out and multiplied back."""
+        largest = ops.max(norms)
+        divisor = ops.where(largest > 0, largest, ops.ones_like(largest))
+        return divisor * ops.sqrt(ops.sum(ops.square(norms / divisor)))
+
+
+list_ops = ListOps()
+
+
+def use_list_ops(implementation):
+    """Installs `implementation` (a `ListOps`) for every list function here; returns the
+    one it replaces."""
+    global list_ops
+    previous, list_ops = list_ops, implementation
+    return previous
+
+
 def global_norm(tensors, norms=None):
     """Euclidean norm of a list of tensors taken as one vector, in float32.
 
@@ -59,10 +97,7 @@ def combined_norm(norms):
     """The norm of the concatenation of tensors of these norms (a float32 vector):
     `m * sqrt(sum((n / m)**2))` with `m` the largest, which neither overflows nor
     underflows. NaN or inf in `norms` gives NaN or inf."""
-    norms = ops.convert_to_tensor(norms)
-    largest = ops.max(norms)
-    divisor = ops.where(largest > 0, largest, ops.ones_like(largest))
-    return divisor * ops.sqrt(ops.sum(ops.square(norms / divisor)))
+    return list_ops.combined_norm(ops.convert_to_tensor(norms))
 
 
 def _rescaled_norm(present):
@@ -104,14 +139,16 @@ def sam_perturbation(gradients, rho, epsilon=1e-12, scales=None, norm=None):
     if norm is None:
         norm = global_norm(scaled)
     factor = ops.cast(rho, "float32") / (norm + epsilon)
-    perturbation = []
-    for g, s, sg in zip(gradients, scales, scaled):
-        if g is None:
-            perturbation.append(None)
-            continue
-        e = factor * _times(s, ops.cast(sg, "float32"))
-        perturbation.append(ops.cast(e, g.dtype))
-    return perturbation
+    if all(s is None for s in scales):
+        return list_ops.scale(gradients, factor)
+    directions = [
+        None if g is None else _times(s, ops.cast(sg, "float32"))
+        for g, s, sg in zip(gradients, scales, scaled)
+    ]
+    return [
+        None if g is None else ops.cast(e, g.dtype)
+        for g, e in zip(gradients, list_ops.scale(directions, factor))
+    ]
 
 
 def layerwise_sam_perturbation(gradients, rho, groups, epsilon=1e-12, scales=None):

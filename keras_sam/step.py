@@ -124,26 +124,28 @@ def _part(backend, roles, compute, variables, weights, pending, factor, real=Non
 
     The part's verdict (`Part.finite`) costs no pass of its own over the clean
     gradients: their per-tensor norms, taken once, give both the perturbation's norm
-    and the check (`_tame`). The final gradients take one reduction each.
+    and the check (`_tame`). The final gradients take one reduction each, the losses
+    join them, and the verdict is one comparison of all those norms.
     """
     run = _PartRun(backend, roles, compute, variables, pending, factor)
     values = [v.value for v in roles.method.state_variables]
     weights, values = run.start(weights, values)
     outputs, loss, clean_updates = run.clean_pass(weights)
-    loss_sam, descent, values, descent_tame, second_pass = run.final_gradients(
+    loss_sam, descent, values, descent_norms, second_pass = run.final_gradients(
         weights, values, loss
     )
-    finite = ops.all(
-        ops.stack(
-            [ops.isfinite(ops.cast(loss, "float32")), ops.isfinite(ops.cast(loss_sam, "float32"))]
-            + [run.clean.tame, descent_tame]
-        )
-    )
+    finite = _tame(_concatenated([run.clean.norms, descent_norms]))
     updates = _kept_updates(clean_updates, pending, real)
     gradients = [None] * len(variables)
     for i, g in zip(run.present, descent):
         gradients[i] = g
     return Part(outputs, loss, loss_sam, gradients, second_pass, list(values), finite, updates)
+
+
+def _concatenated(vectors):
+    """The vectors that are not None, as one."""
+    vectors = [v for v in vectors if v is not None]
+    return vectors[0] if len(vectors) == 1 else ops.concatenate(vectors)
 
 
 def _kept_updates(updates, pending, real):
@@ -164,7 +166,6 @@ class _Clean(typing.NamedTuple):
     gradients: list  # one per variable, None where none
     rows: list  # what a method reads of each (a sparse gradient's rows)
     norms: object  # float32 norm of each present gradient's rows, a vector (or None)
-    tame: object  # whether every loss gradient is finite with finite squares
 
 
 class _PartRun:
@@ -199,7 +200,7 @@ class _PartRun:
             values, lambda: self.method.initial_perturbation(self.variables)
         )
         if shift is not None:
-            weights = [self.backend.perturb(w, e, None) for w, e in zip(weights, shift)]
+            weights = self.backend.perturbed(weights, list(shift), [None] * len(weights))
         return weights, values
 
     def clean_pass(self, weights):
@@ -218,15 +219,16 @@ class _PartRun:
                 gradients[i] = g
         rows = [backend.rows(g) for g in gradients]
         norms = _norms(backend, [rows[i] for i in self.present])
-        self.clean = _Clean(gradients, rows, norms, _tame(norms))
+        self.clean = _Clean(gradients, rows, norms)
         return outputs, loss, updates
 
     def final_gradients(self, weights, values, loss):
         """The method's decision, then the perturbed pass or the one-pass gradient.
 
         Returns the perturbed loss, the final gradients of the present variables, the
-        method's new state, whether those gradients are tame, and whether the perturbed
-        pass ran (1.0 or 0.0, a tensor for a decision taken when the step runs).
+        method's new state, the norms of those gradients (a vector, or None), and
+        whether the perturbed pass ran (1.0 or 0.0, a tensor for a decision taken when
+        the step runs).
         """
         decision, values = self.stateless(
             values, lambda: self.method.needs_second_pass(self.clean.rows, self.variables)
@@ -234,17 +236,18 @@ class _PartRun:
         if not isinstance(decision, bool):
             taken = self.backend.cond(
                 decision,
-                lambda: self.two_passes(weights, values),
-                lambda: self.one_pass(values, loss),
+                lambda: self.two_passes(weights, values, loss),
+                lambda: self._with_norms(self.one_pass(values, loss)),
             )
             return (*taken, ops.cast(decision, "float32"))
         if decision:
-            return (*self.two_passes(weights, values, release=True), 1.0)
+            return (*self.two_passes(weights, values, loss, release=True), 1.0)
         return (*self.one_pass(values, loss), 0.0)
 
-    def two_passes(self, weights, values, release=False):
+    def two_passes(self, weights, values, loss, release=False):
         """The perturbed pass; returns its loss, the final gradients of the present
-        variables, the method's new state and whether those gradients are tame.
+        variables, the method's new state and the norms of those gradients and of the
+        two losses (`loss` the clean one).
 
         `release`: whether this is the only branch (a decision taken when the step is
         traced), so that the clean gradients may be let go once used.
@@ -283,7 +286,7 @@ class _PartRun:
             lambda: method.descent_gradients(gradients, perturbed_gradients, self.variables),
         )
         descent = [descent[i] for i in self.present]
-        return loss_sam, descent, values, self._tame(descent)
+        return loss_sam, descent, values, self._norms_of(descent, [loss, loss_sam])
 
     def one_pass(self, values, loss):
         """The final gradients without the perturbed pass (the clean loss stands for the
@@ -293,16 +296,29 @@ class _PartRun:
             values, lambda: self.method.one_pass_gradients(clean.gradients, self.variables)
         )
         descent = [descent[i] for i in self.present]
-        return loss, descent, values, self._tame(descent)
+        return loss, descent, values, self._norms_of(descent, [loss])
 
-    def _tame(self, descent):
-        """Whether the final gradients are tame; free when they are the clean ones."""
+    def _with_norms(self, result):
+        """`one_pass`'s result with norms of the shape `two_passes` gives (the final
+        gradients' and two losses'), for the other branch of a conditional."""
+        loss, descent, values, norms = result
+        if self.clean.norms is not None and norms.shape[0] == 1:
+            # Only the loss's: the final gradients are the clean ones.
+            norms = ops.concatenate([self.clean.norms, norms])
+        # The loss once more, where `two_passes` gives the perturbed loss.
+        return loss, descent, values, ops.concatenate([norms, norms[-1:]])
+
+    def _norms_of(self, descent, losses):
+        """The norms of the final gradients (not taken again when they are the clean
+        ones: those are in the verdict already) and the magnitudes of `losses`, in one
+        vector: a loss of 2**63 or more has diverged as surely as an infinite one."""
         clean = self.clean
+        losses = [ops.cast(v, "float32") for v in losses]
         if clean.gradients is not None and all(
             d is clean.gradients[i] for d, i in zip(descent, self.present)
         ):
-            return clean.tame
-        return _tame(_norms(self.backend, [self.backend.rows(d) for d in descent]))
+            return _norms(self.backend, losses)
+        return _norms(self.backend, [self.backend.rows(d) for d in descent] + losses)
 
 
 def _reads_clean_gradients(method):
@@ -312,22 +328,17 @@ def _reads_clean_gradients(method):
 
 
 def _perturbed_weights(backend, weights, perturbation, gradients, released=()):
-    """`w + e` for each variable.
+    """`w + e` for each variable (`Backend.perturbed`).
 
-    Consumes `perturbation` (a list, emptied in place) and the lists in `released`
-    (the clean gradients and what the method read of them, emptied in place): each
-    entry is let go once its `w + e` exists, so that run eagerly the step holds them
-    and `w + e` together for one tensor at a time, not for all.
+    Empties the lists in `released` first (the clean gradients and what the method read
+    of them): the step then holds `e` and `w + e`, not the clean gradients beside them.
+    `perturbation` is handed over (the backend may let each entry go once used).
     """
-    perturbed = []
-    for i, weight in enumerate(weights):
-        e, perturbation[i] = perturbation[i], None
-        gradient = gradients[i]
-        for entries in released:
-            entries[i] = None
-        perturbed.append(backend.perturb(weight, e, gradient))
-        del e, gradient
-    return perturbed
+    # Only a sparse gradient is kept: its indices place `e`'s rows.
+    gradients = [None if g is None or backend.rows(g) is g else g for g in gradients]
+    for entries in released:
+        entries[:] = [None] * len(entries)
+    return backend.perturbed(weights, perturbation, gradients)
 
 
 # A tensor whose float32 norm is below 2**63 has every square finite in float32 (each
@@ -345,7 +356,7 @@ def _tame(norms):
     """Whether every norm is below `TAME_NORM` (True for none)."""
     if norms is None:
         return ops.convert_to_tensor(True)
-    return ops.all(ops.less(norms, TAME_NORM))
+    return ops.all(norms < TAME_NORM)
 
 
 def run_step(backend, optimizer, computes, part_weights, variables):
@@ -433,7 +444,7 @@ def _verdict(backend, parts, updates, state):
     """Whether the step may be taken: every part finite, and what the step would commit
     tame too (an input of 1e20 can make a BatchNorm moving variance infinite while
     every loss and gradient is finite)."""
-    finite = ops.all(ops.stack([p.finite for p in parts]))
+    finite = parts[0].finite if len(parts) == 1 else ops.all(ops.stack([p.finite for p in parts]))
     floating = [value for _, value in updates if is_floating(value)] + [
         value for value in state if is_floating(value)
     ]
@@ -676,12 +687,22 @@ def _update_metrics(backend, sam_model, data, result):
 
 
 def _update_trackers(sam_model, result, divisor, batch_size, x, y, sample_weight):
-    sam_model._loss_tracker.update_state(result.loss * divisor, sample_weight=batch_size)
-    sam_model.sharpness_tracker.update_state(
-        result.sharpness * divisor, sample_weight=result.second_pass
-    )
-    sam_model.second_pass_tracker.update_state(result.second_pass)
-    sam_model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
+    loss, sharpness = result.loss, result.sharpness
+    if divisor != 1:
+        loss, sharpness = loss * divisor, sharpness * divisor
+    sam_model._loss_tracker.update_state(loss, sample_weight=batch_size)
+    sam_model.step_statistics.update_state(sharpness, result.second_pass)
+    _update_compiled_metrics(sam_model, x, y, result.outputs, sample_weight)
+
+
+def _update_compiled_metrics(sam_model, x, y, y_pred, sample_weight):
+    """`compute_metrics`'s updates, without the results it computes along (the step
+    reads them once, after the decision). A subclass's own `compute_metrics` is
+    called as it is."""
+    if type(sam_model).compute_metrics is not keras.Model.compute_metrics:
+        sam_model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    elif sam_model._compile_metrics is not None:
+        sam_model._compile_metrics.update_state(y, y_pred, sample_weight=sample_weight)
 
 
 class StepResult(typing.NamedTuple):

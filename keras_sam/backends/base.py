@@ -145,8 +145,23 @@ class Backend:
         """What a method reads of a gradient (a sparse one's rows)."""
         return gradient
 
+    def perturbed(self, weights, perturbation, gradients):
+        """`w + e` for each weight (`w` where `e` is None).
+
+        `gradients` are the clean gradients (None where unknown): a sparse one says
+        which rows `e` covers. `perturbation` is consumed (a list, emptied in place):
+        each `e` is let go once its `w + e` exists, so that run eagerly the step holds
+        both together for one tensor at a time.
+        """
+        result = []
+        for i, weight in enumerate(weights):
+            e, perturbation[i] = perturbation[i], None
+            result.append(self.perturb(weight, e, gradients[i]))
+            del e
+        return result
+
     def perturb(self, weight, perturbation, gradient):
-        """`w + e`."""
+        """`w + e` for one weight."""
         del gradient
         if perturbation is None:
             return weight

@@ -5,7 +5,7 @@ import contextlib
 import keras
 import torch
 
-from keras_sam import step
+from keras_sam import maths, step
 from keras_sam.backends import base
 from keras_sam.methods import sam
 
@@ -56,7 +56,7 @@ class Torch(base.Backend):
             _set_rng_state(self._after_clean)
 
     def _gradients(self, compute, variables, values, pending, scale):
-        leaves = [v.detach().requires_grad_(True) for v in values]
+        leaves = [_leaf(v) for v in values]
         scope = base.RecordingScope(
             state_mapping=list(pending.values()) + list(zip(variables, leaves))
         )
@@ -72,6 +72,22 @@ class Torch(base.Backend):
         updates = [(v, _detached(value)) for v, value in scope.updates()]
         outputs = keras.tree.map_structure(_detached, outputs)
         return outputs, loss.detach(), list(gradients), updates
+
+    def perturbed(self, weights, perturbation, gradients):
+        """`w + e` with one `torch._foreach_add` per dtype, each result a fresh leaf
+        that the perturbed pass differentiates (no copy to detach it)."""
+        del gradients  # dense: `e` covers every row
+        result = list(weights)
+        pairs = [i for i, e in enumerate(perturbation) if e is not None]
+        for indices in _by_dtype(weights, pairs):
+            sums = torch._foreach_add(
+                [weights[i] for i in indices],
+                [perturbation[i].to(weights[i].dtype) for i in indices],
+            )
+            for i, total in zip(indices, sums):
+                result[i] = total.requires_grad_(True)
+        perturbation[:] = [None] * len(perturbation)
+        return result
 
     def cond(self, pred, true_fn, false_fn):
         return true_fn() if self._host_bool(pred) else false_fn()
@@ -204,7 +220,50 @@ class Torch(base.Backend):
         return part.outputs, part.loss, part.loss_sam
 
 
+class ListOps(maths.ListOps):
+    """`maths.ListOps` with `torch._foreach_*`: one operation per dtype for a list."""
+
+    def scale(self, tensors, factor):
+        result = [None] * len(tensors)
+        present = [i for i, t in enumerate(tensors) if t is not None]
+        factor = torch.as_tensor(factor, dtype=torch.float32)
+        for indices in _by_dtype(tensors, present):
+            group = [tensors[i] for i in indices]
+            if group[0].dtype == torch.float32:
+                products = torch._foreach_mul(group, factor)
+            else:
+                products = [(factor * t.to(torch.float32)).to(t.dtype) for t in group]
+            for i, product in zip(indices, products):
+                result[i] = product
+        return result
+
+
+    def combined_norm(self, norms):
+        # A divisor of the smallest normal float32 where every norm is 0: 0 / it is 0.
+        divisor = torch.amax(norms).clamp_min(torch.finfo(torch.float32).tiny)
+        return torch.linalg.vector_norm(norms / divisor) * divisor
+
+
 BACKEND = Torch()
+maths.use_list_ops(ListOps())
+
+
+def _by_dtype(tensors, indices):
+    """`indices` grouped by their tensors' dtype, in order (a `_foreach_*` kernel takes
+    tensors of one dtype)."""
+    groups = {}
+    for i in indices:
+        groups.setdefault(tensors[i].dtype, []).append(i)
+    return list(groups.values())
+
+
+def _leaf(value):
+    """A tensor the pass differentiates: `value` itself when it is a leaf that requires
+    its gradient (a trained variable's parameter, or a `w + e` made by `perturbed`),
+    else a detached view of it."""
+    if isinstance(value, torch.Tensor) and value.is_leaf and value.requires_grad:
+        return value
+    return torch.as_tensor(value).detach().requires_grad_(True)
 
 
 def _rng_state():

@@ -121,8 +121,7 @@ class SAMModel(keras.Model):
         self.model = model
         self.num_batch_splits = None if num_batch_splits is None else int(num_batch_splits)
         self.max_consecutive_skips = check_max_consecutive_skips(max_consecutive_skips)
-        self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
-        self.second_pass_tracker = keras.metrics.Mean(name="second_pass_rate")
+        self.step_statistics = StepStatistics()
         checkpointable = backends.current().checkpointable(self._rng_states())
         if checkpointable is not None:
             # Tracked by `tf.train.Checkpoint`, which does not follow seed generators.
@@ -193,10 +192,13 @@ class SAMModel(keras.Model):
         if state is not None:  # JAX: the count after the step is in the new state
             index = next(i for i, v in enumerate(self.metrics_variables) if v is count)
             count = state[3][index]
-        applied = keras.ops.greater(count, 0)
+        applied = count > 0
+        nan = None
         for name, value in logs.items():
             if name != "skipped_steps" and is_floating(value):
-                logs[name] = keras.ops.where(applied, value, math.nan)
+                if nan is None:
+                    nan = keras.ops.convert_to_tensor(math.nan, "float32")
+                logs[name] = keras.ops.where(applied, value, nan)
 
     def test_step(self, *args):
         result = super().test_step(*args)
@@ -273,6 +275,40 @@ class SAMModel(keras.Model):
 
 
 _RNG_KEY = "rng_state_"
+
+
+class StepStatistics(keras.metrics.Metric):
+    """The SAM step's own logs, `sharpness` and `second_pass_rate`, in one metric.
+
+    `sharpness` is the mean of `loss_sam - loss` over the steps that took the perturbed
+    pass (weighted by the fraction of the step that took it, under m-sharpness);
+    `second_pass_rate` the mean of that fraction over the steps. Both are kept in one
+    float32 vector of sums, `[sum of sharpness x fraction, sum of fractions, steps]`:
+    a step adds to it with one operation, and the logs are read with one division
+    (two `keras.metrics.Mean`s take several small operations each, per step).
+    Each is 0 before any step adds to it, as a `Mean` is.
+    """
+
+    def __init__(self, name="step_statistics", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.sums = self.add_variable(shape=(3,), initializer="zeros", name="sums")
+
+    def update_state(self, sharpness, second_pass):
+        sharpness = keras.ops.cast(sharpness, "float32")
+        second_pass = keras.ops.cast(second_pass, "float32")
+        step = keras.ops.stack([sharpness * second_pass, second_pass, 1.0])
+        self.sums.assign(self.sums.value + step)
+
+    def result(self):
+        # A denominator of 0 has a numerator of 0 (a sum of terms weighted by its own
+        # terms): 0 / 1e-30 is 0, and 1e-30 is below a float32 ulp of any other.
+        sums = self.sums.value
+        ratios = sums[:2] / (sums[1:] + 1e-30)
+        sharpness, second_pass_rate = keras.ops.unstack(ratios)
+        return {"sharpness": sharpness, "second_pass_rate": second_pass_rate}
+
+    def reset_state(self):
+        self.sums.assign(keras.ops.zeros_like(self.sums.value))
 
 
 class _Without:
