@@ -30,7 +30,6 @@ class ListOps:
             for t in tensors
         ]
 
-
     def combined_norm(self, norms):
         """`combined_norm`: the largest norm, divided out and multiplied back."""
         largest = ops.max(norms)

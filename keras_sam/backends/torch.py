@@ -237,7 +237,6 @@ class ListOps(maths.ListOps):
                 result[i] = product
         return result
 
-
     def combined_norm(self, norms):
         # A divisor of the smallest normal float32 where every norm is 0: 0 / it is 0.
         divisor = torch.amax(norms).clamp_min(torch.finfo(torch.float32).tiny)
