@@ -195,6 +195,8 @@ class SAMModel(keras.Model):
             count = state[3][index]
         applied = keras.ops.greater(count, 0)
         for name, value in logs.items():
+            if isinstance(value, float):  # Keras < 3.14 on PyTorch logs some as Python floats
+                value = keras.ops.convert_to_tensor(value)
             if name != "skipped_steps" and is_floating(value):
                 logs[name] = keras.ops.where(applied, value, math.nan)
 
