@@ -37,8 +37,9 @@ class SAMModel(keras.Model):
 
     Compiled with a plain Keras optimizer it trains exactly as the unwrapped model
     would, and `compile` warns once (most often a forgotten `keras_sam.SAM`). A model
-    with no trainable weights is refused at `fit` with a `ValueError`. `evaluate` and `predict` are the inner model's, and `sam_model.model` is the
-    plain inner model, for export without keras_sam.
+    with no trainable weights is refused at `fit` with a `ValueError`. `evaluate` and
+    `predict` are the inner model's, and `sam_model.model` is the plain inner model, for
+    export without keras_sam.
 
     Mixed precision: under the `mixed_float16` policy `compile` wraps the SAM optimizer
     in a `keras.optimizers.LossScaleOptimizer`; both passes are then loss-scaled, and a
