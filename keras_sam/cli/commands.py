@@ -117,7 +117,8 @@ def main(argv=None):
         # Said before any training: the pictures are drawn at the end of the run.
         print(
             f"keras-sam {args.command}: error: its pictures need matplotlib, which is not "
-            "installed. Install it with: pip install 'keras-sam[plots]'",
+            "installed. Install it with: pip install matplotlib (the `plots` extra: "
+            "pip install '.[plots]' in a clone of keras-sam)",
             file=sys.stderr,
         )
         return 1
