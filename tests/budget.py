@@ -51,6 +51,12 @@ LONGER = {
         "builds the wheel and installs it with TensorFlow into a fresh virtual environment"
     ),
     "tests/test_cross_backend.py": "one process per backend, each importing its framework",
+    "tests/test_readme_logs.py": (
+        "the README's code in a fresh process per backend, each importing its framework"
+    ),
+    "tests/test_keras_floor.py": (
+        "installs the floor Keras with pip; on TensorFlow a fresh process traces nine steps"
+    ),
     "tests/diagnostics/test_cross_backend.py": (
         "one process per backend, each importing its framework"
     ),

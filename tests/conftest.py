@@ -80,6 +80,8 @@ NEUTRAL = {
     # Start a process per backend themselves.
     "test_cross_backend.py": "torch",
     "diagnostics/test_cross_backend.py": "torch",
+    "test_keras_floor.py": "torch",  # the floor Keras in a process per backend
+    "test_readme_logs.py": "torch",  # the README in a process per backend
 }
 for _path, _backend in NEUTRAL.items():
     ONLY[_backend] = ONLY[_backend] + [_path]

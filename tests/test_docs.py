@@ -186,3 +186,105 @@ def test_every_page_parses_and_has_code_for_this_backend_or_none():
         blocks = parse(path)
         total += sum(not b.setup for b in blocks)
     assert total >= 20  # the guides are mostly code: losing the blocks would show here
+
+
+# ------------------------------------------------------------------------------ links
+# A Markdown link or image, `[text](target)` (an optional title after the target).
+_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+
+
+def _prose(text):
+    """`text` without its fenced code blocks and inline code spans (their brackets and
+    `#` lines are code, not links or headings)."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            fenced = not fenced
+            lines.append("")
+            continue
+        lines.append("" if fenced else re.sub(r"`[^`]*`", lambda m: _code_text(m.group()), line))
+    return lines
+
+
+def _code_text(span):
+    return span.strip("`").replace("[", "").replace("]", "").replace("(", "").replace(")", "")
+
+
+def _slugs(page_lines):
+    """The anchors of a page's headings as GitHub and the site (Python-Markdown's `toc`)
+    write them, each set with its own suffix for repeated headings."""
+    github, site, seen_github, seen_site = set(), set(), {}, {}
+    for line in page_lines:
+        match = _HEADING.match(line)
+        if not match:
+            continue
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", match.group(2)).lower()
+        text = re.sub(r"[^\w\s-]", "", text)
+        for slug, seen, found, joiner in (
+            (text.strip().replace(" ", "-"), seen_github, github, "-"),
+            (re.sub(r"[-\s]+", "-", text.strip()), seen_site, site, "_"),
+        ):
+            count = seen.get(slug, 0)
+            seen[slug] = count + 1
+            found.add(slug if count == 0 else f"{slug}{joiner}{count}")
+    return github, site
+
+
+def _api_anchor(target_lines, anchor):
+    """mkdocstrings writes an anchor per documented object (`keras_sam.SAM`, ...)."""
+    return anchor.startswith("keras_sam") and any(line.startswith("::: ") for line in target_lines)
+
+
+def broken_links(page):
+    """`(line, target, why)` for each relative link of `page` whose file or anchor is missing."""
+    lines = _prose(page.read_text())
+    broken = []
+    for number, line in enumerate(lines, 1):
+        for target in _LINK.findall(line):
+            if re.match(r"[a-z][\w+.-]*:", target):  # https:, mailto:: not checked here
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.is_file():
+                broken.append((number, target, "no such file"))
+                continue
+            if anchor and file.suffix == ".md":
+                target_lines = _prose(file.read_text())
+                github, site = _slugs(target_lines)
+                if _api_anchor(target_lines, anchor):
+                    continue
+                if anchor not in github or anchor not in site:
+                    where = "on GitHub" if anchor not in github else "on the site"
+                    broken.append((number, target, f"no heading with this anchor {where}"))
+    return broken
+
+
+LINKED_PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+@pytest.mark.parametrize("page", LINKED_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves_to_a_file_and_heading(page):
+    assert broken_links(page) == []
+
+
+def test_the_readme_links_into_the_docs_folder_not_a_site_nothing_publishes():
+    text = (ROOT / "README.md").read_text()
+    targets = [t for line in _prose(text) for t in _LINK.findall(line)]
+    assert not [t for t in targets if "keras-sam.github.io" in t]
+    docs = {t.split("#")[0] for t in targets if t.startswith("docs/")}
+    assert {"docs/index.md", "docs/getting-started.md", "docs/fine-tuning.md"} <= docs
+
+
+def test_broken_links_finds_a_missing_file_a_missing_anchor_and_skips_code(tmp_path):
+    (tmp_path / "other.md").write_text("# Other page\n\n## SAM's cost: two passes\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Page\n\n[ok](other.md#sams-cost-two-passes) [here](#page) [web](https://x.org/y)\n"
+        "[gone](missing.md) [no anchor](other.md#sams-cost) `[code](nowhere.md)`\n"
+        "```python\nx = d[k](1)  # [not](a-link.md)\n```\n"
+    )
+    assert broken_links(page) == [
+        (4, "missing.md", "no such file"),
+        (4, "other.md#sams-cost", "no heading with this anchor on GitHub"),
+    ]

@@ -201,3 +201,26 @@ def test_results_sections_replace_their_own_markers_only(tmp_path):
     text = results.read_text()
     assert text.count("<!-- vit-p4-d128-l6: start") == text.count("<!-- vit-p7-d128-l6: end") == 1
     assert "ViT +10.00 (per seed: +12.00)" in text  # means 82 - 72; seed 1 alone paired: 84 - 72
+
+
+def test_full_section_reports_the_epochs_training_time_together():
+    """`fit` runs once per epoch there, and each call starts the callback's clock again: the
+    run's training time is its epochs' summed, not the last epoch's."""
+    sections = _module("results_sections")
+    args = {
+        "epochs": 2, "batch_size": 256, "momentum": 0.9, "lr": 0.1, "weight_decay": 5e-4,
+        "augment": True, "dtype": "bfloat16", "rho": 0.05, "seed": 0,
+    }  # fmt: skip
+    history = [
+        {"epoch": 1, "train_seconds": 15.5, "test_error": 0.2},
+        {"epoch": 2, "train_seconds": 1.25, "test_error": 0.1},
+    ]
+    run = {"status": "complete", "epochs_done": 2, "history": history, "train_seconds": 1.25,
+           "test_error": 0.1, "best_test_error": 0.1, "parameters": 10}  # fmt: skip
+    record = {
+        "model": "WRN", "train_examples": 60000, "test_examples": 10000, "runs": {"sgd": run},
+        "environment": {"backend": "jax", "keras": "3", "started": "now", "arguments": args},
+    }  # fmt: skip
+    text = sections.full_section(record, "one GPU")
+    assert "| 16.8 (15.5) |" in text
+    assert _module("full_fashion_mnist").total_train_seconds(run) == 16.75

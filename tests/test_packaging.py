@@ -40,29 +40,16 @@ def test_readme_starts_with_the_two_set_up_commands():
     assert commands == ["make demo", "make test"]
 
 
-def test_readme_links_are_absolute_so_that_they_work_on_pypi():
+def test_readme_links_are_relative_to_the_repository_so_that_they_work_from_a_clone():
+    """The pages a reader of the repository (or a clone) can open: docs/*.md, LICENSE, the
+    pictures. No link into the documentation site, which nothing publishes yet (tests/
+    test_docs.py checks that each file and heading exists). On PyPI, once published,
+    relative links will not resolve: docs/development.md's release steps say so."""
     links = [a or b for a, b in _LINK.findall(README)]
-    assert len(links) >= 10
     relative = [link for link in links if not link.startswith("https://")]
-    assert relative == []
-
-
-def test_readme_links_into_the_site_and_repository_name_pages_that_exist():
-    links = [a or b for a, b in _LINK.findall(README)]
-    checked = 0
-    for link in links:
-        if link.startswith(DOCS_URL):
-            page = link[len(DOCS_URL) :].split("#")[0].strip("/")
-            assert page == "" or (ROOT / "docs" / f"{page}.md").is_file(), link
-            checked += 1
-        for prefix in (REPO_URL + "blob/main/", "https://raw.githubusercontent.com/"):
-            if link.startswith(prefix):
-                path = link[len(prefix) :]
-                if prefix.startswith("https://raw"):
-                    path = path.split("/", 3)[3]  # owner/name/branch/path
-                assert (ROOT / path).is_file(), link
-                checked += 1
-    assert checked >= 10
+    assert len(relative) >= 10
+    assert not [link for link in links if link.startswith(DOCS_URL)]
+    assert all((ROOT / link.split("#")[0]).is_file() for link in relative), relative
 
 
 def test_mkdocs_site_url_is_the_documentation_url():
@@ -254,7 +241,7 @@ def test_cli_names_the_plots_extra_when_matplotlib_is_missing(
     assert cli.main([*command, "--out", str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
     assert "need matplotlib, which is not installed" in error
-    assert "pip install 'keras-sam[plots]'" in error
+    assert "pip install matplotlib" in error
     assert not (tmp_path / "out").exists()  # said before anything ran
 
 

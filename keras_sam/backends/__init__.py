@@ -6,7 +6,7 @@ Each adapter module (`tensorflow.py`, `jax.py`, `torch.py`) defines a subclass o
 The diagnostics' autodiff primitives are apart, in `autodiff/`.
 """
 
-import importlib
+import sys
 
 import keras
 
@@ -25,4 +25,11 @@ def current():
     name = keras.backend.backend()
     if name not in _ADAPTERS:
         return _UNSUPPORTED
-    return importlib.import_module(f"keras_sam.backends.{name}").BACKEND
+    # `__import__` and `sys.modules`, not `importlib.import_module`: this runs inside the
+    # user's `tf.function` (the custom loop), where AutoGraph converts the Python functions
+    # it calls and warns that it cannot convert importlib's frozen `_gcd_import`; it
+    # leaves builtins alone.
+    module = f"keras_sam.backends.{name}"
+    if module not in sys.modules:
+        __import__(module)
+    return sys.modules[module].BACKEND

@@ -1,6 +1,7 @@
 """The PyTorch adapter: what keras_sam needs of torch and cannot write with `keras.ops`."""
 
 import contextlib
+import sys
 
 import keras
 import torch
@@ -213,9 +214,10 @@ class Torch(base.Backend):
         `(predictions, loss)`; it is called at `w` and at `w + e`, with no tape and no
         `loss.backward()`: the step takes the gradients itself.
         """
+        _refuse_tensorflow_form(method, closure)
         variables = step.check_variables(variables)
         compute = base.custom_loop_pass(
-            closure,
+            _no_tape(method, closure),
             "closure",
             ("predictions", "loss"),
             ", with `loss` a scalar tensor computed from the variables",
@@ -268,6 +270,45 @@ def _leaf(value):
     if isinstance(value, torch.Tensor) and value.is_leaf and value.requires_grad:
         return value
     return torch.as_tensor(value).detach().requires_grad_(True)
+
+_PYTORCH_FORM = (
+    "On PyTorch, `{name}.optimize(closure, variables)` takes a closure that runs the "
+    "forward pass and returns `(predictions, loss)`, with no tape and no `tf.function`: "
+    "the step takes the gradients itself. Write `def closure(): pred = model(x, "
+    "training=True); return pred, loss_fn(y, pred)` and call it eagerly; see the "
+    "custom-loop guide (docs/custom-loops.md, 'PyTorch')."
+)
+
+
+def _refuse_tensorflow_form(method, closure):
+    """The TensorFlow custom loop run on PyTorch: `optimize` inside a `tf.function`."""
+    tensorflow = sys.modules.get("tensorflow")  # never imported here, only looked at
+    if callable(closure) and tensorflow is not None and tensorflow.inside_function():
+        raise ValueError(
+            "`optimize` was called inside a `tf.function`, the TensorFlow custom loop. "
+            + _PYTORCH_FORM.format(name=type(method).__name__)
+        )
+
+
+def _no_tape(method, closure):
+    """`closure`, refusing the TensorFlow form's `(predictions, loss, tape)` with the fix."""
+    if not callable(closure):
+        return closure  # `custom_loop_pass` says what it must be
+
+    def checked():
+        result = closure()
+        if (
+            isinstance(result, (tuple, list))
+            and len(result) == 3
+            and type(result[2]).__name__ == "GradientTape"
+        ):
+            raise ValueError(
+                "`closure` returned `(predictions, loss, tape)`, the TensorFlow "
+                "`grad_func`. " + _PYTORCH_FORM.format(name=type(method).__name__)
+            )
+        return result
+
+    return checked
 
 
 def _rng_state():

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -296,11 +297,15 @@ def train(
         model, num_batch_splits=splits, max_consecutive_skips=max_consecutive_skips
     )
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    sam_model.compile(
-        optimizer=build_optimizer(config, steps_per_epoch * config.epochs),
-        loss=loss,
-        metrics=["accuracy"],
-    )
+    with warnings.catch_warnings():
+        # A plain run goes through `SAMModel` on purpose (the same code path, checkpoints
+        # and seeds as SAM's): no warning about its plain optimizer.
+        warnings.filterwarnings("ignore", "`SAMModel` was compiled with", UserWarning)
+        sam_model.compile(
+            optimizer=build_optimizer(config, steps_per_epoch * config.epochs),
+            loss=loss,
+            metrics=["accuracy"],
+        )
     progress = None if out is None else out / CHECKPOINT / "progress.json"
     recorder = _EpochRecorder(config, data, model, loss, steps_per_epoch, progress)
     backup = []

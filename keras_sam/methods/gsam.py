@@ -37,7 +37,10 @@ class GSAM(SAM):
     Args:
         optimizer: the wrapped `keras.optimizers.Optimizer`.
         rho: float >= 0 or a schedule of the step, the radius. Defaults to `0.05`.
-        alpha: float >= 0, the weight of the orthogonal correction. Defaults to `0.4`.
+        alpha: float >= 0, the weight of the orthogonal correction. Defaults to `0.4`, the
+            paper's (ViTs); with SGD at small batches it can stall at chance level: start
+            at about `0.1` there (it trained on keras_sam's CNN, where 0.4 stalled;
+            docs/methods.md).
         **kwargs: the other arguments of `keras_sam.SAM` (`adaptive`, `eta`,
             `epsilon`, `perturb`, `distributed_perturbation`,
             `gradient_accumulation_steps`, `name`).

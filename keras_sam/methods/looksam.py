@@ -42,7 +42,10 @@ class LookSAM(SAM):
         optimizer: the wrapped `keras.optimizers.Optimizer`.
         rho: float >= 0 or a schedule of the step, the radius. Defaults to `0.05`.
         k: int >= 1, the period of the two-pass steps (`k=1` is SAM). Defaults to `5`.
-        alpha: float >= 0, the weight of the reused component. Defaults to `0.7`.
+        alpha: float >= 0, the weight of the reused component. Defaults to `0.7`, the
+            paper's (large batches); at small batches or parts (m-sharpness) it can stall
+            at chance level: use about `0.2` there (it matched SAM on keras_sam's CNN,
+            where 0.7 stalled; docs/methods.md).
         **kwargs: the other arguments of `keras_sam.SAM` (`adaptive`, `eta`,
             `epsilon`, `perturb`, `distributed_perturbation`,
             `gradient_accumulation_steps`, `name`).

@@ -56,7 +56,10 @@ class MomentumSAM(SAM):
     Args:
         optimizer: the wrapped `keras.optimizers.Optimizer`.
         rho: float >= 0 or a schedule of the step, the distance of the pass from `w`.
-            Defaults to `3.0` (the paper's).
+            Defaults to `3.0`, the paper's (CIFAR-100 and ImageNet networks); a small model,
+            whose weight vectors are short, wants less: on keras_sam's CNN 3 and 2 never
+            left chance level and `1.0` trained (docs/methods.md; `keras-sam train`
+            defaults to 1).
         momentum: float in [0, 1), the decay of `v`. Defaults to `0.9` (the paper's SGD
             momentum).
         **kwargs: the other arguments of `keras_sam.SAM` (`adaptive`, `eta`,

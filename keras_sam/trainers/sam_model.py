@@ -36,8 +36,10 @@ class SAMModel(keras.Model):
     (`model.losses`) are part of both passes.
 
     Compiled with a plain Keras optimizer it trains exactly as the unwrapped model
-    would. `evaluate` and `predict` are the inner model's, and `sam_model.model` is the
-    plain inner model, for export without keras_sam.
+    would, and `compile` warns once (most often a forgotten `keras_sam.SAM`). A model
+    with no trainable weights is refused at `fit` with a `ValueError`. `evaluate` and
+    `predict` are the inner model's, and `sam_model.model` is the plain inner model, for
+    export without keras_sam.
 
     Mixed precision: under the `mixed_float16` policy `compile` wraps the SAM optimizer
     in a `keras.optimizers.LossScaleOptimizer`; both passes are then loss-scaled, and a
@@ -131,9 +133,37 @@ class SAMModel(keras.Model):
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
+    def compile(self, optimizer="rmsprop", **kwargs):
+        """`keras.Model.compile`; warns when `optimizer` is not a keras-sam method.
+
+        A plain optimizer is allowed (the model then trains exactly as the unwrapped one
+        would, a baseline with the same code path), but it is most often a forgotten
+        `keras_sam.SAM(...)`, which only the missing `sharpness` log would show: a
+        `UserWarning` says so at compile, once.
+        """
+        super().compile(optimizer=optimizer, **kwargs)
+        if not isinstance(self._sam_optimizer(), SAM):
+            name = type(self._sam_optimizer()).__name__
+            warnings.warn(
+                f"`SAMModel` was compiled with `{name}`, not a keras-sam optimizer: it "
+                "trains as the plain model would (one pass, no `sharpness`). For SAM, wrap "
+                f"the optimizer: `optimizer=keras_sam.SAM(keras.optimizers.{name}(...), "
+                "rho=0.05)`. For plain training on purpose, compile the inner model "
+                "(`sam_model.model`) instead, or filter this warning.",
+                UserWarning,
+                stacklevel=2,
+            )
+
     def make_train_function(self, force=False):
         # PyTorch refuses `jit_compile=True` for a SAM step here, before any step.
         backends.current().check_compile(self)
+        if isinstance(self._sam_optimizer(), SAM) and not self.trainable_weights:
+            # As the custom loops refuse empty `variables` (plain Keras only warns).
+            raise ValueError(
+                f"The model {self.model.name!r} has no trainable weights: SAM has nothing "
+                "to perturb or train. Make the layers to train trainable "
+                "(`layer.trainable = True`), then compile with a new optimizer and `fit`."
+            )
         return super().make_train_function(force=force)
 
     def fit(self, *args, **kwargs):
@@ -195,6 +225,8 @@ class SAMModel(keras.Model):
         applied = count > 0
         nan = None
         for name, value in logs.items():
+            if isinstance(value, float):  # Keras < 3.14 on PyTorch logs some as Python floats
+                value = keras.ops.convert_to_tensor(value)
             if name != "skipped_steps" and is_floating(value):
                 if nan is None:
                     nan = keras.ops.convert_to_tensor(math.nan, "float32")

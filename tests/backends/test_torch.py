@@ -1,6 +1,8 @@
 """What only the PyTorch backend has: the closure custom loop, the refusal of
 `torch.compile` for a SAM step, autograd left clean, and no TensorFlow import."""
 
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -124,6 +126,46 @@ def test_closure_loop_checks_its_arguments():
         optimizer.optimize(lambda: (None, None), [])
     with pytest.raises(ValueError, match="`variables` must be Keras variables"):
         optimizer.optimize(lambda: (None, None), [torch.zeros(2)])
+
+
+class GradientTape:
+    """Stands for `tf.GradientTape` (the check reads the type's name, never imports
+    TensorFlow)."""
+
+
+def test_the_tensorflow_grad_func_is_refused_with_the_pytorch_form():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    before = harness.snapshot(model.trainable_variables)
+    optimizer = _sam()
+
+    def grad_func():  # the README's TensorFlow loop, as written, run on PyTorch
+        pred = model(np.ones((4, 3), "float32"), training=True)
+        return pred, keras.ops.mean(pred**2), GradientTape()
+
+    with pytest.raises(ValueError, match=r"returned `\(predictions, loss, tape\)`.*"
+                       r"returns `\(predictions, loss\)`, with no tape"):  # fmt: skip
+        optimizer.optimize(grad_func, model.trainable_variables)
+    harness.assert_bitwise(harness.snapshot(model.trainable_variables), before)
+
+
+def test_optimize_inside_a_tf_function_is_refused_with_the_pytorch_form(monkeypatch):
+    class TensorFlow:  # a `tf.function` being traced, as `tf.inside_function()` says
+        @staticmethod
+        def inside_function():
+            return True
+
+    monkeypatch.setitem(sys.modules, "tensorflow", TensorFlow)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    calls = []
+
+    def closure():
+        calls.append(1)
+        pred = model(np.ones((4, 3), "float32"), training=True)
+        return pred, keras.ops.mean(pred**2)
+
+    with pytest.raises(ValueError, match=r"inside a `tf.function`.*SAM.optimize\(closure"):
+        _sam().optimize(closure, model.trainable_variables)
+    assert calls == []  # refused before any pass
 
 
 def test_jit_compile_is_refused_with_the_reason_before_any_step():

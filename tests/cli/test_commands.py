@@ -436,3 +436,34 @@ def test_a_run_of_skipped_steps_exits_non_zero_with_the_causes(tmp_path, capsys,
     assert "3 training steps in a row were skipped" in err
     assert "NaN or inf in the inputs or labels" in err and "--max-consecutive-skips" in err
     assert not (tmp_path / "run" / "model.keras").exists()
+
+
+# ------------------------------------------------------------------ docs/cli.md
+def _help_of(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+_OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]+)")
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "playground"])
+def test_docs_cli_names_every_option_of_help_and_its_choices(capsys, command):
+    """docs/cli.md against `--help`: every option of the command is named on the page, every
+    option the page names exists, and each `--option a|b|c` list is the option's choices."""
+    root = processes.ROOT
+    page = (root / "docs" / "cli.md").read_text()
+    help_text = _help_of(capsys, command)
+    options = set(_OPTION.findall(help_text)) - {"--help"}
+    assert options, help_text
+    assert sorted(o for o in options if o not in page) == []
+    every = set()
+    for other in ("train", "compare", "inspect", "playground"):
+        every |= set(_OPTION.findall(_help_of(capsys, other)))
+    assert sorted(set(_OPTION.findall(page)) - every) == []
+    choices = {m[0]: m[1].split(",") for m in re.findall(r"(--[a-z-]+) \{([^}]*)\}", help_text)}
+    for option, listed in re.findall(r"`(--[a-z-]+) ([\w]+(?:\|[\w]+)+)`", page):
+        if option in choices and command == "train":
+            assert listed.split("|") == choices[option], option

@@ -6,6 +6,7 @@ Backend-neutral: it runs in every backend's pytest session (see tests/conftest.p
 """
 
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -404,13 +405,48 @@ def _plain_and_wrapped(rng, mode, plain_optimizer, wrapped_optimizer, **model_kw
 
 @pytest.mark.parametrize("mode", MODES)
 def test_with_a_plain_optimizer_it_trains_exactly_like_the_unwrapped_model(rng, mode):
-    plain, wrapped_inner, (h1, h2) = _plain_and_wrapped(
-        rng, mode, keras.optimizers.SGD(0.1, momentum=0.9), keras.optimizers.SGD(0.1, momentum=0.9)
-    )
+    with pytest.warns(UserWarning, match="compiled with `SGD`, not a keras-sam optimizer") as w:
+        plain, wrapped_inner, (h1, h2) = _plain_and_wrapped(
+            rng,
+            mode,
+            keras.optimizers.SGD(0.1, momentum=0.9),
+            keras.optimizers.SGD(0.1, momentum=0.9),
+        )
+    # Once, at compile: not a warning per step.
+    assert len([x for x in w if "not a keras-sam optimizer" in str(x.message)]) == 1
     assert h1 == h2  # the same logs, and no `sharpness` key
     harness.assert_bitwise(
         harness.snapshot(wrapped_inner.variables), harness.snapshot(plain.variables)
     )
+
+
+def test_a_plain_optimizer_warns_once_with_the_fix_and_a_sam_one_does_not():
+    sam_model = keras_sam.SAMModel(harness.fragile_model())
+    with pytest.warns(UserWarning) as caught:
+        sam_model.compile(optimizer="adam", loss=_xent())
+    (message,) = [str(w.message) for w in caught if "SAMModel" in str(w.message)]
+    assert "compiled with `Adam`" in message
+    assert "keras_sam.SAM(keras.optimizers.Adam(...), rho=0.05)" in message
+    sam_model = keras_sam.SAMModel(harness.fragile_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sam_model.compile(optimizer=keras_sam.SAM(_sgd()), loss=_xent())
+
+
+def test_a_model_with_nothing_to_train_is_refused_before_any_step(rng):
+    model = harness.fragile_model()
+    model.trainable = False
+    sam_model = keras_sam.SAMModel(model)
+    sam_model.compile(optimizer=keras_sam.SAM(_sgd()), loss=_xent())
+    before = harness.snapshot(model.variables)
+    x, y = rng.normal(size=(8, 6)).astype("float32"), rng.integers(0, 3, 8)
+    with pytest.raises(ValueError, match="has no trainable weights: SAM has nothing to perturb"):
+        sam_model.fit(x, y, verbose=0)
+    harness.assert_bitwise(harness.snapshot(model.variables), before)
+    model.trainable = True  # the fix the message names
+    sam_model.compile(optimizer=keras_sam.SAM(_sgd()), loss=_xent())
+    history = sam_model.fit(x, y, verbose=0).history
+    assert history["sharpness"][0] > 0
 
 
 @pytest.mark.parametrize(
