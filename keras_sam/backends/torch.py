@@ -38,8 +38,6 @@ class Torch(base.Backend):
     _replaying = False
 
     def gradients(self, compute, variables, values, pending, scale):
-        if torch.compiler.is_compiling():  # see `check_compile`
-            return self._gradients(compute, variables, values, pending, scale)
         if not self._replaying:
             self._before_clean = _rng_state()
         try:
@@ -50,9 +48,6 @@ class Torch(base.Backend):
 
     @contextlib.contextmanager
     def same_randomness(self):
-        if torch.compiler.is_compiling():
-            yield
-            return
         _set_rng_state(self._before_clean)
         self._replaying = True
         try:
