@@ -154,6 +154,14 @@ class SAMModel(keras.Model):
                 stacklevel=2,
             )
 
+    def compile_from_config(self, config):
+        """Compiles a model loaded from a `.keras` file as it was saved: Keras's own
+        `compile_from_config`, which skips a model whose `compile` is overridden (this
+        one's only adds a warning)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if hasattr(self, "optimizer") and self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def make_train_function(self, force=False):
         # PyTorch refuses `jit_compile=True` for a SAM step here, before any step.
         backends.current().check_compile(self)
