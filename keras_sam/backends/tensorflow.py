@@ -80,9 +80,8 @@ class TensorFlow(base.Backend):
     def norms(self, tensors):
         """One fused kernel per tensor (`l2_loss`, the halved sum of squares), none
         materializing the squares; float32 tensors are not copied."""
-        return tf.stack(
-            [tf.sqrt(2.0 * tf.nn.l2_loss(tf.cast(self.rows(t), tf.float32))) for t in tensors]
-        )
+        halves = tf.stack([tf.nn.l2_loss(tf.cast(self.rows(t), tf.float32)) for t in tensors])
+        return tf.sqrt(2.0 * halves)  # one multiplication and one root for all
 
     def all_finite(self, tensors):
         checks = [tf.reduce_all(tf.math.is_finite(self.rows(t))) for t in tensors if t is not None]
