@@ -14,6 +14,9 @@ SLOW_SECONDS = 30.0  # an end-to-end test, marked `slow`
 
 # Tests allowed more than `SLOW_SECONDS` (a node id, or the prefix of one), with the reason.
 LONGER = {
+    "tests/step/test_operations.py::test_a_compiled_jax_sam_step_adds": (
+        "compiles three training steps with XLA (plain, bare and SAM) to count their kernels"
+    ),
     "tests/backends/test_jax_model_parallel.py": (
         "starts JAX with 2 and 4 host devices in subprocesses and compiles a sharded step"
     ),

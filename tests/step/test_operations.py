@@ -16,8 +16,10 @@ Counted on the overhead-bound MLP of `benchmarks/regimes.py` (256 -> 8 x Dense(2
 - TensorFlow: the operations of the traced step's graph that run a kernel (not its
   constants, arguments and pass-throughs), the conditionals' branches included.
 
-JAX is measured, not held here (docs/benchmarks.md): the kernels of its compiled step
-are XLA's fusion decisions, which differ by device.
+- JAX: the kernels of the compiled step (XLA's fusions and the operations it leaves
+  unfused, in the entry computation and the conditionals' branches), on this device.
+  Not yet at the goal: SAM adds 1.72x what the bare step adds (XLA:CPU); held at 1.80x
+  against regressions until it is brought down (docs/benchmarks.md, "Operations").
 """
 
 import collections
@@ -82,6 +84,7 @@ def _torch_operations(kind, **sam_kwargs):
     return counts
 
 
+@pytest.mark.slow  # three models built and stepped (JAX: three compiled)
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's dispatched operations")
 def test_a_torch_sam_step_adds_at_most_a_tenth_more_operations_than_a_bare_one():
     plain = sum(_torch_operations("plain").values())
@@ -119,6 +122,7 @@ def _tensorflow_operations(kind):
     return collections.Counter(n.op for n in nodes if n.op not in _NO_KERNEL)
 
 
+@pytest.mark.slow  # three models built and stepped (JAX: three compiled)
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's traced graph")
 def test_a_tensorflow_sam_step_adds_at_most_a_tenth_more_operations_than_a_bare_one():
     plain = sum(_tensorflow_operations("plain").values())
@@ -131,3 +135,46 @@ def test_a_tensorflow_sam_step_adds_at_most_a_tenth_more_operations_than_a_bare_
     assert added <= ALLOWANCE * floor, (added, floor, sam.most_common(12))
     # The norms: one fused sum of squares per tensor and pass, one root for all.
     assert sam["Sqrt"] <= 3, sam["Sqrt"]
+
+
+# ----------------------------------------------------------------------------- JAX
+# HLO instructions that launch nothing: arguments, tuples and their parts, constants,
+# reinterpretations.
+_NO_LAUNCH = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast"}
+JAX_ALLOWANCE = 1.80  # measured 1.72; the goal is ALLOWANCE
+
+
+def _jax_kernels(kind):
+    """The kernels of the jitted `train_step`, as Keras's trainer jits it, by kind."""
+    import re
+
+    import jax
+
+    from tests import harness
+
+    trained = _trained(kind)
+    x, y = _data()
+    trained.train_on_batch(x, y)  # builds the optimizer and the metrics
+    state = harness.trainer_state(trained)
+    text = jax.jit(trained.train_step, donate_argnums=0).lower(state, (x, y)).compile().as_text()
+    kernels = collections.Counter()
+    for computation in re.split(r"\n(?=\S)", text):
+        head = computation.split("\n", 1)[0]
+        if head.startswith("HloModule") or "fused" in head.split("(")[0]:
+            continue  # a fusion's body runs inside its one kernel
+        for line in computation.split("\n")[1:]:
+            match = re.search(r"= [^=]*? ([a-z][\w\-]*)\(", line)
+            if match and match.group(1) not in _NO_LAUNCH:
+                kernels[match.group(1)] += 1
+    return kernels
+
+
+@pytest.mark.slow  # three models built and stepped (JAX: three compiled)
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's compiled step")
+def test_a_compiled_jax_sam_step_adds_no_more_kernels_than_measured():
+    plain = sum(_jax_kernels("plain").values())
+    bare = sum(_jax_kernels("bare").values())
+    sam = _jax_kernels("sam")
+    added, floor = sum(sam.values()) - plain, bare - plain
+    # Measured on XLA:CPU: plain 146, bare 319 (adds 173), SAM 444 (adds 298).
+    assert added <= JAX_ALLOWANCE * floor, (added, floor, sam.most_common(12))
