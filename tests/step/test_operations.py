@@ -18,8 +18,10 @@ Counted on the overhead-bound MLP of `benchmarks/regimes.py` (256 -> 8 x Dense(2
 
 - JAX: the kernels of the compiled step (XLA's fusions and the operations it leaves
   unfused, in the entry computation and the conditionals' branches), on this device.
-  Not yet at the goal: SAM adds 1.72x what the bare step adds (XLA:CPU); held at 1.80x
-  against regressions until it is brought down (docs/benchmarks.md, "Operations").
+  Not at the goal: SAM adds 1.375x what the bare step adds on XLA:CPU, the verdict's
+  one reduction per final gradient tensor (which the bare step, checking nothing, does
+  not take) being kernels of their own there; held at 1.45x against regressions
+  (docs/benchmarks.md, "Operations").
 """
 
 import collections
@@ -141,13 +143,13 @@ def test_a_tensorflow_sam_step_adds_at_most_a_tenth_more_operations_than_a_bare_
 # HLO instructions that launch nothing: arguments, tuples and their parts, constants,
 # reinterpretations.
 _NO_LAUNCH = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast"}
-JAX_ALLOWANCE = 1.80  # measured 1.72; the goal is ALLOWANCE
+JAX_ALLOWANCE = 1.45  # measured 1.375; the goal is ALLOWANCE
 
 
 def _jax_kernels(kind):
-    """The kernels of the jitted `train_step`, as Keras's trainer jits it, by kind."""
-    import re
-
+    """The kernels of the jitted `train_step`, as Keras's trainer jits it, by kind: the
+    instructions of the entry computation and of the conditionals' branches (a fusion
+    is one kernel; the computations it and a reduction call run inside it)."""
     import jax
 
     from tests import harness
@@ -157,15 +159,32 @@ def _jax_kernels(kind):
     trained.train_on_batch(x, y)  # builds the optimizer and the metrics
     state = harness.trainer_state(trained)
     text = jax.jit(trained.train_step, donate_argnums=0).lower(state, (x, y)).compile().as_text()
-    kernels = collections.Counter()
+    return _hlo_kernels(text)
+
+
+def _hlo_kernels(text):
+    import re
+
+    computations, entry = {}, None
     for computation in re.split(r"\n(?=\S)", text):
-        head = computation.split("\n", 1)[0]
-        if head.startswith("HloModule") or "fused" in head.split("(")[0]:
-            continue  # a fusion's body runs inside its one kernel
-        for line in computation.split("\n")[1:]:
+        head = re.match(r"(ENTRY )?%?([\w.\-]+) ", computation)
+        if head:
+            computations[head.group(2)] = computation
+            entry = head.group(2) if head.group(1) else entry
+    kernels, pending, seen = collections.Counter(), [entry], set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for line in computations[name].split("\n")[1:]:
             match = re.search(r"= [^=]*? ([a-z][\w\-]*)\(", line)
-            if match and match.group(1) not in _NO_LAUNCH:
-                kernels[match.group(1)] += 1
+            if not match or match.group(1) in _NO_LAUNCH:
+                continue
+            kernels[match.group(1)] += 1
+            for branches in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                pending += [b.strip().lstrip("%") for b in branches.split(",")]
+            pending += re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
     return kernels
 
 
@@ -176,5 +195,5 @@ def test_a_compiled_jax_sam_step_adds_no_more_kernels_than_measured():
     bare = sum(_jax_kernels("bare").values())
     sam = _jax_kernels("sam")
     added, floor = sum(sam.values()) - plain, bare - plain
-    # Measured on XLA:CPU: plain 146, bare 319 (adds 173), SAM 444 (adds 298).
+    # Measured on XLA:CPU: plain 111, bare 207 (adds 96), SAM 243 (adds 132).
     assert added <= JAX_ALLOWANCE * floor, (added, floor, sam.most_common(12))
