@@ -30,6 +30,20 @@ class ListOps:
             for t in tensors
         ]
 
+    def add_scaled(self, tensors, factor, others):
+        """`t + factor * o` for each pair, in float32, cast back to `t`'s dtype; `factor`
+        a float32 scalar; `None` where `t` is `None`, `t` where `o` is."""
+        return [
+            t
+            if t is None or o is None
+            else ops.cast(ops.cast(t, "float32") + factor * ops.cast(o, "float32"), t.dtype)
+            for t, o in zip(tensors, others)
+        ]
+
+    def norms(self, tensors):
+        """`tensor_norms`."""
+        return ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(t, "float32")))) for t in tensors])
+
     def combined_norm(self, norms):
         """`combined_norm`: the largest norm, divided out and multiplied back."""
         largest = ops.max(norms)
@@ -48,7 +62,7 @@ def use_list_ops(implementation):
     return previous
 
 
-def global_norm(tensors, norms=None):
+def global_norm(tensors, norms=None, rescale=True):
     """Euclidean norm of a list of tensors taken as one vector, in float32.
 
     `None` entries and empty tensors are skipped. It is one sum of squares per tensor
@@ -65,6 +79,10 @@ def global_norm(tensors, norms=None):
         norms: optional, the float32 norm of each tensor that is present (not `None`,
             not empty), in order, already taken (by the SAM step, which takes them
             anyway); `None` takes them here.
+        rescale: whether a norm below 1e-15 or not finite is taken again the slow way
+            (a conditional, which reads its predicate on the host on PyTorch). False
+            where an `epsilon` of 1e-12 or more is added to the norm, which makes the
+            underflow of the squares negligible (below 1e-18 for a billion entries).
 
     Returns:
         A float32 scalar; 0 when there is no entry or every entry is zero.
@@ -75,6 +93,8 @@ def global_norm(tensors, norms=None):
     if norms is None:
         norms = tensor_norms(present)
     fast = combined_norm(norms)
+    if not rescale:
+        return fast
     # Far from float32's underflow and finite: the sums of squares were exact enough.
     in_range = ops.logical_and(ops.isfinite(fast), fast > _SMALLEST_FAST_NORM)
     return ops.cond(in_range, lambda: fast, lambda: _rescaled_norm(present))
@@ -88,8 +108,9 @@ _SMALLEST_FAST_NORM = 1e-15
 
 def tensor_norms(tensors):
     """The float32 Euclidean norm of each tensor, as a float32 vector: one sum of
-    squares per tensor (XLA fuses the square into the sum)."""
-    return ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(t, "float32")))) for t in tensors])
+    squares per tensor (XLA fuses the square into the sum; PyTorch takes them all with
+    one multi-tensor kernel)."""
+    return list_ops.norms(tensors)
 
 
 def combined_norm(norms):
@@ -310,18 +331,21 @@ def gsam_gradients(gradients, perturbed_gradients, alpha):
     return linear_combination([(1.0, perturbed_gradients), (-alpha, orthogonal)])
 
 
-def looksam_gradients(gradients, orthogonal, alpha):
+def looksam_gradients(gradients, orthogonal, alpha, g_norm=None):
     """LookSAM's gradient on a step without the perturbed pass.
 
     ```
     g_s = g + alpha * (||g|| / ||g_v||) * g_v
     ```
     with `g_v` the stored component of the last SAM gradient orthogonal to its clean
-    gradient. A zero `g_v` (no SAM step yet) gives `g`.
+    gradient. A zero `g_v` (no SAM step yet) gives `g`. `g_norm`: `||g||` if already
+    taken. The norms skip `global_norm`'s rescaled pass (a ratio of two norms of
+    gradients: below 1e-15 a norm may lose precision to underflow, as the step's do).
     """
-    g_norm = global_norm(gradients)
-    v_norm = global_norm(orthogonal)
+    if g_norm is None:
+        g_norm = global_norm(gradients, rescale=False)
+    v_norm = global_norm(orthogonal, rescale=False)
     scale = ops.where(
         v_norm > 0, ops.cast(alpha, "float32") * g_norm / ops.where(v_norm > 0, v_norm, 1.0), 0.0
     )
-    return linear_combination([(1.0, gradients), (scale, orthogonal)])
+    return list_ops.add_scaled(gradients, scale, orthogonal)

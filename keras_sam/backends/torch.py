@@ -94,17 +94,8 @@ class Torch(base.Backend):
         return true_fn() if self._host_bool(pred) else false_fn()
 
     def norms(self, tensors):
-        """`torch._foreach_norm`: the multi-tensor kernel `clip_grad_norm_` uses (one
-        launch for all float32 tensors on a GPU); other dtypes are reduced in float32."""
-        tensors = [torch.as_tensor(t) for t in tensors]
-        norms = [None] * len(tensors)
-        single = [i for i, t in enumerate(tensors) if t.dtype == torch.float32]
-        for i, norm in zip(single, torch._foreach_norm([tensors[i] for i in single], 2)):
-            norms[i] = norm
-        for i, t in enumerate(tensors):
-            if norms[i] is None:
-                norms[i] = torch.linalg.vector_norm(t, dtype=torch.float32)
-        return torch.stack(norms)
+        """`torch._foreach_norm` (`ListOps.norms`)."""
+        return maths.list_ops.norms(tensors)
 
     # The step's decisions are Python `if`s on tensors: reading one from a GPU waits for
     # it (a host-device synchronization). The step reads its verdict twice (the commit,
@@ -238,6 +229,38 @@ class ListOps(maths.ListOps):
             for i, product in zip(indices, products):
                 result[i] = product
         return result
+
+    def add_scaled(self, tensors, factor, others):
+        result = list(tensors)
+        pairs = [
+            i
+            for i, (t, o) in enumerate(zip(tensors, others))
+            if t is not None and o is not None
+        ]
+        factor = torch.as_tensor(factor, dtype=torch.float32)
+        for indices in _by_dtype(tensors, pairs):
+            group, scaled = [tensors[i] for i in indices], [others[i] for i in indices]
+            if group[0].dtype == torch.float32 and all(o.dtype == torch.float32 for o in scaled):
+                sums = torch._foreach_add(group, torch._foreach_mul(scaled, factor))
+            else:
+                sums = maths.ListOps.add_scaled(self, group, factor, scaled)
+            for i, total in zip(indices, sums):
+                result[i] = total
+        return result
+
+    def norms(self, tensors):
+        """`torch._foreach_norm`: the multi-tensor kernel `clip_grad_norm_` uses (one
+        launch for all float32 tensors on a GPU); other dtypes are reduced in float32."""
+        tensors = [torch.as_tensor(t) for t in tensors]
+        norms = [None] * len(tensors)
+        single = [i for i, t in enumerate(tensors) if t.dtype == torch.float32]
+        if single:
+            for i, norm in zip(single, torch._foreach_norm([tensors[i] for i in single], 2)):
+                norms[i] = norm
+        for i, t in enumerate(tensors):
+            if norms[i] is None:
+                norms[i] = torch.linalg.vector_norm(t, dtype=torch.float32)
+        return torch.stack(norms)
 
     def combined_norm(self, norms):
         # A divisor of the smallest normal float32 where every norm is 0: 0 / it is 0.

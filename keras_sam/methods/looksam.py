@@ -94,7 +94,9 @@ class LookSAM(SAM):
         stored = [
             None if g is None else self._orthogonal[v].value for g, v in zip(gradients, variables)
         ]
-        combined = maths.looksam_gradients(gradients, stored, self.alpha)
+        combined = maths.looksam_gradients(
+            gradients, stored, self.alpha, g_norm=self._known_norm(gradients)
+        )
         if positive is True:
             return combined
         # A step where the `rho` schedule is 0 is a plain step, and a k-th one stores

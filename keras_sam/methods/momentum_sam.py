@@ -5,6 +5,7 @@ from typing import Any
 
 import keras
 
+from keras_sam import maths
 from keras_sam.methods.sam import SAM, check_number
 
 
@@ -110,15 +111,25 @@ class MomentumSAM(SAM):
     def initial_perturbation(self, variables):
         if self.rho_is_positive() is False:
             return None  # rho=0: the pass at `w`, bitwise the wrapped optimizer
-        directions = [-self._momenta[v].value for v in variables]
-        return self.perturbation_along(directions, variables)
+        momenta = [self._momenta[v].value for v in variables]
+        return self.perturbation_along(momenta, variables, sign=-1.0)
 
     def one_pass_gradients(self, gradients, variables):
-        for g, v in zip(gradients, variables):
-            if g is not None:
-                slot = self._momenta[v]
-                slot.assign(self.momentum * slot.value + keras.ops.cast(g, slot.dtype))
+        present = [v for g, v in zip(gradients, variables) if g is not None]
+        slots = [self._momenta[v] for v in present]
+        # `v <- momentum v + g`, over all the slots at once.
+        updated = maths.list_ops.add_scaled(
+            [keras.ops.cast(g, s.dtype) for g, s in zip(filter(_present, gradients), slots)],
+            self.momentum,
+            [s.value for s in slots],
+        )
+        for slot, value in zip(slots, updated):
+            slot.assign(value)
         return gradients
 
     def get_config(self):
         return super().get_config() | {"momentum": self.momentum}
+
+
+def _present(gradient):
+    return gradient is not None

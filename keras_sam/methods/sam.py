@@ -301,19 +301,24 @@ class SAM(keras.optimizers.Optimizer):
             return keras.ops.cast(value(self.iterations), "float32")
         return value
 
-    def perturbation_along(self, directions, variables):
-        """`rho * T**2 d / ||T d||` restricted to the perturbed variables (`perturb`)."""
+    def perturbation_along(self, directions, variables, sign=1.0):
+        """`rho * T**2 d / ||T d||` restricted to the perturbed variables (`perturb`);
+        `sign=-1.0` gives the perturbation against `d` (without negating `d`)."""
         mask = self._perturbed_mask(variables)
         directions = [d if m else None for d, m in zip(directions, mask)]
         scales = adaptive_scales(variables, self.eta) if self.adaptive else None
         if self.perturbation_norm == LAYERWISE_NORM:
             layers = [layer_of(v) for v in variables]
             return maths.layerwise_sam_perturbation(
-                directions, self.current_rho(), layers, self.epsilon, scales
+                directions, sign * self.current_rho(), layers, self.epsilon, scales
             )
-        norm = None if scales is not None else self._known_norm(directions)
+        norm = None
+        if scales is None:
+            norm = self._known_norm(directions)
+            if norm is None and self.epsilon >= 1e-12:  # see `_known_norm`
+                norm = maths.global_norm(directions, rescale=False)
         return maths.sam_perturbation(
-            directions, self.current_rho(), self.epsilon, scales, norm=norm
+            directions, sign * self.current_rho(), self.epsilon, scales, norm=norm
         )
 
     @contextlib.contextmanager
