@@ -276,14 +276,15 @@ def orthogonal_component(vectors, direction):
     """The part of `vectors` orthogonal to `direction`: `v - (v . d / ||d||**2) d`.
 
     Both are lists of tensors taken as one vector each. The projection uses the unit
-    vector `d / ||d||` (norm in float32, scaled as in `global_norm`); when `direction`
+    vector `d / ||d||` (norm in float32, without `global_norm`'s rescaled pass: a
+    direction whose entries are all below about 1e-19 counts as zero); when `direction`
     is zero nothing is removed. `None` entries of `vectors` stay `None`; entries where
     only `direction` is `None` are kept whole.
 
     Returns:
         A list like `vectors`, each entry in its own dtype.
     """
-    norm = global_norm(direction)
+    norm = global_norm(direction, rescale=False)
     safe = ops.where(norm > 0, norm, ops.ones_like(norm))
     unit = [None if d is None else ops.cast(d, "float32") / safe for d in direction]
     coefficient = dot(vectors, unit)
