@@ -356,6 +356,8 @@ def sitting(args):
     """What runs this sitting: backend, devices, versions, thread settings, arguments."""
     import keras
 
+    import keras_sam
+
     try:
         devices = [str(d) for d in keras.distribution.list_devices()]
     except Exception:  # noqa: BLE001 (not every backend lists its devices)
@@ -377,6 +379,7 @@ def sitting(args):
     return {
         "backend": keras.backend.backend(),
         "keras": keras.__version__,
+        "keras_sam": os.path.dirname(os.path.abspath(keras_sam.__file__)),
         "devices": devices,
         "cpu_cores_allowed": cores,
         "threads": threads,
