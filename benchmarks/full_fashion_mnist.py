@@ -564,15 +564,16 @@ def run_all(args, data, record):
     budget = Budget(args.budget_seconds)
     now = sitting(args)
     record.setdefault("sittings", []).append(now)
+    for seed in args.seeds:  # every planned run in the JSON from the start, in order
+        for method in args.methods:
+            record["runs"].setdefault(run_key(method, seed), new_run(method, seed, args.epochs))
     for seed in args.seeds:
         for method in args.methods:
             key = run_key(method, seed)
-            run = record["runs"].get(key)
-            if run is not None and run["status"] == "complete":
+            run = record["runs"][key]
+            if run["status"] == "complete":
                 continue
             if budget.exceeded():
-                if run is None:
-                    run = record["runs"][key] = new_run(method, seed, args.epochs)
                 run["status"] = (
                     f"not finished: --budget-seconds spent before this sitting reached it "
                     f"(epoch {run['epochs_done']} of {args.epochs}); rerun to continue"

@@ -287,3 +287,92 @@ def test_results_sections_replace_their_own_markers_only(tmp_path):
     text = results.read_text()
     assert text.count("<!-- vit-p4-d128-l6: start") == text.count("<!-- vit-p7-d128-l6: end") == 1
     assert "ViT +10.00 (per seed: +12.00)" in text  # means 82 - 72; seed 1 alone paired: 84 - 72
+
+
+def _full_record(errors, epochs=30):
+    """A JSON of full_fashion_mnist.py: `errors` maps (method, seed) to the test error of
+    each finished epoch; a run with fewer than `epochs` is unfinished."""
+    runs = {}
+    for (method, seed), history in errors.items():
+        done = len(history)
+        runs[f"{method}/seed{seed}"] = {
+            "method": method, "seed": seed, "epochs": epochs, "epochs_done": done,
+            "status": "complete" if done == epochs else "running",
+            "history": [{"epoch": i + 1, "test_error": e} for i, e in enumerate(history)],
+            "test_error": history[-1], "best_test_error": min(history),
+            "train_seconds": 60.0 * done, "parameters": 421642,
+        }  # fmt: skip
+    protocol = {
+        "model": "cnn", "depth": 16, "widen": 4, "width": 32, "batch_norm": False,
+        "epochs": epochs, "batch_size": 256, "lr": 0.1, "momentum": 0.9, "nesterov": True,
+        "clip_norm": 5.0, "weight_decay": 5e-4, "rho": 0.05, "augment": "basic",
+        "cutout": False, "cutout_length": 16, "train_size": 0, "test_size": 0,
+        "dtype": "float32",
+    }  # fmt: skip
+    sitting = {
+        "backend": "tensorflow", "keras": "3", "devices": ["cpu:0"], "cpu_cores_allowed": 1,
+        "started": "then", "arguments": {"seeds": [0, 1], "methods": ["sgd", "sam"]},
+    }  # fmt: skip
+    return {
+        "model": "CNN", "protocol": protocol, "train_examples": 60000, "test_examples": 10000,
+        "steps_per_epoch": 234, "sittings": [sitting], "runs": runs,
+    }  # fmt: skip
+
+
+def test_the_full_section_sets_sam_against_sgd_beside_the_paper_and_labels_partial_runs(
+    tmp_path,
+):
+    sections = _module("results_sections")
+    full = _module("full_fashion_mnist")
+    assert sections.PAPER_TABLE5 == full.PAPER_TABLE5
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n")
+    path = tmp_path / "cpu.json"
+    # Seed 0 complete; seed 1: SGD complete, SAM 2 epochs in.
+    record = _full_record(
+        {
+            ("sgd", 0): [0.2, 0.1] + [0.090] * 28,
+            ("sam", 0): [0.3, 0.1] + [0.085] * 28,
+            ("sgd", 1): [0.2, 0.1] + [0.092] * 28,
+            ("sam", 1): [0.3, 0.12],
+        }
+    )
+    path.write_text(json.dumps(record))
+    sections.main(["--full", str(path), "--results", str(results)])
+    text = results.read_text()
+    assert "<!-- full_fashion_mnist-cnn32-basic: start" in text
+    assert "CPU scale, not the paper's scale" in text
+    assert "**Partial results:** 3 of 4 runs complete" in text
+    assert "| SGD | 2 of 2 | 9.10 ± 0.14 | 9.00, 9.20 | 9.10 ± 0.14 | 30 min |" in text
+    assert "| SAM(SGD) | 1 of 2 | 8.50 | 8.50 | 8.50 | 30 min |" in text
+    assert "**SAM - SGD** in final test error (points; negative: SAM better): -0.60 " in text
+    assert "per seed, the same start and batches: -0.50)" in text
+    assert "One seed a method: no spread" in text
+    assert "| SAM(SGD) | 1 | running | 2 of 30 | 12.00 | 60 |" in text
+    assert (
+        "- Seed 1 at epoch 2 of 30 (mid-schedule, not final): SGD 10.00 %, SAM(SGD) 12.00 %" in text
+    )
+    assert "| WRN-28-10 | basic | 4.57 ± 0.07 | 3.98 ± 0.05 | -0.59 |" in text
+    # Complete: no partial label; the gap against the seeds' spread; a run not started yet
+    # (planned by the sitting's --seeds) counts as not complete.
+    record["runs"]["sam/seed1"] = _full_record({("sam", 1): [0.3] + [0.087] * 29})["runs"][
+        "sam/seed1"
+    ]
+    path.write_text(json.dumps(record))
+    sections.main(["--full", str(path), "--results", str(results)])
+    text = results.read_text()
+    assert text.count("<!-- full_fashion_mnist-cnn32-basic: start") == 1
+    assert "Partial" not in text and "Every run, as far" not in text
+    assert (
+        "-0.50 (difference of the means; per seed, the same start and batches: -0.50, -0.50)"
+        in text
+    )
+    assert "SAM is below SGD by more than the seeds' spread (0.14)." in text
+    record["sittings"][0]["arguments"]["seeds"] = [0, 1, 2]
+    path.write_text(json.dumps(record))
+    sections.main(["--full", str(path), "--results", str(results)])
+    assert "| SGD | 2 of 3 |" in results.read_text()
+    # The first version's JSON keeps its own section.
+    sections.main(["--full", str(BENCHMARKS.parent / "docs/results/gpu/full_fashion_mnist.json"),
+                   "--results", str(results)])  # fmt: skip
+    assert "<!-- full_fashion_mnist: start" in results.read_text()
