@@ -497,11 +497,11 @@ def train_run(method, seed, args, data, record, budget, now):
     if run is None:
         run = new_run(method, seed, args.epochs)
     run["parameters"] = int(model.count_params())
-    run["sittings"] += 1
     record["runs"][key] = run
     until = min(args.until_epoch or args.epochs, args.epochs)
     if run["epochs_done"] >= until:
         return run
+    run["sittings"] += 1  # the sittings that trained it
     print(f"== {key}: epochs {run['epochs_done'] + 1} to {until} of {args.epochs}", flush=True)
     for epoch in range(run["epochs_done"], until):
         x, y = epoch_data(x_train, y_train, seed, epoch, args.batch_size, args.augment,
