@@ -190,7 +190,8 @@ def full_section(record, where=None):
                 f"| {'—' if error is None else f'{100 * error:.2f}'} "
                 f"| {'—' if per_epoch is None else f'{per_epoch:.0f}'} |"
             )
-        lines += ["", *_matched_epoch_lines(runs, methods), ""]
+        matched = _matched_epoch_lines(runs, methods)
+        lines += ["", *matched, ""] if matched else [""]
     lines += [
         "**The paper's Table 5** (Foret et al., 2021, arXiv 2010.01412 v3, appendix; test "
         "error %, mean ± standard deviation over 5 seeds, 200 epochs):",
