@@ -1,9 +1,13 @@
 """Writes the JSON of `full_fashion_mnist.py` and `vit.py` into docs/RESULTS.md sections.
 
-Each section sits between its own markers (`<!-- full_fashion_mnist: start ... -->` and
-`<!-- full_fashion_mnist: end -->`; for a ViT, one section per model shape, e.g.
-`vit-p7-d64-l4`) and replaces the previous one, or is appended the first time; the rest of
-the file is kept. The ViT table puts the CNN's figures of the label-noise study (the
+Each section sits between its own markers (`<!-- NAME: start ... -->` and
+`<!-- NAME: end -->`) and replaces the previous one, or is appended the first time; the
+rest of the file is kept. NAME is, for the full data set, one per model and augmentation
+(e.g. `full_fashion_mnist-cnn32-basic`; `full_fashion_mnist` for the first version's JSON)
+and, for a ViT, one per model shape (e.g. `vit-p7-d64-l4`). The full data set's section
+puts the final test errors of SGD and SAM (mean and spread over seeds, time taken) beside
+the SAM paper's Table 5, labelled with the scale it was run at and as partial while runs
+are unfinished. The ViT table puts the CNN's figures of the label-noise study (the
 section above it in RESULTS.md, same subset, seeds and noise) beside the transformer's.
 
     python benchmarks/results_sections.py --full full_fashion_mnist.json --vit vit.json
@@ -19,6 +23,15 @@ import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "RESULTS.md"
+
+# The SAM paper's Table 5 (arXiv 2010.01412 v3, appendix): Fashion-MNIST test error (%),
+# mean and standard deviation over 5 seeds, 200 epochs; the same as full_fashion_mnist.py's.
+PAPER_TABLE5 = {
+    ("WRN-28-10", "basic"): {"sgd": (4.57, 0.07), "sam": (3.98, 0.05)},
+    ("WRN-28-10", "cutout"): {"sgd": (3.86, 0.14), "sam": (3.61, 0.06)},
+    ("Shake-Shake 26 2x96d", "basic"): {"sgd": (4.37, 0.06), "sam": (3.97, 0.09)},
+    ("Shake-Shake 26 2x96d", "cutout"): {"sgd": (3.76, 0.07), "sam": (3.59, 0.01)},
+}
 
 # The CNN's figures (docs/RESULTS.md, label-noise study and its Hessian section: the cnn
 # model, 2,000 images, 40 epochs, SGD, seeds 0 and 1): final clean test accuracy (%),
@@ -75,7 +88,233 @@ def _train_seconds(run):
     return f"{sum(epochs):.1f} ({epochs[0]:.1f})"
 
 
+def full_section_name(record):
+    """The section's marker name: `full_fashion_mnist` for the JSON of the first version
+    (one seed, no protocol recorded), else one per model and augmentation, so that a CPU
+    run and a GPU run keep a section each."""
+    protocol = record.get("protocol")
+    if protocol is None:
+        return "full_fashion_mnist"
+    if protocol["model"] == "wrn":
+        model = f"wrn{protocol['depth']}-{protocol['widen']}"
+    else:
+        model = f"cnn{protocol['width']}{'-bn' if protocol['batch_norm'] else ''}"
+    return f"full_fashion_mnist-{model}-{_augmentation(protocol).replace(' + ', '-')}"
+
+
+def _augmentation(protocol):
+    return protocol["augment"] + (" + cutout" if protocol["cutout"] else "")
+
+
 def full_section(record, where=None):
+    """The Table 5 comparison: final test error of SGD and SAM, mean and spread over the
+    seeds, beside the paper's, with the time taken; partial runs are labelled as such."""
+    if "protocol" not in record:
+        return legacy_full_section(record, where)
+    protocol = record["protocol"]
+    sittings = record.get("sittings", [])
+    runs = _planned_runs(record)
+    first = sittings[0] if sittings else {}
+    devices = ", ".join(first.get("devices", []))
+    gpu = any(word in devices.lower() for word in ("gpu", "cuda", "tpu"))
+    place = where or (devices if gpu else f"CPU, {first.get('cpu_cores_allowed', '?')} core(s)")
+    paper_scale = protocol["model"] == "wrn" and (protocol["depth"], protocol["widen"]) == (
+        28,
+        10,
+    )
+    paper_scale = paper_scale and protocol["epochs"] >= 200
+    scale = "the paper's scale" if paper_scale else ("GPU scale" if gpu else "CPU scale")
+    methods = list(dict.fromkeys(r["method"] for r in runs.values()))
+    seeds = sorted({r["seed"] for r in runs.values()})
+    complete = {m: _complete(runs, m) for m in methods}
+    partial = any(r["status"] != "complete" for r in runs.values())
+    parameters = _parameters(runs)
+    lines = [
+        f"## Clean labels at the paper's protocol (Table 5), {scale}: {record['model']}, "
+        "SGD against SAM",
+        "",
+    ]
+    if not paper_scale:
+        lines += [
+            f"**{scale[0].upper() + scale[1:]}, not the paper's scale.** The paper trains "
+            "WRN-28-10 (36.5 M weights) and Shake-Shake 26 2x96d for 200 epochs, 5 seeds; this "
+            f"is the {record['model']}, {parameters} weights, for {protocol['epochs']} epochs, "
+            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}. The rest of the protocol is "
+            "the paper's.",
+            "",
+        ]
+    if partial:
+        done = sum(r["status"] == "complete" for r in runs.values())
+        lines += [
+            f"**Partial results:** {done} of {len(runs)} runs complete (written "
+            f"{_last_write(sittings)}); the others show their last finished epoch, which is "
+            "mid-schedule (the cosine learning rate has not reached 0), not a final error. "
+            "Rerunning the same command continues them.",
+            "",
+        ]
+    lines += [
+        f"Produced by `python benchmarks/full_fashion_mnist.py` (Keras "
+        f"{first.get('keras', '?')} on {first.get('backend', '?')}, {place}; started "
+        f"{first.get('started', '?')}, {len(sittings)} sitting"
+        f"{'s' if len(sittings) != 1 else ''}). {record['train_examples']:,} training and "
+        f"{record['test_examples']:,} test images, {protocol['epochs']} epochs of batch "
+        f"{protocol['batch_size']} ({record.get('steps_per_epoch', '?')} steps, the last "
+        f"partial batch dropped), SGD with {'Nesterov ' if protocol['nesterov'] else ''}"
+        f"momentum {protocol['momentum']:g}, cosine learning rate from {protocol['lr']:g} "
+        f"to 0, weight decay {protocol['weight_decay']:g} on every weight, gradient "
+        f"clipped to global norm {protocol['clip_norm']:g}, SAM rho {protocol['rho']:g}, "
+        f"{_augmentation(protocol)} augmentation (the official code's), MNIST's "
+        f"normalization, {protocol['dtype']}; seeds {', '.join(map(str, seeds))}: each seed's "
+        "runs start from the same weights and see the same batches.",
+        "",
+        "| run | complete runs | final test error (%) | per seed | best test error (%) "
+        "| training time per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in methods:
+        group = complete[method]
+        finals = [r["test_error"] for r in group]
+        lines.append(
+            f"| {FULL_NAMES.get(method, method)} | {len(group)} of "
+            f"{sum(r['method'] == method for r in runs.values())} "
+            f"| {_mean_sd(finals, 100)} "
+            f"| {', '.join(f'{100 * e:.2f}' for e in finals) or '—'} "
+            f"| {_mean_sd([r['best_test_error'] for r in group], 100)} "
+            f"| {_duration([r['train_seconds'] for r in group])} |"
+        )
+    lines += ["", *_gap_lines(runs, complete, protocol), ""]
+    if partial:
+        lines += [
+            "Every run, as far as it has got:",
+            "",
+            "| run | seed | status | epochs | test error at its last epoch (%) "
+            "| training s per epoch |",
+            "|---|---|---|---|---|---|",
+        ]
+        for run in runs.values():
+            error = run.get("test_error")
+            per_epoch = run["train_seconds"] / run["epochs_done"] if run["epochs_done"] else None
+            lines.append(
+                f"| {FULL_NAMES.get(run['method'], run['method'])} | {run['seed']} "
+                f"| {run['status'].split(':')[0]} | {run['epochs_done']} of {run['epochs']} "
+                f"| {'—' if error is None else f'{100 * error:.2f}'} "
+                f"| {'—' if per_epoch is None else f'{per_epoch:.0f}'} |"
+            )
+        matched = _matched_epoch_lines(runs, methods)
+        lines += ["", *matched, ""] if matched else [""]
+    lines += [
+        "**The paper's Table 5** (Foret et al., 2021, arXiv 2010.01412 v3, appendix; test "
+        "error %, mean ± standard deviation over 5 seeds, 200 epochs):",
+        "",
+        "| model | augmentation | SGD | SAM | SAM - SGD |",
+        "|---|---|---|---|---|",
+    ]
+    for (model, augmentation), row in PAPER_TABLE5.items():
+        lines.append(
+            f"| {model} | {augmentation} | {row['sgd'][0]:.2f} ± {row['sgd'][1]:.2f} "
+            f"| {row['sam'][0]:.2f} ± {row['sam'][1]:.2f} "
+            f"| {row['sam'][0] - row['sgd'][0]:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _planned_runs(record):
+    """The record's runs, and those its sittings' `--seeds` and `--methods` planned but
+    no sitting has started, as "not started"."""
+    runs = dict(record["runs"])
+    for sitting in record.get("sittings", []):
+        arguments = sitting.get("arguments", {})
+        for seed in arguments.get("seeds", []):
+            for method in arguments.get("methods", []):
+                runs.setdefault(
+                    f"{method}/seed{seed}",
+                    {
+                        "method": method, "seed": seed, "status": "not started",
+                        "epochs": record["protocol"]["epochs"], "epochs_done": 0,
+                        "history": [], "train_seconds": 0.0,
+                    },
+                )  # fmt: skip
+    return runs
+
+
+def _complete(runs, method):
+    return [r for r in runs.values() if r["method"] == method and r["status"] == "complete"]
+
+
+def _last_write(sittings):
+    if not sittings:
+        return "?"
+    last = sittings[-1]
+    return last.get("ended") or f"during the sitting started {last.get('started', '?')}"
+
+
+def _duration(seconds):
+    if not seconds:
+        return "—"
+    mean = statistics.mean(seconds)
+    return f"{mean / 60:.0f} min" if mean >= 600 else f"{mean:.0f} s"
+
+
+def _gap_lines(runs, complete, protocol):
+    """SAM minus SGD in final test error: means, seed by seed, against the seeds' spread
+    and the paper's gap at the same augmentation."""
+    sgd = {r["seed"]: r["test_error"] for r in complete.get("sgd", [])}
+    sam = {r["seed"]: r["test_error"] for r in complete.get("sam", [])}
+    paper = PAPER_TABLE5[("WRN-28-10", "cutout" if protocol["cutout"] else "basic")]
+    paper_gap = paper["sam"][0] - paper["sgd"][0]
+    reference = (
+        f"The paper's gap (WRN-28-10, {'cutout' if protocol['cutout'] else 'basic'}): "
+        f"{paper_gap:+.2f} points."
+    )
+    if not sgd or not sam:
+        return [f"**SAM - SGD:** no complete pair of runs yet. {reference}"]
+    gap = 100 * (statistics.mean(sam.values()) - statistics.mean(sgd.values()))
+    paired = [100 * (sam[s] - sgd[s]) for s in sorted(sam.keys() & sgd.keys())]
+    per_seed = ", ".join(f"{g:+.2f}" for g in paired) or "none"
+    text = (
+        f"**SAM - SGD** in final test error (points; negative: SAM better): {gap:+.2f} "
+        f"(difference of the means; per seed, the same start and batches: {per_seed}). "
+    )
+    if len(sgd) >= 2 and len(sam) >= 2:
+        spread = 100 * max(statistics.stdev(sgd.values()), statistics.stdev(sam.values()))
+        if gap < 0 and -gap > spread:
+            verdict = f"SAM is below SGD by more than the seeds' spread ({spread:.2f})."
+        elif gap < 0:
+            verdict = f"SAM is below SGD, but by less than the seeds' spread ({spread:.2f})."
+        else:
+            verdict = f"SAM is not below SGD (seeds' spread {spread:.2f})."
+    else:
+        verdict = "One seed a method: no spread to compare the gap with."
+    return [text + verdict + " " + reference]
+
+
+def _matched_epoch_lines(runs, methods):
+    """Both methods at the last epoch that every run of a seed has finished (evaluated):
+    the only like-for-like comparison while runs are unfinished."""
+    lines = []
+    for seed in sorted({r["seed"] for r in runs.values()}):
+        group = [r for r in runs.values() if r["seed"] == seed]
+        if {r["method"] for r in group} != set(methods):
+            continue
+        tested = [{e["epoch"]: e["test_error"] for e in r["history"] if "test_error" in e}
+                  for r in group]  # fmt: skip
+        common = set.intersection(*(set(t) for t in tested))
+        if not common or all(r["status"] == "complete" for r in group):
+            continue
+        epoch = max(common)
+        values = ", ".join(
+            f"{FULL_NAMES.get(r['method'], r['method'])} {100 * t[epoch]:.2f} %"
+            for r, t in zip(group, tested, strict=True)
+        )
+        lines.append(
+            f"- Seed {seed} at epoch {epoch} of {group[0]['epochs']} (mid-schedule, not "
+            f"final): {values}."
+        )
+    return lines
+
+
+def legacy_full_section(record, where=None):
+    """The section of the first version's JSON (one seed, no protocol recorded)."""
     args = record["environment"]["arguments"]
     runs = record["runs"]
     lines = [
@@ -238,7 +477,7 @@ def main(argv=None):
     sections += [("vit", path, vit_section) for path in args.vit]
     for kind, path, make in sections:
         record = json.loads(Path(path).read_text())
-        name = "full_fashion_mnist" if kind == "full" else vit_section_name(record)
+        name = full_section_name(record) if kind == "full" else vit_section_name(record)
         text = make(record, args.where)
         write_section(args.results, name, text)
         if args.print:
