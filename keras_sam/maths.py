@@ -275,10 +275,11 @@ def dot(a, b):
 def orthogonal_component(vectors, direction):
     """The part of `vectors` orthogonal to `direction`: `v - (v . d / ||d||**2) d`.
 
-    Both are lists of tensors taken as one vector each. The projection uses the unit
-    vector `d / ||d||` (norm in float32, without `global_norm`'s rescaled pass: a
-    direction whose entries are all below about 1e-19 counts as zero); when `direction`
-    is zero nothing is removed. `None` entries of `vectors` stay `None`; entries where
+    Both are lists of tensors taken as one vector each, in float32: the coefficient
+    `(v . d / ||d||) / ||d||` (the norm without `global_norm`'s rescaled pass: a
+    direction whose entries are all below about 1e-19 counts as zero), then one
+    multi-tensor `v - c d` (`list_ops.add_scaled`); when `direction` is zero nothing is
+    removed. `None` entries of `vectors` stay `None`; entries where
     only `direction` is `None` are kept whole.
 
     Returns:
@@ -286,15 +287,10 @@ def orthogonal_component(vectors, direction):
     """
     norm = global_norm(direction, rescale=False)
     safe = ops.where(norm > 0, norm, ops.ones_like(norm))
-    unit = [None if d is None else ops.cast(d, "float32") / safe for d in direction]
-    coefficient = dot(vectors, unit)
-    result = []
-    for v, u in zip(vectors, unit, strict=True):
-        if v is None or u is None:
-            result.append(v)
-            continue
-        result.append(ops.cast(ops.cast(v, "float32") - coefficient * u, v.dtype))
-    return result
+    # `v . d / ||d||**2`, divided twice: `|v . d| / ||d||` is at most `||v||`, so
+    # neither quotient overflows or underflows where `||d||**2` would.
+    coefficient = dot(vectors, direction) / safe / safe
+    return list_ops.add_scaled(vectors, -coefficient, direction)
 
 
 def linear_combination(terms):
@@ -329,7 +325,7 @@ def gsam_gradients(gradients, perturbed_gradients, alpha):
     to first order, so the surrogate gap `L(w + e) - L(w)` shrinks (Zhuang et al., 2022).
     """
     orthogonal = orthogonal_component(gradients, perturbed_gradients)
-    return linear_combination([(1.0, perturbed_gradients), (-alpha, orthogonal)])
+    return list_ops.add_scaled(perturbed_gradients, -ops.cast(alpha, "float32"), orthogonal)
 
 
 def looksam_gradients(gradients, orthogonal, alpha, g_norm=None):

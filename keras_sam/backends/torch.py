@@ -233,9 +233,7 @@ class ListOps(maths.ListOps):
     def add_scaled(self, tensors, factor, others):
         result = list(tensors)
         pairs = [
-            i
-            for i, (t, o) in enumerate(zip(tensors, others))
-            if t is not None and o is not None
+            i for i, (t, o) in enumerate(zip(tensors, others)) if t is not None and o is not None
         ]
         factor = torch.as_tensor(factor, dtype=torch.float32)
         for indices in _by_dtype(tensors, pairs):
@@ -288,6 +286,7 @@ def _leaf(value):
     if isinstance(value, torch.Tensor) and value.is_leaf and value.requires_grad:
         return value
     return torch.as_tensor(value).detach().requires_grad_(True)
+
 
 _PYTORCH_FORM = (
     "On PyTorch, `{name}.optimize(closure, variables)` takes a closure that runs the "
