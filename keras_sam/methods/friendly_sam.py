@@ -4,6 +4,7 @@ from typing import Any
 
 import keras
 
+from keras_sam import maths
 from keras_sam.methods.sam import SAM, check_number
 
 
@@ -67,13 +68,8 @@ class FriendlySAM(SAM):
         self._averages = self.add_state_slots(var_list, "gradient_average")
 
     def perturbation(self, gradients, variables):
-        directions = []
-        for g, new in zip(gradients, self._update_averages(gradients, variables)):
-            if g is None:
-                directions.append(None)
-                continue
-            direction = keras.ops.cast(g, new.dtype) - self.sigma * new
-            directions.append(keras.ops.cast(direction, g.dtype))
+        averages = self._update_averages(gradients, variables)
+        directions = maths.list_ops.add_scaled(gradients, -self.sigma, averages)  # g - sigma m
         return self.perturbation_along(directions, variables)
 
     def one_pass_gradients(self, gradients, variables):
@@ -82,17 +78,20 @@ class FriendlySAM(SAM):
         return gradients
 
     def _update_averages(self, gradients, variables):
-        """`m = lmbda * m + (1 - lmbda) * g`, assigned; returns the new `m` (None where
-        no gradient)."""
-        averages = []
-        for g, v in zip(gradients, variables):
-            if g is None:
-                averages.append(None)
-                continue
-            average = self._averages[v]
-            new = self.lmbda * average.value + (1.0 - self.lmbda) * keras.ops.cast(g, average.dtype)
-            average.assign(new)
-            averages.append(new)
+        """`m = lmbda * m + (1 - lmbda) * g`, assigned, over all the slots at once;
+        returns the new `m` (None where no gradient)."""
+        present = [i for i, g in enumerate(gradients) if g is not None]
+        slots = [self._averages[variables[i]] for i in present]
+        decayed = maths.list_ops.scale([s.value for s in slots], self.lmbda)
+        new = maths.list_ops.add_scaled(
+            decayed,
+            1.0 - self.lmbda,
+            [keras.ops.cast(gradients[i], s.dtype) for i, s in zip(present, slots)],
+        )
+        averages = [None] * len(gradients)
+        for i, slot, value in zip(present, slots, new):
+            slot.assign(value)
+            averages[i] = value
         return averages
 
     def get_config(self):
