@@ -87,8 +87,10 @@ DEFECTS = (
         "step-perturbation-sign",
         "step",
         "keras_sam/step.py",
-        "perturbed.append(backend.perturb(weight, e, gradient))",
-        "perturbed.append(backend.perturb(weight, None if e is None else -e, gradient))",
+        "return backend.perturbed(weights, perturbation, gradients)",
+        "return backend.perturbed(\n"
+        "        weights, [None if e is None else -e for e in perturbation], gradients\n"
+        "    )",
         "the perturbed pass is taken at w - e (downhill), not at w + e",
         ALL,
     ),
@@ -115,9 +117,8 @@ DEFECTS = (
         "transaction-perturbed-unchecked",
         "transaction",
         "keras_sam/step.py",
-        'ops.isfinite(ops.cast(loss_sam, "float32"))]\n'
-        "            + [run.clean.tame, descent_tame]",
-        'ops.isfinite(ops.cast(loss, "float32"))]\n            + [run.clean.tame]',
+        "finite = _tame(_concatenated([run.clean.norms, descent_norms]))",
+        "finite = _tame(_concatenated([run.clean.norms]))",
         "a NaN/inf perturbed pass is not checked: the step commits anyway",
         ALL,
     ),
