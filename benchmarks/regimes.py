@@ -71,27 +71,26 @@ def workload(name, steps, seed=0):
         y = rng.integers(0, 10, batch * steps)
         return cnn(seed), x, y, batch, _sgd, xent
     if name == "mlp":
-        batch = 8
-        layers = [keras.Input((1024,))]
-        layers += [keras.layers.Dense(4096, activation="relu") for _ in range(4)]
-        layers += [keras.layers.Dense(10)]
-        x = rng.random((batch * steps, 1024), dtype="float32")
-        y = rng.integers(0, 10, batch * steps)
-        return keras.Sequential(layers), x, y, batch, _sgd, xent
+        return (*_mlp(rng, steps, inputs=1024, width=4096, depth=4, batch=8), _sgd, xent)
     if name == "overhead":
-        batch = 32
-        layers = [keras.Input((256,))]
-        layers += [keras.layers.Dense(256, activation="relu") for _ in range(8)]
-        layers += [keras.layers.Dense(10)]
-        x = rng.random((batch * steps, 256), dtype="float32")
-        y = rng.integers(0, 10, batch * steps)
-        return keras.Sequential(layers), x, y, batch, _sgd, xent
+        return (*_mlp(rng, steps, inputs=256, width=256, depth=8, batch=32), _sgd, xent)
     if name == "transformer":
         batch, length, vocabulary = 4, 64, 8192
         model = transformer_lm(vocabulary, length, width=384, depth=6, heads=6)
         tokens = rng.integers(0, vocabulary, (batch * steps, length + 1))
         return model, tokens[:, :-1], tokens[:, 1:], batch, _adamw, xent
     raise ValueError(f"unknown workload {name!r}")
+
+
+def _mlp(rng, steps, inputs, width, depth, batch):
+    """`(model, x, y, batch)`: `inputs -> depth x Dense(width) -> 10` and random data."""
+    import keras
+
+    layers = [keras.Input((inputs,))]
+    layers += [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
+    model = keras.Sequential(layers + [keras.layers.Dense(10)])
+    x = rng.random((batch * steps, inputs), dtype="float32")
+    return model, x, rng.integers(0, 10, batch * steps), batch
 
 
 def _sgd():

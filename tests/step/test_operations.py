@@ -64,6 +64,15 @@ def _data():
     return rng.random((BATCH, WIDTH), dtype="float32"), rng.integers(0, 10, BATCH)
 
 
+def _added_and_floor(count):
+    """What SAM's step adds over plain's, what the bare two-pass step adds (both as
+    totals of `count(kind)`), and SAM's counts."""
+    plain = sum(count("plain").values())
+    bare = sum(count("bare").values())
+    sam = count("sam")
+    return sum(sam.values()) - plain, bare - plain, sam
+
+
 # ------------------------------------------------------------------------- PyTorch
 def _torch_operations(kind, **sam_kwargs):
     """The operations one `train_on_batch` dispatches, by name."""
@@ -90,10 +99,7 @@ def _torch_operations(kind, **sam_kwargs):
 @pytest.mark.slow  # three models built and stepped (JAX: three compiled)
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's dispatched operations")
 def test_a_torch_sam_step_adds_at_most_a_tenth_more_operations_than_a_bare_one():
-    plain = sum(_torch_operations("plain").values())
-    bare = sum(_torch_operations("bare").values())
-    sam = _torch_operations("sam")
-    added, floor = sum(sam.values()) - plain, bare - plain
+    added, floor, sam = _added_and_floor(_torch_operations)
     # Measured: plain 175, bare 316 (adds 141), SAM 329 (adds 154, 1.09x); before the
     # multi-tensor step SAM added 291.
     assert added <= ALLOWANCE * floor, (added, floor, sam.most_common(12))
@@ -148,10 +154,7 @@ def _tensorflow_operations(kind):
 @pytest.mark.slow  # three models built and stepped (JAX: three compiled)
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's traced graph")
 def test_a_tensorflow_sam_step_adds_at_most_a_tenth_more_operations_than_a_bare_one():
-    plain = sum(_tensorflow_operations("plain").values())
-    bare = sum(_tensorflow_operations("bare").values())
-    sam = _tensorflow_operations("sam")
-    added, floor = sum(sam.values()) - plain, bare - plain
+    added, floor, sam = _added_and_floor(_tensorflow_operations)
     # Measured: plain 260, bare 487 (adds 227: it writes `w + e` and `w` back into every
     # variable), SAM 474 (adds 214). Counting the constants too: plain 365, bare 592,
     # SAM 621 (1.13x); before one root for all the norms, SAM's were 729 (1.60x).
@@ -212,9 +215,6 @@ def _hlo_kernels(text):
 @pytest.mark.slow  # three models built and stepped (JAX: three compiled)
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's compiled step")
 def test_a_compiled_jax_sam_step_adds_no_more_kernels_than_measured():
-    plain = sum(_jax_kernels("plain").values())
-    bare = sum(_jax_kernels("bare").values())
-    sam = _jax_kernels("sam")
-    added, floor = sum(sam.values()) - plain, bare - plain
+    added, floor, sam = _added_and_floor(_jax_kernels)
     # Measured on XLA:CPU: plain 111, bare 207 (adds 96), SAM 243 (adds 132).
     assert added <= JAX_ALLOWANCE * floor, (added, floor, sam.most_common(12))
