@@ -174,3 +174,25 @@ def test_config_round_trip_keeps_every_argument(alpha):
     assert restored.get_config() == config
     again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(optimizer))
     assert type(again) is keras_sam.BAR and again.get_config() == config
+
+
+def test_a_lora_model_trained_with_bar_saves_and_loads(rng, tmp_path):
+    params, kernel = _params(rng, 1.0, 0.3)
+    model = _lora_mlp(params, kernel)
+    schedule = keras.optimizers.schedules.CosineDecay(0.5, decay_steps=10)
+    optimizer = keras_sam.BAR(keras.optimizers.Adam(0.01), alpha=schedule, variant="obar")
+    run = harness.train(optimizer, model, harness.batches(rng, 2), harness.COMPILED)
+    path = tmp_path / "bar.keras"
+    run.sam_model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.optimizer) is keras_sam.BAR
+    assert loaded.optimizer.get_config() == optimizer.get_config()
+    assert int(harness.to_numpy(loaded.optimizer.iterations)) == 2
+    # Keras writes an adapted kernel merged (`kernel + a @ b`): the same function.
+    x = rng.normal(size=(5, 3)).astype("float32")
+    np.testing.assert_allclose(
+        harness.to_numpy(loaded.predict(x, verbose=0)),
+        harness.to_numpy(run.sam_model.predict(x, verbose=0)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
