@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AESAM",
+    "BAR",
     "FriendlySAM",
     "GSAM",
     "LatePhaseRho",
@@ -26,6 +27,7 @@ _PUBLIC = {
     "SAM": "keras_sam.methods.sam",
     "NORMALIZATION_LAYERS": "keras_sam.methods.sam",
     "GSAM": "keras_sam.methods.gsam",
+    "BAR": "keras_sam.methods.bar",
     "FriendlySAM": "keras_sam.methods.friendly_sam",
     "LookSAM": "keras_sam.methods.looksam",
     "MomentumSAM": "keras_sam.methods.momentum_sam",

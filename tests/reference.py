@@ -329,3 +329,41 @@ def clip(grads, clipnorm=None, global_clipnorm=None, clipvalue=None):
     if clipvalue:
         return [np.clip(g, -clipvalue, clipvalue) for g in grads]
     return grads
+
+
+# ----------------------------------------------------------------- BAR on a LoRA MLP
+# y = tanh(x (K + A B) + b1) W2 + b2, loss = mean((y - t)^2): the first layer's kernel K
+# frozen and adapted by LoRA (rank r, scale 1), the head trained in full. The parameters
+# are [A, B, b1, W2, b2].
+
+
+def lora_mlp_loss_and_grads(params, kernel, x, t):
+    a, b, b1, w2, b2 = params
+    h = np.tanh(x @ (kernel + a @ b) + b1)
+    y = h @ w2 + b2
+    d_y = 2.0 * (y - t) / y.size
+    d_pre = (d_y @ w2.T) * (1.0 - h * h)
+    g_merged = x.T @ d_pre  # the gradient of the loss in the adapted kernel K + A B
+    grads = [g_merged @ b.T, a.T @ g_merged, d_pre.sum(0), h.T @ d_y, d_y.sum(0)]
+    return np.mean((y - t) ** 2), grads
+
+
+def bar_gradients(grads, a, b, alpha, variant):
+    """Li, Zhang & He (2024), Algs. 2 (nBAR) and 3 (oBAR), as gradient terms: the factor
+    `s * alpha` of `A` is subtracted from `g_A` and that of `B` added to `g_B`, where
+    s = +1 when nBAR's ||g_A|| >= ||g_B||, or oBAR's ||A|| < ||B||, else -1.
+    Returns the new (g_A, g_B) and s."""
+    g_a, g_b = grads
+    if variant == "nbar":
+        s = 1.0 if np.linalg.norm(g_a) >= np.linalg.norm(g_b) else -1.0
+    else:
+        s = 1.0 if np.linalg.norm(a) < np.linalg.norm(b) else -1.0
+    return g_a - s * alpha * a, g_b + s * alpha * b, s
+
+
+def bar_step(params, x, t, state, step, kernel, alpha, variant):
+    """One BAR step on the LoRA MLP (one pass); `state["signs"]` records each step's s."""
+    _, grads = lora_mlp_loss_and_grads(params, kernel, x, t)
+    g_a, g_b, s = bar_gradients(grads[:2], params[0], params[1], _rate(alpha, step), variant)
+    state = {"signs": [*state.get("signs", []), s]}
+    return [g_a, g_b, *grads[2:]], state, False

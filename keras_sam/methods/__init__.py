@@ -19,6 +19,7 @@ the whole step has succeeded. A new variant is one class overriding the hooks it
 # Importing any method registers them all, so that a saved model compiled with any of
 # them loads after `import keras_sam.methods` (or any public method name).
 from keras_sam.methods import (  # noqa: E402,F401
+    bar,
     friendly_sam,
     gsam,
     looksam,

@@ -74,9 +74,10 @@ class _PassCounter(keras.layers.Layer):
         return inputs
 
 
-def _counted_run(make_optimizer, mode, rng, steps=STEPS):
-    """Trains the reference MLP (a pass counter after its hidden layer) for `steps` steps;
-    returns the passes that ran, the optimizer and the weights."""
+def _counted_run(make_optimizer, mode, rng, steps=STEPS, lora_rank=None):
+    """Trains the reference MLP (a pass counter after its hidden layer; with `lora_rank`,
+    LoRA on the hidden layer) for `steps` steps; returns the passes that ran, the optimizer
+    and the weights."""
     params = reference.mlp_init(rng)
     counter = _Counter()
     model = keras.Sequential(
@@ -88,6 +89,8 @@ def _counted_run(make_optimizer, mode, rng, steps=STEPS):
         ]
     )
     model.set_weights([p.astype("float32") for p in params])
+    if lora_rank:
+        model.layers[0].enable_lora(lora_rank)
     optimizer = make_optimizer()
     run = harness.train(optimizer, model, harness.batches(rng, steps), mode)
     assert run.iterations == steps
@@ -145,6 +148,20 @@ def test_momentum_sam_takes_one_pass_a_step(rng, mode):
     assert passes == STEPS
     assert "second_pass_rate" not in run.history and "sharpness" not in run.history
     assert not optimizer.may_skip_second_pass
+
+
+def test_bar_takes_one_pass_a_step(rng):
+    # The default mode only: BAR's `needs_second_pass` is the Python `False`, so no mode
+    # traces a perturbed pass (no conditional to compile differently).
+    passes, optimizer, run = _counted_run(
+        lambda: keras_sam.BAR(keras.optimizers.SGD(0.05), alpha=0.1),
+        harness.DEFAULT_MODE,
+        rng,
+        lora_rank=2,
+    )
+    assert passes == STEPS
+    assert "second_pass_rate" not in run.history and "sharpness" not in run.history
+    assert not optimizer.may_skip_second_pass and not optimizer.state_variables
 
 
 class _TwoPassesAlways:
