@@ -54,7 +54,7 @@ def test_the_table_s_gain_fraction_and_ratios_are_what_the_runs_say():
     memory = {
         "adamw-lora": {"peak_bytes": 100 * 2**20},
         "sam-lora": {"peak_bytes": 150 * 2**20},
-        "flat-lora": {"peak_bytes": 105 * 2**20},
+        "flat-lora": {"peak_bytes": 105 * 2**20, "peak_before_fit_bytes": 90 * 2**20},
     }
     record = {
         "protocol": {"conditions": ["clean"], "methods": methods},
@@ -70,6 +70,7 @@ def test_the_table_s_gain_fraction_and_ratios_are_what_the_runs_say():
     # The time ratio is per seed (the seed's runs are interleaved), then averaged.
     assert flat["time_ratio"] == pytest.approx((1.05 + 1.15) / 2)
     assert flat["memory_ratio"] == pytest.approx(1.05) and flat["peak_mb"] == pytest.approx(105)
+    assert flat["fit_added_mb"] == pytest.approx(15)
     sam = table["clean|sam-lora"]
     assert sam["fraction_of_sam_gain"] == pytest.approx(1.0)
     assert sam["time_ratio"] == pytest.approx(2.0) and sam["memory_ratio"] == pytest.approx(1.5)
@@ -114,7 +115,7 @@ def test_a_missing_method_is_a_row_that_says_so_and_the_goal_is_judged():
     }
     text = finetune.markdown(record)
     rows = [line for line in text.splitlines() if line.startswith("| clean") or "| noisy40" in line]
-    assert len(rows) == 8 and all(row.count("|") == 11 for row in rows)
+    assert len(rows) == 8 and all(row.count("|") == 12 for row in rows)
     assert "| clean | bar-lora | 0 | unavailable: keras_sam.BAR does not exist" in text
     assert "- flat-lora: meets it (fraction of SAM's gain 0.95, 0.95" in text
     assert "- bar-lora: not measured." in text
