@@ -676,9 +676,12 @@ def main(argv=None):
                     print(f"{key}: {run['status']}", flush=True)
     if args.memory == "process":
         for method in args.methods:
-            if record["memory"].get(method, {}).get("status") != "complete":
+            statuses = [r["status"] for r in record["runs"].values() if r["method"] == method]
+            if statuses and all(s.startswith("unavailable") for s in statuses):
+                record["memory"][method] = {"status": statuses[0]}  # no process to start
+            elif record["memory"].get(method, {}).get("status") != "complete":
                 record["memory"][method] = measure_memory(method, args, argv)
-                write_json(args.out, record)
+            write_json(args.out, record)
     for run in record["runs"].values():  # the method's (one process: the same shapes)
         measured = record["memory"].get(run["method"], {})
         if run["status"] == "complete" and measured.get("status") == "complete":
