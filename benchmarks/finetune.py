@@ -288,7 +288,10 @@ def make_trained(method, model, args, steps):
     inner = keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay)
     if spec["optimizer"] is None:
         return model, inner
-    cls = getattr(keras_sam, spec["optimizer"], None)
+    try:
+        cls = getattr(keras_sam, spec["optimizer"], None)
+    except ImportError:  # named in keras_sam's table, its module not there
+        cls = None
     if cls is None:
         raise Unavailable(f"keras_sam.{spec['optimizer']} does not exist in this keras_sam")
     kwargs = method_kwargs(method, args)
