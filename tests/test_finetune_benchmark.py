@@ -185,3 +185,34 @@ def test_a_quick_study_writes_its_json_and_table(tmp_path):
     again = finetune.main(["--quick", "--methods", methods, "--out", str(out)])
     assert again["pretrained"]["cached"] is True
     assert again["runs"] == record["runs"]
+
+
+def test_flat_lora_plugs_in_when_keras_sam_has_it_and_a_wrong_guess_is_unavailable(
+    tmp_path, monkeypatch
+):
+    import keras
+
+    import keras_sam
+
+    finetune = _finetune()
+    args = finetune.parse(["--quick", "--out", str(tmp_path / "x.json")])
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    made = {}
+
+    def flat_lora(inner, sigma):  # stands in for the class on the `flatlora` branch
+        made["sigma"] = sigma
+        return keras_sam.SAM(inner, rho=0.01)
+
+    monkeypatch.setattr(keras_sam, "FlatLoRA", flat_lora, raising=False)
+    trained, optimizer = finetune.make_trained("flat-lora", model, args, steps=10)
+    assert isinstance(trained, keras_sam.SAMModel) and isinstance(optimizer, keras_sam.SAM)
+    assert made == {"sigma": 0.05}
+    args = finetune.parse(
+        ["--quick", "--out", str(tmp_path / "x.json"), "--method-args", 'flat-lora={"rho": 1}']
+    )
+    with pytest.raises(finetune.Unavailable, match="rho"):
+        finetune.make_trained("flat-lora", model, args, steps=10)
+    monkeypatch.delattr(keras_sam, "FlatLoRA")
+    if not hasattr(keras_sam, "FlatLoRA"):
+        with pytest.raises(finetune.Unavailable, match="does not exist"):
+            finetune.make_trained("flat-lora", model, args, steps=10)
