@@ -53,6 +53,10 @@ LONGER = {
     "tests/test_wheel.py": (
         "builds the wheel and installs it with TensorFlow into a fresh virtual environment"
     ),
+    "tests/test_finetune_benchmark.py::test_a_quick_study_writes_its_json_and_table": (
+        "benchmarks/finetune.py --quick: a pretraining, four fine-tuning runs, then a fresh"
+        " process per method for its peak memory (as the study measures it), and a rerun"
+    ),
     "tests/test_cross_backend.py": "one process per backend, each importing its framework",
     "tests/test_readme_logs.py": (
         "the README's code in a fresh process per backend, each importing its framework"
