@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AESAM",
+    "FlatLoRA",
     "FriendlySAM",
     "GSAM",
     "LatePhaseRho",
@@ -27,6 +28,7 @@ _PUBLIC = {
     "NORMALIZATION_LAYERS": "keras_sam.methods.sam",
     "GSAM": "keras_sam.methods.gsam",
     "FriendlySAM": "keras_sam.methods.friendly_sam",
+    "FlatLoRA": "keras_sam.methods.flat_lora",
     "LookSAM": "keras_sam.methods.looksam",
     "MomentumSAM": "keras_sam.methods.momentum_sam",
     "PeriodicSAM": "keras_sam.methods.switching",
