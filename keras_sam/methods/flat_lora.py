@@ -156,8 +156,10 @@ class FlatLoRA(SAM):
             )
         if seed is None:
             seed = random.SystemRandom().randrange(2**32)
-        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (
-            0 <= seed < 2**32
+        elif (
+            isinstance(seed, bool)
+            or not isinstance(seed, numbers.Integral)
+            or not (0 <= seed < 2**32)
         ):
             raise ValueError(
                 f"`seed` must be None or an integer in [0, 2**32). Received: seed={seed!r}"
