@@ -152,7 +152,8 @@ class FlatLoRA(SAM):
             or total_steps < 1
         ):
             raise ValueError(
-                f"`total_steps` must be None or an integer >= 1. Received: total_steps={total_steps!r}"
+                "`total_steps` must be None or an integer >= 1. "
+                f"Received: total_steps={total_steps!r}"
             )
         if seed is None:
             seed = random.SystemRandom().randrange(2**32)

@@ -125,9 +125,9 @@ def _lora_mlp(rng, counted=True):
 
 def _state(layers):
     return [
-        [harness.to_numpy(v).astype(np.float64) for v in (l._kernel, l.bias, l.lora_kernel_a)]
-        + [harness.to_numpy(l.lora_kernel_b).astype(np.float64), l.lora_alpha / l.lora_rank]
-        for l in layers
+        [harness.to_numpy(v).astype(np.float64) for v in (y._kernel, y.bias, y.lora_kernel_a)]
+        + [harness.to_numpy(y.lora_kernel_b).astype(np.float64), y.lora_alpha / y.lora_rank]
+        for y in layers
     ]
 
 
