@@ -257,10 +257,8 @@ class FlatLoRA(SAM):
     def noise(self, frozen, a, b, scale, axes, strength, step, index):
         """`eps` for one layer: `strength ||W'_i|| / sqrt(n)` times standard normal noise,
         `W' = frozen + scale * a @ b`, the norm over `axes` (n their sizes' product)."""
-        merged = ops.cast(frozen, "float32") + scale * ops.matmul(
-            ops.cast(a, "float32"), ops.cast(b, "float32")
-        )
-        merged = ops.stop_gradient(merged)
+        a, b = (ops.stop_gradient(ops.cast(t, "float32")) for t in (a, b))
+        merged = ops.cast(frozen, "float32") + scale * ops.matmul(a, b)
         n = int(np.prod([frozen.shape[i] for i in axes])) if axes else 1
         row_norms = ops.sqrt(ops.sum(ops.square(merged), axis=axes, keepdims=True))
         deviation = ops.cast(strength, "float32") * row_norms / math.sqrt(n)

@@ -75,6 +75,7 @@ def test_public_names():
     assert sorted(keras_sam.__all__) == sorted(
         [
             "AESAM",
+            "FlatLoRA",
             "FriendlySAM",
             "GSAM",
             "LatePhaseRho",

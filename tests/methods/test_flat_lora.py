@@ -274,3 +274,13 @@ def test_a_model_without_lora_layers_is_refused(rng):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="`FlatLoRA` found no LoRA layer among the trained"):
         harness.train(_flat_lora(), model, harness.batches(rng, 1), harness.COMPILED)
+
+
+def test_a_quantized_lora_layer_is_refused():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.layers[0].quantize("int8")
+    model.layers[0].enable_lora(1)
+    optimizer = keras_sam.FlatLoRA("sgd").bind(model)
+    optimizer.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="cannot perturb the quantized layer"):
+        optimizer.pass_values(model.trainable_variables)
