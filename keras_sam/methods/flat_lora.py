@@ -96,8 +96,10 @@ class FlatLoRA(SAM):
     Cost: one forward-backward pass a step, as LoRA alone, and no persistent memory
     beyond LoRA's (no state, no slot). During the pass the noisy copy `W + eps` of each
     adapted frozen weight exists beside `W` (the official code writes the noise into the
-    weights instead), and drawing the noise takes a few element-wise operations per
-    adapted weight. `SAMModel` logs no `sharpness` (there is no pass at `W'` alone:
+    weights instead), and drawing the noise is element-wise work over the adapted
+    weights (about 35 operations per weight, with a log, a root, a sine and a cosine):
+    small beside the passes when many tokens go through each weight, not on a CPU at
+    small batches (docs/methods.md has figures). `SAMModel` logs no `sharpness` (there is no pass at `W'` alone:
     `loss` is the loss at the perturbed weights).
 
     Args:
