@@ -99,8 +99,8 @@ class FlatLoRA(SAM):
     weights instead), and drawing the noise is element-wise work over the adapted
     weights (about 35 operations per weight, with a log, a root, a sine and a cosine):
     small beside the passes when many tokens go through each weight, not on a CPU at
-    small batches (docs/methods.md has figures). `SAMModel` logs no `sharpness` (there is no pass at `W'` alone:
-    `loss` is the loss at the perturbed weights).
+    small batches (docs/methods.md has figures). `SAMModel` logs no `sharpness` (there
+    is no pass at `W'` alone: `loss` is the loss at the perturbed weights).
 
     Args:
         optimizer: the wrapped `keras.optimizers.Optimizer`.
