@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AESAM",
     "BAR",
+    "FlatLoRA",
     "FriendlySAM",
     "GSAM",
     "LatePhaseRho",
@@ -29,6 +30,7 @@ _PUBLIC = {
     "GSAM": "keras_sam.methods.gsam",
     "BAR": "keras_sam.methods.bar",
     "FriendlySAM": "keras_sam.methods.friendly_sam",
+    "FlatLoRA": "keras_sam.methods.flat_lora",
     "LookSAM": "keras_sam.methods.looksam",
     "MomentumSAM": "keras_sam.methods.momentum_sam",
     "PeriodicSAM": "keras_sam.methods.switching",

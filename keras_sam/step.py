@@ -195,10 +195,20 @@ class _PartRun:
 
     def start(self, weights, values):
         """The first pass's point: `w`, or `w + e` for a method that shifts it
-        (MomentumSAM's `initial_perturbation`). Returns it and the method's state."""
-        shift, values = self.stateless(
-            values, lambda: self.method.initial_perturbation(self.variables)
+        (MomentumSAM's `initial_perturbation`). Returns it and the method's state.
+
+        The method's `pass_values` (FlatLoRA's noisy frozen kernels) join what the
+        passes read (`pending`), never written."""
+        method = self.method
+        (shift, reads), values = self.stateless(
+            values,
+            lambda: (
+                method.initial_perturbation(self.variables),
+                method.pass_values(self.variables),
+            ),
         )
+        if reads:
+            self.pending = {**self.pending, **{id(v): (v, value) for v, value in reads}}
         if shift is not None:
             weights = self.backend.perturbed(weights, list(shift), [None] * len(weights))
         return weights, values
@@ -629,7 +639,7 @@ def model_step(backend, sam_model, data):
     variables = sam_model.trainable_variables
     roles = prepare_step(backend, sam_model.optimizer, variables)
     method = roles.method
-    if isinstance(method.perturb, tuple):
+    if method._binds_model:
         method.bind(sam_model)
     replica_step = functools.partial(_replica_step, backend, sam_model, roles, variables)
     readable = unique(

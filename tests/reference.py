@@ -337,7 +337,7 @@ def clip(grads, clipnorm=None, global_clipnorm=None, clipvalue=None):
 # are [A, B, b1, W2, b2].
 
 
-def lora_mlp_loss_and_grads(params, kernel, x, t):
+def lora_head_loss_and_grads(params, kernel, x, t):
     a, b, b1, w2, b2 = params
     h = np.tanh(x @ (kernel + a @ b) + b1)
     y = h @ w2 + b2
@@ -363,7 +363,79 @@ def bar_gradients(grads, a, b, alpha, variant):
 
 def bar_step(params, x, t, state, step, kernel, alpha, variant):
     """One BAR step on the LoRA MLP (one pass); `state["signs"]` records each step's s."""
-    _, grads = lora_mlp_loss_and_grads(params, kernel, x, t)
+    _, grads = lora_head_loss_and_grads(params, kernel, x, t)
     g_a, g_b, s = bar_gradients(grads[:2], params[0], params[1], _rate(alpha, step), variant)
     state = {"signs": [*state.get("signs", []), s]}
     return [g_a, g_b, *grads[2:]], state, False
+
+
+# ------------------------------------------------------------------ Flat-LoRA
+# Li et al., "Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape", ICML 2025: one pass
+# at the merged weight plus noise, `eps_ij ~ N(0, sigma_t^2 / n ||W'_i||^2)`, row i an output
+# unit (the last axis of a Keras kernel), `sigma_t = sigma (1 - cos(pi t / T)) / 2`.
+def flat_lora_strength(sigma, step, total_steps=None):
+    if total_steps is None:
+        return sigma
+    t = min(step, total_steps)
+    return sigma * 0.5 * (1.0 - np.cos(np.pi * t / total_steps))
+
+
+def flat_lora_deviation(merged, strength, axes):
+    """The noise's standard deviation, broadcast over `merged`: `strength ||W'_i|| / sqrt(n)`,
+    the norm over `axes` (the inputs of each output unit), n their sizes' product."""
+    merged = np.asarray(merged, np.float64)
+    n = int(np.prod([merged.shape[a] for a in axes]))
+    return strength * np.sqrt(np.sum(merged**2, axis=axes, keepdims=True)) / np.sqrt(n)
+
+
+_U32 = np.uint32
+
+
+def _lowbias32(x):
+    """Wellons's lowbias32 integer hash, on uint32 (NumPy wraps the products)."""
+    x = x ^ (x >> _U32(16))
+    x = x * _U32(0x7FEB352D)
+    x = x ^ (x >> _U32(15))
+    x = x * _U32(0x846CA68B)
+    return x ^ (x >> _U32(16))
+
+
+def flat_lora_standard_normal(shape, seed, step, index):
+    """keras_sam's counter-based noise, written from its description in uint32 NumPy: a key
+    from (seed, step, layer), each counter hashed to a 24-bit uniform, Box-Muller pairs."""
+    size = int(np.prod(shape))
+    pairs = (size + 1) // 2
+    with np.errstate(over="ignore"):
+        key = _lowbias32(_U32(seed ^ 0x9E3779B9))
+        key = _lowbias32(key ^ _U32(step))
+        key = _lowbias32(key ^ _U32(index + 0x632BE5AB))
+        salted = _lowbias32(key ^ _U32(0x632BE5AB))
+        counters = np.arange(2 * pairs, dtype=np.uint32)
+        bits = _lowbias32(_lowbias32(counters ^ key) + salted)
+    uniform = ((bits >> _U32(8)).astype(np.float64) + 0.5) / 2.0**24
+    radius = np.sqrt(-2.0 * np.log(uniform[0::2]))
+    angle = 2.0 * np.pi * uniform[1::2]
+    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:size].reshape(shape)
+
+
+def lora_mlp_loss_and_grads(params, x, t, noise=(None, None)):
+    """`y = tanh(x M1 + b1) M2 + b2`, `M = W + eps + s A B` per layer, loss = mean((y - t)^2);
+    `params` = [(W, b, A, B, s)] * 2. Returns the loss and the gradients of (b, A, B) per
+    layer (W is frozen)."""
+    merged = []
+    for (w, _, a, b_lora, s), eps in zip(params, noise, strict=True):
+        merged.append(w + (0.0 if eps is None else eps) + s * a @ b_lora)
+    (_, b1, a1, bl1, s1), (_, b2, a2, bl2, s2) = params
+    pre = x @ merged[0] + b1
+    h = np.tanh(pre)
+    y = h @ merged[1] + b2
+    diff = y - t
+    loss = np.mean(diff**2)
+    dy = 2.0 * diff / diff.size
+    dm2 = h.T @ dy
+    dpre = (dy @ merged[1].T) * (1.0 - h**2)
+    dm1 = x.T @ dpre
+    grads = []
+    for dm, db, a, bl, s in ((dm1, dpre.sum(0), a1, bl1, s1), (dm2, dy.sum(0), a2, bl2, s2)):
+        grads.append((db, s * dm @ bl.T, s * a.T @ dm))
+    return loss, grads

@@ -4,6 +4,8 @@ A method never runs a model. The trainer asks it, per step (per part under m-sha
 
 - `initial_perturbation(variables)`: None (the first pass at `w`), or the `e` at which
   the first pass is taken instead (MomentumSAM), chosen before any gradient;
+- `pass_values(variables)`: None, or `(variable, value)` pairs that the passes read for
+  other variables, never written (FlatLoRA's noisy frozen kernels);
 - `needs_second_pass(gradients, variables)`: a Python bool, or a boolean tensor decided
   inside the compiled step (SAM's: `rho > 0`);
 - `perturbation(gradients, variables)`: the `e(w)` of the perturbed pass;
@@ -20,6 +22,7 @@ the whole step has succeeded. A new variant is one class overriding the hooks it
 # them loads after `import keras_sam.methods` (or any public method name).
 from keras_sam.methods import (  # noqa: E402,F401
     bar,
+    flat_lora,
     friendly_sam,
     gsam,
     looksam,

@@ -92,7 +92,7 @@ class SAM(keras.optimizers.Optimizer):
       attributes (`rho`, `adaptive`, `eta`, `epsilon`, `perturb`, ...; the wrapped
       optimizer is `inner_optimizer`);
     - hooks, for a new method to override (see "Adding a method"): the per-step
-      questions `initial_perturbation`, `needs_second_pass`, `perturbation`,
+      questions `initial_perturbation`, `pass_values`, `needs_second_pass`, `perturbation`,
       `descent_gradients` and `one_pass_gradients`; the class attributes
       `skips_second_pass` and `measures_sharpness`; and what they call:
       `add_state_variable`, `add_state_slots`, `state_variables`, `current_rho`,
@@ -276,6 +276,20 @@ class SAM(keras.optimizers.Optimizer):
         del variables
         return None
 
+    def pass_values(self, variables):
+        """What the passes of this step read for variables other than `variables`.
+
+        Called before any gradient of the step, beside `initial_perturbation`; it may
+        read the method's state. Returns None (the passes read every other variable as
+        it is), or `(variable, value)` pairs: each pass of the step then reads `value`
+        for that `variable` (a frozen weight, say), which is never written. The
+        variables must not be among the trained `variables` (those read the step's
+        weights). `FlatLoRA` uses it to take its pass at the frozen kernels plus seeded
+        noise.
+        """
+        del variables
+        return None
+
     def perturbation(self, gradients, variables):
         """The perturbation `e(w)` for these clean gradients (None where not perturbed)."""
         return self.perturbation_along(gradients, variables)
@@ -388,6 +402,12 @@ class SAM(keras.optimizers.Optimizer):
                 id(v) for layer in layers if isinstance(layer, self.perturb) for v in layer.weights
             }
         return self
+
+    @property
+    def _binds_model(self):
+        """Whether `SAMModel` calls `bind(model)` before each step (a `perturb` given as
+        layer classes; `FlatLoRA`, to find its LoRA layers)."""
+        return isinstance(self.perturb, tuple)
 
     def _perturb_repr(self):
         if isinstance(self.perturb, tuple):

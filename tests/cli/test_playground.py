@@ -75,6 +75,8 @@ def test_public_names():
     assert sorted(keras_sam.__all__) == sorted(
         [
             "AESAM",
+            "BAR",
+            "FlatLoRA",
             "FriendlySAM",
             "GSAM",
             "LatePhaseRho",

@@ -96,7 +96,7 @@ def test_bar_matches_the_float64_reference(rng, case, mode):
     assert passes == 0 and run.iterations == STEPS and run.skipped_steps == 0
     # The term matters: without it (plain SGD) the trajectory is far from this one.
     plain, _, _ = reference.trajectory(
-        lambda p, x, t, s, i: (reference.lora_mlp_loss_and_grads(p, kernel, x, t)[1], s, False),
+        lambda p, x, t, s, i: (reference.lora_head_loss_and_grads(p, kernel, x, t)[1], s, False),
         params,
         batch_list,
         reference.sgd(LR),
@@ -116,7 +116,7 @@ def test_the_inner_optimizer_receives_the_balanced_gradients_once_per_step(rng):
     optimizer = keras_sam.BAR(keras.optimizers.SGD(1.0), alpha=0.3)
     assert optimizer.needs_second_pass(None, None) is False
     harness.train(optimizer, model, [(x, t)], harness.COMPILED)
-    _, grads = reference.lora_mlp_loss_and_grads(params, kernel, x, t)
+    _, grads = reference.lora_head_loss_and_grads(params, kernel, x, t)
     g_a, g_b, _ = reference.bar_gradients(grads[:2], params[0], params[1], 0.3, "nbar")
     received = [p - w for p, w in zip(params, _trained(model))]
     harness.assert_weights_close(received, [g_a, g_b, *grads[2:]])
