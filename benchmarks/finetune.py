@@ -100,7 +100,12 @@ METHODS = {
     "adamw-lora": {"adapters": True, "optimizer": None, "kwargs": {}},
     "sam-lora": {"adapters": True, "optimizer": "SAM", "kwargs": {"rho": None}},
     # Guesses from the papers, to be checked against the classes when they are merged.
-    "flat-lora": {"adapters": True, "optimizer": "FlatLoRA", "kwargs": {"sigma": 0.05}},
+    # `total_steps=None` here: the run's own number of steps (the paper's cosine rise).
+    "flat-lora": {
+        "adapters": True,
+        "optimizer": "FlatLoRA",
+        "kwargs": {"sigma": 0.05, "total_steps": None},
+    },
     "bar-lora": {"adapters": True, "optimizer": "BAR", "kwargs": {"alpha": 0.1}},
     "adamw-full": {"adapters": False, "optimizer": None, "kwargs": {}},
 }
@@ -294,7 +299,7 @@ def make_trained(method, model, args, steps):
         cls = None
     if cls is None:
         raise Unavailable(f"keras_sam.{spec['optimizer']} does not exist in this keras_sam")
-    kwargs = method_kwargs(method, args)
+    kwargs = method_kwargs(method, args, steps)
     try:
         optimizer = cls(inner, **kwargs)
     except TypeError as error:  # a guessed argument the class does not take
@@ -306,10 +311,14 @@ class Unavailable(Exception):
     """A method whose class is not (yet) in keras_sam, or does not take its arguments."""
 
 
-def method_kwargs(method, args):
+def method_kwargs(method, args, steps=None):
+    """The method's arguments: `rho` from `--rho`, `total_steps` the run's `steps`, then
+    `--method-args`."""
     kwargs = dict(METHODS[method]["kwargs"])
     if "rho" in kwargs and kwargs["rho"] is None:
         kwargs["rho"] = args.rho
+    if "total_steps" in kwargs and kwargs["total_steps"] is None:
+        kwargs["total_steps"] = steps
     kwargs.update(args.method_args.get(method, {}))
     return kwargs
 
@@ -349,13 +358,14 @@ def finetune_run(method, condition, seed, args, arrays, weights):
     run = {"method": method, "condition": condition, "seed": seed, "noise_fraction": fraction}
     spec = METHODS[method]
     model = finetune_model(args, weights, seed, spec["adapters"])
-    steps_per_epoch = math.ceil(len(x) / args.batch_size)
+    steps = math.ceil(len(x) / args.batch_size) * args.epochs
     try:
-        trained, optimizer = make_trained(method, model, args, steps_per_epoch * args.epochs)
+        trained, optimizer = make_trained(method, model, args, steps)
     except Unavailable as error:
         return run | {"status": f"unavailable: {error}"}
     if spec["optimizer"] is not None:
-        run["optimizer"] = {"class": spec["optimizer"], "kwargs": method_kwargs(method, args)}
+        kwargs = method_kwargs(method, args, steps)
+        run["optimizer"] = {"class": spec["optimizer"], "kwargs": kwargs}
     run["trainable_parameters"] = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     run["parameters"] = int(model.count_params())
     trained.compile(
@@ -375,7 +385,7 @@ def finetune_run(method, condition, seed, args, arrays, weights):
     )
     run["wall_seconds"] = time.perf_counter() - started
     run["seconds_per_step"] = times.seconds_per_step()
-    run["train_steps"] = steps_per_epoch * args.epochs
+    run["train_steps"] = steps
     run["final_loss"] = float(history.history["loss"][-1])
     run["final_train_accuracy"] = float(history.history["accuracy"][-1])  # labels as trained
     run["test_accuracy"] = accuracy(model, x_test, y_test)
