@@ -173,9 +173,7 @@ class SAMModel(keras.Model):
                 "(`layer.trainable = True`), then compile with a new optimizer and `fit`."
             )
         result = super().make_train_function(force=force)
-        self.train_function = backends.current().compiled_train_function(
-            self, self.train_function
-        )
+        self.train_function = backends.current().compiled_train_function(self, self.train_function)
         return result
 
     def fit(self, *args, **kwargs):
