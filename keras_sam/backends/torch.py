@@ -331,6 +331,8 @@ _PYTORCH_FORM = (
 
 def _refuse_tensorflow_form(method, closure):
     """The TensorFlow custom loop run on PyTorch: `optimize` inside a `tf.function`."""
+    if _compiling():  # a `torch.compile`d step is no `tf.function`
+        return
     tensorflow = sys.modules.get("tensorflow")  # never imported here, only looked at
     if callable(closure) and tensorflow is not None and tensorflow.inside_function():
         raise ValueError(
