@@ -30,11 +30,13 @@ the device's peak allocation (`torch.cuda.max_memory_allocated`, JAX's
 
 The same command runs on a GPU when the backend sees one (PyTorch CUDA, JAX GPU); it
 needs only Keras, NumPy and the backends. `--dtype bfloat16` trains under Keras's
-`mixed_bfloat16` policy.
+`mixed_bfloat16` policy. `--jit-compile` compiles every method's step with
+`jit_compile=True` (XLA on TensorFlow and JAX, the default there; `torch.compile` on
+PyTorch, whose first step then takes minutes on a CPU).
 
     python benchmarks/regimes.py [--workloads cnn mlp transformer]
         [--backends tensorflow jax torch] [--rounds 5] [--steps 4] [--dtype float32]
-        [--memory] [--json results.json]
+        [--memory] [--jit-compile] [--json results.json]
     python benchmarks/step_time.py --regimes ...      (the same)
 """
 
@@ -135,7 +137,7 @@ def transformer_lm(vocabulary, length, width, depth, heads):
     return keras.Model(tokens, layers.Dense(vocabulary)(h))
 
 
-def compiled(name, method, steps, make_optimizer=None):
+def compiled(name, method, steps, make_optimizer=None, jit_compile=False):
     """The model of workload `name` compiled for `method`; returns it, x, y, batch."""
 
     import keras_sam
@@ -156,12 +158,14 @@ def compiled(name, method, steps, make_optimizer=None):
             "LookSAM k=5": lambda: keras_sam.LookSAM(inner, rho=0.05, k=5),
             "MomentumSAM": lambda: keras_sam.MomentumSAM(inner, rho=1.0),
         }[method]()
-    trained.compile(optimizer=optimizer, loss=loss)
+    trained.compile(
+        optimizer=optimizer, loss=loss, **({"jit_compile": True} if jit_compile else {})
+    )
     return trained, model, x, y, batch
 
 
 # ------------------------------------------------------------------------- worker
-def worker(workloads, steps):
+def worker(workloads, steps, jit_compile=False):
     import keras
 
     class BatchEnds(keras.callbacks.Callback):
@@ -175,7 +179,7 @@ def worker(workloads, steps):
             self.cpu.append(time.process_time())
 
     def timer(name, method):
-        trained, _, x, y, batch = compiled(name, method, steps + 1)
+        trained, _, x, y, batch = compiled(name, method, steps + 1, jit_compile=jit_compile)
         ends = BatchEnds()
 
         def run():
@@ -307,7 +311,7 @@ def _env(backend):
     )
 
 
-def time_regimes(backends, workloads, rounds, steps, dtype, after_round=None):
+def time_regimes(backends, workloads, rounds, steps, dtype, after_round=None, jit_compile=False):
     """Runs the interleaved rounds; `after_round(devices, samples)` sees the samples so
     far after each (so that a run cut short still leaves its finished rounds)."""
     workers = {}
@@ -322,7 +326,7 @@ def time_regimes(backends, workloads, rounds, steps, dtype, after_round=None):
             dtype,
             "--workloads",
             *workloads,
-        ]
+        ] + (["--jit-compile"] if jit_compile else [])
         workers[backend] = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(backend)
         )
@@ -416,6 +420,11 @@ def main(argv=None):
     parser.add_argument("--no-timing", action="store_true", help="only the memory table")
     parser.add_argument("--jobs", type=int, default=1, help="memory processes at once")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument(
+        "--jit-compile",
+        action="store_true",
+        help="compile every step with jit_compile=True (on PyTorch: torch.compile)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -424,7 +433,7 @@ def main(argv=None):
 
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     if args.worker:
-        return worker(args.workloads, args.steps)
+        return worker(args.workloads, args.steps, args.jit_compile)
     if args.memory_worker:
         return memory_worker(*args.memory_worker, args.steps)
     results = {"dtype": args.dtype, "rounds": args.rounds, "steps": args.steps}
@@ -441,7 +450,13 @@ def main(argv=None):
 
     if not args.no_timing:
         devices, samples = time_regimes(
-            args.backends, args.workloads, args.rounds, args.steps, args.dtype, after_round
+            args.backends,
+            args.workloads,
+            args.rounds,
+            args.steps,
+            args.dtype,
+            after_round,
+            jit_compile=args.jit_compile,
         )
         print_table(results["table"], devices, args.rounds, args.steps, args.dtype)
     if args.memory or args.no_timing:

@@ -50,6 +50,9 @@ LONGER = {
     "tests/test_files.py::test_sigkill_during_save_leaves_a_loadable_file": (
         "kills a process mid-save 4 times, each a fresh interpreter that imports Keras"
     ),
+    "tests/backends/test_torch_compile.py::test_compiled_step_is_one_graph": (
+        "dynamo traces the whole SAM step (two passes, autograd, the optimizer) once"
+    ),
     "tests/test_wheel.py": (
         "builds the wheel and installs it with TensorFlow into a fresh virtual environment"
     ),

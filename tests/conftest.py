@@ -22,8 +22,10 @@ A test that runs the step "eagerly, compiled and under XLA" (`mode`, tests/harne
 TensorFlow. On JAX and PyTorch Keras compiles only with `jit_compile=True`, so there
 `run_eagerly=True` runs the same step as `jit_compile=False` (`SAME_MODE`): a test case
 that differs from another only by that is deselected (tests/backends/test_modes.py checks
-that Keras still treats them alike). PyTorch refuses `xla` for a SAM step (checked by
-tests/backends/test_torch.py): those cases are deselected there.
+that Keras still treats them alike). PyTorch's `xla` (`jit_compile=True`, `torch.compile`)
+is deselected there: dynamo traces the whole step once per model, about 25 s a case on a
+CPU; tests/backends/test_torch_compile.py checks it (one graph, the eager trajectory, a
+NaN batch skipped).
 """
 
 import os
@@ -94,6 +96,7 @@ collect_ignore = [
 
 # The `mode`s that run the same step as another on this backend, and those it refuses.
 SAME_MODE = {"jax": {"eager": "compiled"}, "torch": {"eager": "compiled"}}.get(BACKEND, {})
+# Modes a session does not run (PyTorch's `torch.compile`: see the docstring above).
 REFUSED_MODES = {"torch": {"xla"}}.get(BACKEND, set())
 
 if BACKEND == "tensorflow":

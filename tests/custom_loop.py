@@ -4,7 +4,8 @@
 
 - TensorFlow: `optimizer.optimize(grad_func, variables)`, `grad_func` running the forward
   pass under a `tf.GradientTape` (in a `tf.function` when `compiled`);
-- PyTorch: `optimizer.optimize(closure, variables)` (eager: `torch.compile` is refused);
+- PyTorch: `optimizer.optimize(closure, variables)` (eager here; under `torch.compile`
+  it runs with graph breaks: docs/custom-loops.md);
 - JAX: `optimizer.stateless_optimize(state, compute, ...)` (under `jax.jit` when
   `compiled`), its new state then assigned to the variables.
 

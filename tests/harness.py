@@ -20,7 +20,7 @@ MODES = {
     "xla": {"jit_compile": True},
 }
 # The mode `compile` picks by default (`jit_compile="auto"`) on each backend: XLA where the
-# model supports it, and PyTorch's eager step (it refuses `torch.compile` for SAM).
+# model supports it, and PyTorch's eager step (`torch.compile` traces for long on a CPU).
 DEFAULT_MODE = {"tensorflow": "xla", "jax": "xla", "torch": "compiled"}[keras.backend.backend()]
 # The cheapest compiled step, for a case that needs one and no mode in particular: a
 # `tf.function` without XLA on TensorFlow; on JAX `jit_compile=False` is no compilation at

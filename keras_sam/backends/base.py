@@ -93,6 +93,12 @@ class Backend:
         """Refuses, before any step, a compile option the SAM step cannot run under."""
         del sam_model
 
+    def compiled_train_function(self, sam_model, function):
+        """Keras's train function for `sam_model` as the trainer runs it (PyTorch wraps
+        its `torch.compile`d one in the dynamo options the SAM step needs)."""
+        del sam_model
+        return function
+
     # ------------------------------------------------------------ the custom loops
     def optimize(self, method, *args, **kwargs):
         """`method.optimize(...)`: one SAM step in a custom loop, in this backend's form

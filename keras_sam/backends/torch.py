@@ -37,7 +37,15 @@ class Torch(base.Backend):
     _before_clean = _after_clean = None
     _replaying = False
 
+    #
+    # Under `torch.compile` reading or setting a generator's state breaks the graph
+    # (dynamo never traces `torch.get_rng_state`): a compiled step records and replays
+    # it only for a model that may draw from that generator (`train_step`).
+    _records_rng = True
+
     def gradients(self, compute, variables, values, pending, scale):
+        if not self._records_rng:
+            return self._gradients(compute, variables, values, pending, scale)
         if not self._replaying:
             self._before_clean = _rng_state()
         try:
@@ -48,6 +56,9 @@ class Torch(base.Backend):
 
     @contextlib.contextmanager
     def same_randomness(self):
+        if not self._records_rng:
+            yield
+            return
         _set_rng_state(self._before_clean)
         self._replaying = True
         try:
@@ -166,7 +177,10 @@ class Torch(base.Backend):
         return gradients, state, updates, finite
 
     def stateful_cond(self, pred, true_fn, false_fn, tracked):
-        del tracked  # eager: the branch taken assigns the variables itself
+        if _compiling() and not isinstance(pred, bool):
+            _selected_outcome(pred, true_fn, false_fn, tracked)
+            return
+        # Eager: the branch taken assigns the variables itself.
         if self._host_bool(pred):
             true_fn()
         else:
@@ -176,22 +190,40 @@ class Torch(base.Backend):
         self.stateful_cond(ok, lambda: take_step(*args), lambda: skip_step(*args), tracked)
 
     def check_compile(self, sam_model):
-        """Refuses `jit_compile=True` for a SAM optimizer (called by `SAMModel.fit`)."""
-        optimizer = sam.unwrap_loss_scale(sam_model.optimizer)
-        if sam_model.jit_compile and isinstance(optimizer, sam.SAM):
-            raise ValueError(
-                "`jit_compile=True` (`torch.compile`) is not supported for a SAM step on the "
-                "PyTorch backend: the step decides in Python, on the values of its tensors, "
-                "whether to take the perturbed pass and whether to commit or skip, where "
-                "`torch.compile` would break the graph at every decision. Compile the "
-                "`SAMModel` with `jit_compile=False` (the default on PyTorch). Received: "
-                "jit_compile=True"
-            )
+        """Notes, before Keras's trainer compiles a SAM step for `jit_compile=True`
+        (`torch.compile`), whether the model may draw from torch's global generator (an
+        unseeded `Dropout`): the compiled step records and replays that generator's
+        state only then (called by `SAMModel.make_train_function`)."""
+        if _compiles_sam(sam_model):
+            sam_model._torch_global_randomness = _draws_from_global_generator(sam_model)
+
+    def compiled_train_function(self, sam_model, function):
+        """Keras's `torch.compile`d train function, traced with the two dynamo options
+        the SAM step needs for one graph: `trace_autograd_ops` (the passes'
+        `torch.autograd.grad`, else a graph break at each pass) and
+        `capture_scalar_outputs` (Keras's optimizers pass a learning-rate tensor as a
+        `_foreach_*` `alpha`, a `.item()`, else a graph break at each update). They are
+        set while the step runs, not for the rest of the program."""
+        if not _compiles_sam(sam_model) or function is None or hasattr(function, "dynamo_options"):
+            return function
+
+        def train_function(data):
+            with torch._dynamo.config.patch(trace_autograd_ops=True, capture_scalar_outputs=True):
+                return function(data)
+
+        train_function.dynamo_options = True  # wrapped once
+        return train_function
 
     def train_step(self, sam_model, data):
-        """`SAMModel.train_step` on PyTorch: eager, stateful."""
-        with torch.no_grad():
-            return step.model_step(self, sam_model, data)
+        """`SAMModel.train_step` on PyTorch: stateful, eager or under `torch.compile`
+        (Keras's trainer compiles it for `jit_compile=True`)."""
+        records = not _compiling() or getattr(sam_model, "_torch_global_randomness", True)
+        self._records_rng = records
+        try:
+            with torch.no_grad():
+                return step.model_step(self, sam_model, data)
+        finally:
+            self._records_rng = True
 
     def optimize(self, method, closure, variables):
         """The custom-loop step: `pred, loss, loss_sam = method.optimize(closure, variables)`.
@@ -299,6 +331,8 @@ _PYTORCH_FORM = (
 
 def _refuse_tensorflow_form(method, closure):
     """The TensorFlow custom loop run on PyTorch: `optimize` inside a `tf.function`."""
+    if _compiling():  # a `torch.compile`d step is no `tf.function`
+        return
     tensorflow = sys.modules.get("tensorflow")  # never imported here, only looked at
     if callable(closure) and tensorflow is not None and tensorflow.inside_function():
         raise ValueError(
@@ -326,6 +360,45 @@ def _no_tape(method, closure):
         return result
 
     return checked
+
+
+def _compiles_sam(sam_model):
+    """Whether Keras's trainer compiles `sam_model`'s SAM step with `torch.compile`."""
+    optimizer = sam.unwrap_loss_scale(sam_model.optimizer)
+    return bool(sam_model.jit_compile) and isinstance(optimizer, sam.SAM)
+
+
+def _compiling():
+    """Whether dynamo is tracing the step (`torch.compile`)."""
+    return torch.compiler.is_compiling()
+
+
+def _selected_outcome(pred, true_fn, false_fn, tracked):
+    """`stateful_cond` under `torch.compile`, with no host read of `pred` (a Python `if`
+    on it would break the graph): each outcome runs on copies of `tracked` in a
+    recording scope (the wrapped optimizers update in place), and each variable is
+    assigned `torch.where(pred, taken, other)`. A NaN written by the outcome not
+    selected goes nowhere."""
+    pred = torch.as_tensor(pred)
+    outcomes = []
+    for fn in (true_fn, false_fn):
+        scope = base.RecordingScope(state_mapping=[(v, torch.clone(v.value)) for v in tracked])
+        with scope:
+            fn()
+        outcomes.append([torch.as_tensor(scope.get_current_value(v)) for v in tracked])
+    for variable, taken, other in zip(tracked, *outcomes):
+        variable.assign(torch.where(pred, taken.to(other.dtype), other))
+
+
+def _draws_from_global_generator(model):
+    """Whether a layer of `model` holds an unseeded Keras seed generator: Keras's
+    PyTorch dropout then draws from torch's global generator (conservative: other
+    layers with one draw from Keras's own seed state, which the passes record)."""
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for value in vars(layer).values():
+            if isinstance(value, keras.random.SeedGenerator) and value._initial_seed is None:
+                return True
+    return False
 
 
 def _rng_state():

@@ -163,7 +163,7 @@ class SAMModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def make_train_function(self, force=False):
-        # PyTorch refuses `jit_compile=True` for a SAM step here, before any step.
+        # PyTorch prepares `jit_compile=True` (`torch.compile`) here, before any step.
         backends.current().check_compile(self)
         if isinstance(self._sam_optimizer(), SAM) and not self.trainable_weights:
             # As the custom loops refuse empty `variables` (plain Keras only warns).
@@ -172,7 +172,9 @@ class SAMModel(keras.Model):
                 "to perturb or train. Make the layers to train trainable "
                 "(`layer.trainable = True`), then compile with a new optimizer and `fit`."
             )
-        return super().make_train_function(force=force)
+        result = super().make_train_function(force=force)
+        self.train_function = backends.current().compiled_train_function(self, self.train_function)
+        return result
 
     def fit(self, *args, **kwargs):
         """`keras.Model.fit`, stopped after `max_consecutive_skips` skipped steps in a row.

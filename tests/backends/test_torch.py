@@ -1,5 +1,5 @@
-"""What only the PyTorch backend has: the closure custom loop, the refusal of
-`torch.compile` for a SAM step, autograd left clean, and no TensorFlow import."""
+"""What only the PyTorch backend has: the closure custom loop, autograd left clean, and no
+TensorFlow import (`torch.compile`: tests/backends/test_torch_compile.py)."""
 
 import sys
 
@@ -166,23 +166,6 @@ def test_optimize_inside_a_tf_function_is_refused_with_the_pytorch_form(monkeypa
     with pytest.raises(ValueError, match=r"inside a `tf.function`.*SAM.optimize\(closure"):
         _sam().optimize(closure, model.trainable_variables)
     assert calls == []  # refused before any pass
-
-
-def test_jit_compile_is_refused_with_the_reason_before_any_step():
-    model = harness.adapter_model()
-    initial = harness.snapshot(model.variables)
-    sam_model = keras_sam.SAMModel(model)
-    sam_model.compile(optimizer=_sam(), loss="mse", jit_compile=True)
-    x, y = harness.adapter_batches(1)[0]
-    with pytest.raises(
-        ValueError, match=r"`jit_compile=True` \(`torch.compile`\) is not supported"
-    ):
-        sam_model.fit(x, y, batch_size=16, verbose=0)
-    harness.assert_bitwise(harness.snapshot(model.variables), initial)
-    # The same model compiled without it trains.
-    sam_model.compile(optimizer=_sam(), loss="mse", jit_compile=False)
-    history = sam_model.fit(x, y, batch_size=16, verbose=0).history
-    assert history["sharpness"][0] > 0
 
 
 @pytest.mark.slow
