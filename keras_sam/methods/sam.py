@@ -304,6 +304,28 @@ class SAM(keras.optimizers.Optimizer):
         del variables
         return gradients
 
+    def teacher_values(self, variables):
+        """The weights of a second model state whose outputs the loss may read.
+
+        Called once per step (per part), before the first pass; it may read and assign
+        the method's state. Returns None (SAM: no added loss), or one value per variable
+        (None where the variable's own value is meant): the step then runs one forward
+        pass at them, without gradients, and every pass of the step differentiates
+        `loss + added_loss(outputs, teacher_outputs)`. The logged `loss` stays the task
+        loss. MESA's teacher is the moving average of the weights.
+        """
+        del variables
+        return None
+
+    def added_loss(self, outputs, teacher_outputs):
+        """The term added to each pass's loss (a scalar), from the pass's outputs and
+        the teacher's (`teacher_values`; those carry no gradient). Called only when
+        `teacher_values` gives values."""
+        raise NotImplementedError(
+            f"`{type(self).__name__}.teacher_values` gave values: define `added_loss`, "
+            "the term they add to the loss."
+        )
+
     # ------------------------------------------------------------- method helpers
     def current_rho(self):
         """`rho` at this step: the number, or the schedule at `iterations` (float32)."""
