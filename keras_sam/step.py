@@ -234,7 +234,8 @@ class _PartRun:
         with scope:
             teacher_outputs, _, _ = self.compute()
         teacher_outputs = keras.tree.map_structure(ops.stop_gradient, teacher_outputs)
-        self.compute = _with_added_loss(method, self.compute, teacher_outputs)
+        divisor = self.backend.replica_loss_divisor()
+        self.compute = _with_added_loss(method, self.compute, teacher_outputs, divisor)
         self.added = True
         return values
 
@@ -363,13 +364,19 @@ class _PartRun:
         return _norms(self.backend, [self.backend.rows(d) for d in descent] + losses)
 
 
-def _with_added_loss(method, compute, teacher_outputs):
+def _with_added_loss(method, compute, teacher_outputs, divisor=1):
     """`compute` with the method's added term in the loss it returns; the outputs it
-    returns carry the task loss and the term, `(outputs, loss, term)`."""
+    returns carry the task loss and the term, `(outputs, loss, term)`.
+
+    `divisor` (`Backend.replica_loss_divisor`): the term is divided as the loss is (under
+    `tf.distribute` each replica's loss is its share of the global mean), so that the
+    step's gradient factor brings both back to the replica's mean."""
 
     def compute_with_term():
         outputs, loss, extra = compute()
         term = method.added_loss(outputs, teacher_outputs)
+        if divisor != 1:
+            term = term / divisor
         loss_dtype = keras.backend.standardize_dtype(ops.convert_to_tensor(loss).dtype)
         total = loss + ops.cast(term, loss_dtype)
         return (outputs, loss, term), total, extra
