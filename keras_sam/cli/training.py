@@ -229,25 +229,33 @@ def build_optimizer(config, steps):
         return methods.sam.SAM(inner, rho=rho, adaptive=config.method == "asam")
     if config.method == "gsam":
         return methods.gsam.GSAM(inner, rho=rho, **alpha)
-    if config.method == "friendly_sam":
-        return methods.friendly_sam.FriendlySAM(inner, rho=rho)
     if config.method == "looksam":
         return methods.looksam.LookSAM(inner, rho=rho, k=config.k, **alpha)
     if config.method == "periodic_sam":
         return methods.switching.PeriodicSAM(inner, rho=rho, k=config.k)
-    if config.method == "momentum_sam":
-        return methods.momentum_sam.MomentumSAM(inner, rho=rho)
     if config.method == "mesa":
-        steps_per_epoch = max(1.0, steps / config.epochs)
-        return methods.mesa.MESA(
-            inner,
-            lmbda=MESA_LMBDA,
-            temperature=MESA_TEMPERATURE,
-            decay=min(0.9998, 1.0 - 1.0 / steps_per_epoch),
-            start_step=int(round(MESA_START_SHARE * steps)),
-            rho=rho,
-        )
-    return methods.switching.AESAM(inner, rho=rho)
+        return _mesa(inner, rho, steps, config.epochs)
+    by_rho_alone = {
+        "friendly_sam": methods.friendly_sam.FriendlySAM,
+        "momentum_sam": methods.momentum_sam.MomentumSAM,
+        "aesam": methods.switching.AESAM,
+    }
+    return by_rho_alone[config.method](inner, rho=rho)
+
+
+def _mesa(inner, rho, steps, epochs):
+    """MESA with the authors' recipe scaled to the run (`MESA_START_SHARE`)."""
+    from keras_sam import methods
+
+    steps_per_epoch = max(1.0, steps / epochs)
+    return methods.mesa.MESA(
+        inner,
+        lmbda=MESA_LMBDA,
+        temperature=MESA_TEMPERATURE,
+        decay=min(0.9998, 1.0 - 1.0 / steps_per_epoch),
+        start_step=int(round(MESA_START_SHARE * steps)),
+        rho=rho,
+    )
 
 
 def train(

@@ -29,8 +29,8 @@ class MESA(SAM):
 
     with `c = lmbda` from step `start_step` on (the optimizer's `iterations`) and 0
     before. The EMA is updated on every step, before and after `start_step`, and starts
-    at the weights of the first step; it is state of this optimizer (one slot per weight, saved in checkpoints). The logged
-    `loss` is the task loss alone.
+    at the weights of the first step; it is state of this optimizer (one slot per
+    weight, saved in checkpoints). The logged `loss` is the task loss alone.
 
     Cost: one forward-backward pass and one forward pass (the teacher) per step, and
     one weight-sized slot; the paper reports about 1.15x a plain step, against SAM's 2x.
@@ -83,7 +83,9 @@ class MESA(SAM):
         if decay >= 1:
             raise ValueError(f"`decay` must be in [0, 1). Received: decay={decay!r}")
         if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral):
-            raise ValueError(f"`start_step` must be an integer. Received: start_step={start_step!r}")
+            raise ValueError(
+                f"`start_step` must be an integer. Received: start_step={start_step!r}"
+            )
         if start_step < 0:
             raise ValueError(f"`start_step` must be >= 0. Received: start_step={start_step!r}")
         if not isinstance(from_logits, bool):

@@ -94,9 +94,7 @@ def _model(params):
 
 
 def _batches(rng, steps):
-    return [
-        (rng.normal(size=(BATCH, D_IN)), rng.integers(0, CLASSES, BATCH)) for _ in range(steps)
-    ]
+    return [(rng.normal(size=(BATCH, D_IN)), rng.integers(0, CLASSES, BATCH)) for _ in range(steps)]
 
 
 def _fit(params, batches, optimizer, splits=None):
@@ -130,7 +128,9 @@ def test_mesa_descends_with_the_gradient_of_cross_entropy_plus_the_kl_term(
     )
     sam_model, history = _fit(params, batches, optimizer, splits)
     want, want_average, losses = _reference_run(
-        params, batches, **{k if k != "temperature" else "tau": v for k, v in HYPER.items()},
+        params,
+        batches,
+        **{k if k != "temperature" else "tau": v for k, v in HYPER.items()},
         accumulation=accumulation,
     )
     harness.assert_weights_close(sam_model.model.get_weights(), want, rtol=2e-4, atol=2e-5)
