@@ -51,9 +51,10 @@ def _mesa_gradient(params, average, x, labels, coefficient, tau):
     return loss, [x.T @ dh, dh.sum(0), g_w2, g_b2]
 
 
-def _reference_run(params, batches, lmbda, tau, decay, start_step, accumulation=1):
+def _reference_run(params, batches, lmbda, tau, decay, start_step, accumulation=1, rho=0.0):
     """SGD with momentum (Keras's rule) on the MESA gradient; returns the weights, the
-    moving average and the task losses of the micro-batches."""
+    moving average and the task losses of the micro-batches. With `rho`, SAM's: the
+    gradient of the same loss (the term included) at `w + rho g / ||g||`."""
     params = [np.asarray(p, np.float64) for p in params]
     average = [p.copy() for p in params]
     velocities = [np.zeros_like(p) for p in params]
@@ -64,6 +65,10 @@ def _reference_run(params, batches, lmbda, tau, decay, start_step, accumulation=
         total = [np.zeros_like(p) for p in params]
         for x, labels in batches[step * accumulation : (step + 1) * accumulation]:
             loss, grads = _mesa_gradient(params, average, x, labels, coefficient, tau)
+            if rho:
+                norm = np.sqrt(sum(np.sum(g * g) for g in grads))
+                shifted = [p + rho * g / (norm + 1e-12) for p, g in zip(params, grads, strict=True)]
+                _, grads = _mesa_gradient(shifted, average, x, labels, coefficient, tau)
             losses.append(loss)
             total = [t + g / accumulation for t, g in zip(total, grads, strict=True)]
         velocities = [MOMENTUM * v - LR * g for v, g in zip(velocities, total, strict=True)]
@@ -117,14 +122,16 @@ HYPER = {"lmbda": 0.7, "temperature": 2.0, "decay": 0.6, "start_step": 2}
 
 
 @pytest.mark.parametrize(
-    "splits, accumulation", [(None, 1), (3, 1), (None, 2)], ids=["whole", "3_parts", "accumulate_2"]
+    "splits, accumulation, rho",
+    [(None, 1, 0.0), (3, 1, 0.0), (None, 2, 0.0), (None, 1, 0.3)],
+    ids=["whole", "3_parts", "accumulate_2", "with_sam_rho"],
 )
 def test_mesa_descends_with_the_gradient_of_cross_entropy_plus_the_kl_term(
-    rng, splits, accumulation
+    rng, splits, accumulation, rho
 ):
     params, batches = _params(rng), _batches(rng, 6)
     optimizer = _mesa(
-        **HYPER, gradient_accumulation_steps=None if accumulation == 1 else accumulation
+        **HYPER, rho=rho, gradient_accumulation_steps=None if accumulation == 1 else accumulation
     )
     sam_model, history = _fit(params, batches, optimizer, splits)
     want, want_average, losses = _reference_run(
@@ -132,6 +139,7 @@ def test_mesa_descends_with_the_gradient_of_cross_entropy_plus_the_kl_term(
         batches,
         **{k if k != "temperature" else "tau": v for k, v in HYPER.items()},
         accumulation=accumulation,
+        rho=rho,
     )
     harness.assert_weights_close(sam_model.model.get_weights(), want, rtol=2e-4, atol=2e-5)
     averages = [harness.to_numpy(v) for v in optimizer.state_variables]
@@ -140,7 +148,7 @@ def test_mesa_descends_with_the_gradient_of_cross_entropy_plus_the_kl_term(
     np.testing.assert_allclose(history["loss"][0], np.mean(losses), rtol=1e-4)
     # The term matters: without it the run ends elsewhere.
     plain, _, _ = _reference_run(
-        params, batches, 0.0, 2.0, HYPER["decay"], 0, accumulation=accumulation
+        params, batches, 0.0, 2.0, HYPER["decay"], 0, accumulation=accumulation, rho=rho
     )
     assert max(np.max(np.abs(a - b)) for a, b in zip(plain, want, strict=True)) > 1e-3
 
