@@ -452,7 +452,7 @@ def _compare(args):
     for label, config in plans:
         what = (
             f"{config.method} (rho {config.rho:g}) wrapping {config.optimizer}"
-            if config.is_sam
+            if config.is_sam or config.method != "plain"
             else f"{config.optimizer} alone"
         )
         print(f"\n== {label}: {what}, {config.epochs} epochs ==", flush=True)

@@ -148,8 +148,8 @@ class RunConfig:
 
     @property
     def is_sam(self):
-        """Whether the run takes perturbed passes at all (MESA: its teacher's pass)."""
-        return self.method != "plain" and (self.rho > 0 or self.method == "mesa")
+        """Whether the run takes perturbed passes at all (MESA alone: no, rho is 0)."""
+        return self.method != "plain" and self.rho > 0
 
 
 def default_rho(method):
@@ -547,9 +547,8 @@ class _EpochRecorder:
     def record(self, epoch, logs=None):
         now, now_cpu = time.perf_counter(), time.process_time()
         logs = {} if logs is None else logs
-        # MomentumSAM and MESA: one forward-backward pass a step (MESA: and a forward one).
-        two_pass = self.config.is_sam and self.config.method not in ("momentum_sam", "mesa")
-        two_pass = two_pass or (self.config.method == "mesa" and self.config.rho > 0)
+        # MomentumSAM: one pass a step; MESA alone (rho 0) too, and a forward pass.
+        two_pass = self.config.is_sam and self.config.method != "momentum_sam"
         rate = logs.get("second_pass_rate", 1.0 if two_pass else 0.0)
         self.evaluations += self.steps_per_epoch * (1.0 + float(rate))
         last = epoch + 1 == self.config.epochs
