@@ -93,7 +93,8 @@ class SAM(keras.optimizers.Optimizer):
       optimizer is `inner_optimizer`);
     - hooks, for a new method to override (see "Adding a method"): the per-step
       questions `initial_perturbation`, `pass_values`, `needs_second_pass`, `perturbation`,
-      `descent_gradients` and `one_pass_gradients`; the class attributes
+      `descent_gradients` and `one_pass_gradients`; `teacher_values` and `added_loss`
+      (a loss term from a second model state, MESA's); the class attributes
       `skips_second_pass` and `measures_sharpness`; and what they call:
       `add_state_variable`, `add_state_slots`, `state_variables`, `current_rho`,
       `rho_is_positive`, `at_step`, `every_k_steps`, `decide_second_pass` and
