@@ -50,6 +50,7 @@ METHODS = (
     f"momentum_sam:rho={MSAM_RHO}",
     "sam:sam_start=0.9",
     "sam:sam_start=0.75",
+    "mesa:rho=0",  # the runs' rho (--rho) is SAM's: MESA alone takes none
 )
 NAMES = {
     "plain": "plain SGD",
@@ -62,6 +63,7 @@ NAMES = {
     "momentum_sam": "MomentumSAM (rho {rho:g})",
     "sam_sam_start0.9": "late-phase SAM (last 10 %)",
     "sam_sam_start0.75": "late-phase SAM (last 25 %)",
+    "mesa_rho0": "MESA (lambda 0.8, tau 5)",
 }
 START = "<!-- frontier: start (written by benchmarks/frontier.py) -->"
 END = "<!-- frontier: end -->"

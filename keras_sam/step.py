@@ -130,6 +130,7 @@ def _part(backend, roles, compute, variables, weights, pending, factor, real=Non
     run = _PartRun(backend, roles, compute, variables, pending, factor)
     values = [v.value for v in roles.method.state_variables]
     weights, values = run.start(weights, values)
+    values = run.add_teacher(weights, values)
     outputs, loss, clean_updates = run.clean_pass(weights)
     loss_sam, descent, values, descent_norms, second_pass = run.final_gradients(
         weights, values, loss
@@ -187,6 +188,7 @@ class _PartRun:
         self.scale = None if roles.scaler is None else roles.scaler.dynamic_scale
         self.clean = None
         self.present = []
+        self.added = False  # whether `compute` adds the method's loss term (`add_teacher`)
 
     def stateless(self, values, fn):
         """`fn()` with the method's state reading `values`; returns its result and the
@@ -213,13 +215,46 @@ class _PartRun:
             weights = self.backend.perturbed(weights, list(shift), [None] * len(weights))
         return weights, values
 
+    def add_teacher(self, weights, values):
+        """The method's added loss term (`teacher_values`, `added_loss`; MESA's).
+
+        When the method gives teacher values, one forward pass at them (no gradient; its
+        loss and state updates dropped) gives the teacher's outputs, and every pass of the
+        part then differentiates `loss + method.added_loss(outputs, teacher_outputs)`.
+        The loss it reports stays the task loss. Returns the method's state.
+        """
+        method = self.method
+        teacher, values = self.stateless(values, lambda: method.teacher_values(self.variables))
+        if teacher is None:
+            return values
+        teacher = [w if t is None else t for w, t in zip(weights, teacher)]
+        scope = RecordingScope(
+            state_mapping=list(self.pending.values()) + list(zip(self.variables, teacher))
+        )
+        with scope:
+            teacher_outputs, _, _ = self.compute()
+        teacher_outputs = keras.tree.map_structure(ops.stop_gradient, teacher_outputs)
+        divisor = self.backend.replica_loss_divisor()
+        self.compute = _with_added_loss(method, self.compute, teacher_outputs, divisor)
+        self.added = True
+        return values
+
+    def pass_gradients(self, weights):
+        """`Backend.gradients` of one pass at `weights`: the outputs, the task loss, the
+        raw gradients (of the loss with the method's added term, if any) and the pass's
+        state updates."""
+        outputs, loss, gradients, updates = self.backend.gradients(
+            self.compute, self.variables, weights, self.pending, self.scale
+        )
+        if self.added:
+            outputs, loss, _ = outputs
+        return outputs, loss, gradients, updates
+
     def clean_pass(self, weights):
         """The gradients at `weights` (`self.clean`); returns the outputs, the loss and
         the pass's state updates."""
         backend = self.backend
-        outputs, loss, gradients, updates = backend.gradients(
-            self.compute, self.variables, weights, self.pending, self.scale
-        )
+        outputs, loss, gradients, updates = self.pass_gradients(weights)
         gradients = [backend.prepare(g, self.factor, self.sparse_ok) for g in gradients]
         self.present = [i for i, g in enumerate(gradients) if g is not None]
         if self.synchronized:
@@ -282,9 +317,7 @@ class _PartRun:
         perturbed = _perturbed_weights(backend, weights, perturbation, clean.gradients, released)
         clean = perturbation = None  # let them go (the lists are emptied already)
         with backend.same_randomness():
-            _, loss_sam, perturbed_gradients, _ = backend.gradients(
-                self.compute, self.variables, perturbed, self.pending, self.scale
-            )
+            _, loss_sam, perturbed_gradients, _ = self.pass_gradients(perturbed)
         del perturbed
         present = set(self.present)
         perturbed_gradients = [
@@ -329,6 +362,26 @@ class _PartRun:
         ):
             return _norms(self.backend, losses)
         return _norms(self.backend, [self.backend.rows(d) for d in descent] + losses)
+
+
+def _with_added_loss(method, compute, teacher_outputs, divisor=1):
+    """`compute` with the method's added term in the loss it returns; the outputs it
+    returns carry the task loss and the term, `(outputs, loss, term)`.
+
+    `divisor` (`Backend.replica_loss_divisor`): the term is divided as the loss is (under
+    `tf.distribute` each replica's loss is its share of the global mean), so that the
+    step's gradient factor brings both back to the replica's mean."""
+
+    def compute_with_term():
+        outputs, loss, extra = compute()
+        term = method.added_loss(outputs, teacher_outputs)
+        if divisor != 1:
+            term = term / divisor
+        loss_dtype = keras.backend.standardize_dtype(ops.convert_to_tensor(loss).dtype)
+        total = loss + ops.cast(term, loss_dtype)
+        return (outputs, loss, term), total, extra
+
+    return compute_with_term
 
 
 def _reads_clean_gradients(method):

@@ -68,6 +68,7 @@ SMOKE = textwrap.dedent(
         "PeriodicSAM": lambda: keras_sam.PeriodicSAM(sgd()),
         "AESAM": lambda: keras_sam.AESAM(sgd()),
         "MomentumSAM": lambda: keras_sam.MomentumSAM(sgd()),
+        "MESA": lambda: keras_sam.MESA(sgd()),
         "SAM-ON": lambda: keras_sam.SAM(sgd(), perturb=keras_sam.NORMALIZATION_LAYERS),
     }
     for name, make in methods.items():

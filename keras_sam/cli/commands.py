@@ -263,7 +263,8 @@ def _add_run_arguments(parser, label_noise=0.0):
         f"keras_sam.SAM defaults to the paper's 0.05 for clean data; {DEFAULT_RHO:g} is the "
         "value of the label-noise runs in docs/RESULTS.md. momentum_sam: the distance of its "
         f"one pass along the momentum, default {MOMENTUM_SAM_RHO:g}: its paper's 3 stalled on "
-        "the cnn model)",
+        "the cnn model. mesa: 0 by default (one pass and a teacher forward pass a step); a "
+        "positive rho adds SAM's perturbed pass)",
     )
     parser.add_argument(
         "--alpha",
@@ -451,7 +452,7 @@ def _compare(args):
     for label, config in plans:
         what = (
             f"{config.method} (rho {config.rho:g}) wrapping {config.optimizer}"
-            if config.is_sam
+            if config.is_sam or config.method != "plain"
             else f"{config.optimizer} alone"
         )
         print(f"\n== {label}: {what}, {config.epochs} epochs ==", flush=True)

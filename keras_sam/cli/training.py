@@ -34,6 +34,7 @@ METHODS = (
     "periodic_sam",
     "aesam",
     "momentum_sam",
+    "mesa",
 )
 # Old spellings still accepted: "sgd" meant "the inner optimizer alone", whatever it is.
 METHOD_ALIASES = {"sgd": "plain"}
@@ -47,6 +48,12 @@ ASAM_RHO_SCALE = 10.0
 # epochs) 3 and 2 stalled at chance level and 1 did best of 0.1, 0.3 and 1
 # (docs/methods.md).
 MOMENTUM_SAM_RHO = 1.0
+# MESA (one pass a step, rho 0): the authors' ImageNet recipe scaled to the run. Their
+# weight average's decay, 0.9998, remembers about one epoch of ImageNet at batch 256 (5005
+# steps), so a run's is 1 - 1 / (steps per epoch); their trajectory term starts after 5
+# of 90 epochs, so a run's after the same share of its steps; lambda 0.8, temperature 5.
+MESA_START_SHARE = 5 / 90
+MESA_LMBDA, MESA_TEMPERATURE = 0.8, 5.0
 # `SAMModel`'s default (keras_sam.trainers.skipped_steps), here without importing Keras.
 MAX_CONSECUTIVE_SKIPS = 100
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -141,7 +148,7 @@ class RunConfig:
 
     @property
     def is_sam(self):
-        """Whether the run takes perturbed passes at all."""
+        """Whether the run takes perturbed passes at all (MESA alone: no, rho is 0)."""
         return self.method != "plain" and self.rho > 0
 
 
@@ -151,6 +158,8 @@ def default_rho(method):
     method = METHOD_ALIASES.get(method, method)
     if method == "momentum_sam":
         return MOMENTUM_SAM_RHO
+    if method == "mesa":
+        return 0.0  # MESA alone; a positive rho adds SAM's perturbed pass
     return DEFAULT_RHO * (ASAM_RHO_SCALE if method == "asam" else 1.0)
 
 
@@ -220,15 +229,33 @@ def build_optimizer(config, steps):
         return methods.sam.SAM(inner, rho=rho, adaptive=config.method == "asam")
     if config.method == "gsam":
         return methods.gsam.GSAM(inner, rho=rho, **alpha)
-    if config.method == "friendly_sam":
-        return methods.friendly_sam.FriendlySAM(inner, rho=rho)
     if config.method == "looksam":
         return methods.looksam.LookSAM(inner, rho=rho, k=config.k, **alpha)
     if config.method == "periodic_sam":
         return methods.switching.PeriodicSAM(inner, rho=rho, k=config.k)
-    if config.method == "momentum_sam":
-        return methods.momentum_sam.MomentumSAM(inner, rho=rho)
-    return methods.switching.AESAM(inner, rho=rho)
+    if config.method == "mesa":
+        return _mesa(inner, rho, steps, config.epochs)
+    by_rho_alone = {
+        "friendly_sam": methods.friendly_sam.FriendlySAM,
+        "momentum_sam": methods.momentum_sam.MomentumSAM,
+        "aesam": methods.switching.AESAM,
+    }
+    return by_rho_alone[config.method](inner, rho=rho)
+
+
+def _mesa(inner, rho, steps, epochs):
+    """MESA with the authors' recipe scaled to the run (`MESA_START_SHARE`)."""
+    from keras_sam import methods
+
+    steps_per_epoch = max(1.0, steps / epochs)
+    return methods.mesa.MESA(
+        inner,
+        lmbda=MESA_LMBDA,
+        temperature=MESA_TEMPERATURE,
+        decay=min(0.9998, 1.0 - 1.0 / steps_per_epoch),
+        start_step=int(round(MESA_START_SHARE * steps)),
+        rho=rho,
+    )
 
 
 def train(
@@ -520,7 +547,8 @@ class _EpochRecorder:
     def record(self, epoch, logs=None):
         now, now_cpu = time.perf_counter(), time.process_time()
         logs = {} if logs is None else logs
-        two_pass = self.config.is_sam and self.config.method != "momentum_sam"  # MSAM: one
+        # MomentumSAM: one pass a step; MESA alone (rho 0) too, and a forward pass.
+        two_pass = self.config.is_sam and self.config.method != "momentum_sam"
         rate = logs.get("second_pass_rate", 1.0 if two_pass else 0.0)
         self.evaluations += self.steps_per_epoch * (1.0 + float(rate))
         last = epoch + 1 == self.config.epochs

@@ -11,7 +11,10 @@ A method never runs a model. The trainer asks it, per step (per part under m-sha
 - `perturbation(gradients, variables)`: the `e(w)` of the perturbed pass;
 - `descent_gradients(gradients, perturbed_gradients, variables)`: what the wrapped
   optimizer descends with after two passes;
-- `one_pass_gradients(gradients, variables)`: what it descends with after one.
+- `one_pass_gradients(gradients, variables)`: what it descends with after one;
+- `teacher_values(variables)` and `added_loss(outputs, teacher_outputs)`: a second model
+  state whose outputs (a forward pass without gradients) a term added to every pass's
+  loss reads (MESA's moving average of the weights).
 
 Persistent state lives in optimizer variables (`add_state_variable` in `build`). Hooks
 read and assign them freely: the trainer records the assignments and writes them once
@@ -26,6 +29,7 @@ from keras_sam.methods import (  # noqa: E402,F401
     friendly_sam,
     gsam,
     looksam,
+    mesa,
     momentum_sam,
     sam,
     schedules,

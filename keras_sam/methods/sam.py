@@ -93,7 +93,8 @@ class SAM(keras.optimizers.Optimizer):
       optimizer is `inner_optimizer`);
     - hooks, for a new method to override (see "Adding a method"): the per-step
       questions `initial_perturbation`, `pass_values`, `needs_second_pass`, `perturbation`,
-      `descent_gradients` and `one_pass_gradients`; the class attributes
+      `descent_gradients` and `one_pass_gradients`; `teacher_values` and `added_loss`
+      (a loss term from a second model state, MESA's); the class attributes
       `skips_second_pass` and `measures_sharpness`; and what they call:
       `add_state_variable`, `add_state_slots`, `state_variables`, `current_rho`,
       `rho_is_positive`, `at_step`, `every_k_steps`, `decide_second_pass` and
@@ -303,6 +304,28 @@ class SAM(keras.optimizers.Optimizer):
         """The gradient to descend with on a step without the perturbed pass."""
         del variables
         return gradients
+
+    def teacher_values(self, variables):
+        """The weights of a second model state whose outputs the loss may read.
+
+        Called once per step (per part), before the first pass; it may read and assign
+        the method's state. Returns None (SAM: no added loss), or one value per variable
+        (None where the variable's own value is meant): the step then runs one forward
+        pass at them, without gradients, and every pass of the step differentiates
+        `loss + added_loss(outputs, teacher_outputs)`. The logged `loss` stays the task
+        loss. MESA's teacher is the moving average of the weights.
+        """
+        del variables
+        return None
+
+    def added_loss(self, outputs, teacher_outputs):
+        """The term added to each pass's loss (a scalar), from the pass's outputs and
+        the teacher's (`teacher_values`; those carry no gradient). Called only when
+        `teacher_values` gives values."""
+        raise NotImplementedError(
+            f"`{type(self).__name__}.teacher_values` gave values: define `added_loss`, "
+            "the term they add to the loss."
+        )
 
     # ------------------------------------------------------------- method helpers
     def current_rho(self):

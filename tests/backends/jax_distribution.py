@@ -26,7 +26,7 @@ INITIAL = keras.Sequential(
 ).get_weights()
 
 
-def run(mode, distributed, num_batch_splits=None):
+def run(mode, distributed, num_batch_splits=None, mesa=False):
     keras.distribution.set_distribution(
         keras.distribution.DataParallel(devices=jax.devices()) if distributed else None
     )
@@ -35,10 +35,15 @@ def run(mode, distributed, num_batch_splits=None):
     )
     model.set_weights(INITIAL)
     sam_model = keras_sam.SAMModel(model, num_batch_splits=num_batch_splits)
+    sgd = keras.optimizers.SGD(0.1, momentum=0.9)
+    if mesa:  # one pass a step, the KL term to the moving average
+        optimizer = keras_sam.MESA(
+            sgd, lmbda=0.5, temperature=2.0, decay=0.5, distributed_perturbation=mode
+        )
+    else:
+        optimizer = keras_sam.SAM(sgd, rho=0.1, distributed_perturbation=mode)
     sam_model.compile(
-        optimizer=keras_sam.SAM(
-            keras.optimizers.SGD(0.1, momentum=0.9), rho=0.1, distributed_perturbation=mode
-        ),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     sam_model.fit(X, Y, batch_size=16, epochs=3, shuffle=False, verbose=0)
@@ -86,6 +91,8 @@ print(
             "one_device_two_parts": run("per_replica", False, num_batch_splits=2),
             "synchronized": run("synchronized", True),
             "per_replica": run("per_replica", True),
+            "mesa_one_device_two_parts": run("per_replica", False, num_batch_splits=2, mesa=True),
+            "mesa_per_replica": run("per_replica", True, mesa=True),
         }
     )
 )

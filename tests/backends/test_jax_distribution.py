@@ -39,6 +39,14 @@ def test_per_replica_equals_one_device_with_a_part_per_device(runs):
     assert difference > 1e-4
 
 
+def test_mesa_per_replica_equals_one_device_with_a_part_per_device(runs):
+    """MESA's teacher pass, moving average and KL term per device, averaged once."""
+    _assert_weights_close(runs["mesa_per_replica"], runs["mesa_one_device_two_parts"])
+    assert runs["mesa_per_replica"]["same_on_devices"]
+    # One all-reduce of the gradients (with the losses and the moving average), one vote.
+    assert len(runs["mesa_per_replica"]["all_reduces"]) == 2, runs["mesa_per_replica"]
+
+
 def test_the_devices_hold_the_same_weights(runs):
     assert runs["synchronized"]["same_on_devices"]
     assert runs["per_replica"]["same_on_devices"]

@@ -81,6 +81,7 @@ def test_public_names():
             "GSAM",
             "LatePhaseRho",
             "LookSAM",
+            "MESA",
             "MomentumSAM",
             "NORMALIZATION_LAYERS",
             "PeriodicSAM",

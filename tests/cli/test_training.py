@@ -81,6 +81,7 @@ def test_train_records_history_and_writes_files(rng, tmp_path, method):
         ("periodic_sam", "PeriodicSAM", [6, 11]),
         ("aesam", "AESAM", None),
         ("momentum_sam", "MomentumSAM", [4, 8]),  # one pass a step
+        ("mesa", "MESA", [4, 8]),  # one forward-backward pass a step (and the teacher's forward)
     ],
 )
 def test_variants_train_and_count_the_passes_they_take(rng, method, cls, evaluations):

@@ -79,7 +79,13 @@ def _max_difference(a, b):
 
 @pytest.mark.parametrize(
     "method, kwargs",
-    [(keras_sam.SAM, {}), (keras_sam.LookSAM, {"k": 2}), (keras_sam.FriendlySAM, {})],
+    [
+        (keras_sam.SAM, {}),
+        (keras_sam.LookSAM, {"k": 2}),
+        (keras_sam.FriendlySAM, {}),
+        # MESA (with SAM's pass: rho=0.1): the moving average and the KL term per replica.
+        (keras_sam.MESA, {"decay": 0.5, "lmbda": 0.5, "temperature": 2.0}),
+    ],
 )
 def test_per_replica_mode_equals_splitting_the_batch_on_one_device(strategy, rng, method, kwargs):
     params = reference.mlp_init(rng)
