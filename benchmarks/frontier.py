@@ -124,6 +124,8 @@ def run_all(args):
         specs = [spec.replace(MSAM_RHO, f"{msam_rho:g}") for spec in METHODS]
     else:  # --msam-rhos with no value: without MomentumSAM
         specs = [spec for spec in METHODS if MSAM_RHO not in spec]
+    if args.methods:
+        specs = [spec for spec in specs if spec.split(":")[0] in args.methods]
     for noise in args.noise:
         for seed in args.seeds:
             for spec in specs:
@@ -403,6 +405,12 @@ def main():
         default=[0.3, 0.5, 1.0, 1.5],
         help="MomentumSAM's rho sweep (seed --seeds[0], noise --noise[0]); none: leave "
         "MomentumSAM out",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=sorted({spec.split(":")[0] for spec in METHODS}),
+        help="only these methods (their names before any ':'; default: every one)",
     )
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (7)")
     parser.add_argument("--runs", default="runs/frontier")
