@@ -7,7 +7,14 @@ from typing import Any
 
 import keras
 
-from keras_sam.methods.sam import SAM, check_rate, layer_of, serialize_rate
+from keras_sam.methods.sam import (
+    SAM,
+    check_rate,
+    layer_of,
+    refuse_perturbation_arguments,
+    serialize_rate,
+    without_perturbation_arguments,
+)
 
 # The two factors of each Keras LoRA adapter (`layer.enable_lora(rank)`): Dense and
 # EinsumDense add `kernel + lora_kernel_a @ lora_kernel_b`, Embedding
@@ -18,17 +25,6 @@ LORA_PAIRS = (("lora_kernel_a", "lora_kernel_b"), ("lora_embeddings_a", "lora_em
 NBAR = "nbar"  # the factor with the larger gradient norm grows (Alg. 2)
 OBAR = "obar"  # the factor with the larger weight norm shrinks (Alg. 3)
 VARIANTS = (NBAR, OBAR)
-
-# SAM's arguments that concern the perturbed pass, which BAR never takes.
-_PERTURBATION_ARGUMENTS = (
-    "rho",
-    "adaptive",
-    "eta",
-    "epsilon",
-    "perturb",
-    "perturbation_norm",
-    "distributed_perturbation",
-)
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -102,13 +98,12 @@ class BAR(SAM):
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        for argument in _PERTURBATION_ARGUMENTS:
-            if argument in kwargs:
-                raise ValueError(
-                    f"`BAR` takes no perturbed pass, so it has no `{argument}`: its only "
-                    "knobs are `alpha` (the regularization coefficient) and `variant`. "
-                    f"Received: {argument}={kwargs[argument]!r}"
-                )
+        refuse_perturbation_arguments(
+            kwargs,
+            "`BAR` takes no perturbed pass, so it has no `{name}`: its only knobs are "
+            "`alpha` (the regularization coefficient) and `variant`. "
+            "Received: {name}={value!r}",
+        )
         alpha = check_rate("alpha", alpha)
         if variant not in VARIANTS:
             raise ValueError(
@@ -159,9 +154,7 @@ class BAR(SAM):
         return result
 
     def get_config(self):
-        config = super().get_config()
-        for argument in _PERTURBATION_ARGUMENTS:
-            config.pop(argument)
+        config = without_perturbation_arguments(super().get_config())
         return config | {"alpha": serialize_rate(self.alpha), "variant": self.variant}
 
     @classmethod

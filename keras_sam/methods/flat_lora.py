@@ -12,19 +12,16 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sam.methods.sam import SAM, check_rate, serialize_rate
+from keras_sam.methods.sam import (
+    SAM,
+    check_rate,
+    refuse_perturbation_arguments,
+    serialize_rate,
+    without_perturbation_arguments,
+)
 
 # SAM's arguments that mean nothing for a random perturbation, with their defaults: a
 # config carrying the default is accepted (`SAM.from_config` passes `perturb=None`).
-_SAM_ONLY_ARGUMENTS = {
-    "rho": None,
-    "adaptive": False,
-    "eta": 0.01,
-    "epsilon": 1e-12,
-    "perturb": None,
-    "perturbation_norm": "global",
-    "distributed_perturbation": "per_replica",
-}
 
 # The frozen weight and the two adapters of each kind of LoRA layer Keras has (Dense,
 # EinsumDense and the convolutions share the first; Embedding has the second). The merged
@@ -141,12 +138,11 @@ class FlatLoRA(SAM):
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
-        for key, default in _SAM_ONLY_ARGUMENTS.items():
-            if key in kwargs and kwargs.pop(key) != default:
-                raise ValueError(
-                    f"`FlatLoRA` does not take `{key}`: its perturbation is random noise on "
-                    "the merged LoRA weights, of relative strength `sigma`."
-                )
+        refuse_perturbation_arguments(
+            kwargs,
+            "`FlatLoRA` does not take `{name}`: its perturbation is random noise on the "
+            "merged LoRA weights, of relative strength `sigma`.",
+        )
         sigma = check_rate("sigma", sigma)
         if total_steps is not None and (
             isinstance(total_steps, bool)
@@ -267,9 +263,7 @@ class FlatLoRA(SAM):
         return deviation * standard_normal(tuple(frozen.shape), self.seed, step, index)
 
     def get_config(self):
-        config = super().get_config()
-        for key in _SAM_ONLY_ARGUMENTS:
-            config.pop(key, None)
+        config = without_perturbation_arguments(super().get_config())
         return config | {
             "sigma": serialize_rate(self.sigma),
             "total_steps": self.total_steps,

@@ -41,6 +41,19 @@ GLOBAL_NORM = "global"
 LAYERWISE_NORM = "layerwise"
 PERTURBATION_NORMS = (GLOBAL_NORM, LAYERWISE_NORM)
 
+# SAM's arguments that shape the perturbed pass, with the values that mean "not given": a
+# method that never perturbs (BAR, FlatLoRA) refuses any other value and leaves them out
+# of its config (`refuse_perturbation_arguments`, `without_perturbation_arguments`).
+PERTURBATION_ARGUMENTS = {
+    "rho": None,
+    "adaptive": False,
+    "eta": 0.01,
+    "epsilon": 1e-12,
+    "perturb": None,
+    "perturbation_norm": GLOBAL_NORM,
+    "distributed_perturbation": PER_REPLICA,
+}
+
 # ASAM leaves these at T = 1, as the official implementation does for every parameter
 # whose name does not contain "weight": biases and normalization offsets.
 _NON_ADAPTIVE_NAMES = ("bias", "beta", "offset")
@@ -902,6 +915,22 @@ def _refuse_inner_optimizer_arguments(class_name, kwargs):
         raise ValueError(
             f"`{class_name}` got unexpected arguments: {', '.join('`' + k + '`' for k in kwargs)}."
         )
+
+
+def refuse_perturbation_arguments(kwargs, message):
+    """Pops SAM's perturbation arguments (`PERTURBATION_ARGUMENTS`) from `kwargs`, for a
+    method that never perturbs; raises `ValueError(message)` for any value but the one
+    meaning "not given" (`message` may name `{name}` and `{value}`)."""
+    for name, default in PERTURBATION_ARGUMENTS.items():
+        if name in kwargs:
+            value = kwargs.pop(name)
+            if value != default:
+                raise ValueError(message.format(name=name, value=value))
+
+
+def without_perturbation_arguments(config):
+    """`config` without SAM's perturbation arguments (a method that never perturbs)."""
+    return {key: value for key, value in config.items() if key not in PERTURBATION_ARGUMENTS}
 
 
 def unwrap_loss_scale(optimizer):
