@@ -16,24 +16,21 @@ from pathlib import Path
 import numpy as np
 
 from keras_sam import files
+from keras_sam.cli import options
 
 
-@dataclasses.dataclass
+@options.declared(options.INSPECT_OPTIONS)
 class InspectSettings:
-    """What `inspect_model` measures, and how much it spends on it."""
+    """What `inspect_model` measures, and how much it spends on it: the fields of
+    `options.INSPECT_OPTIONS`, with their defaults and rules (`rho`: the sharpness radius;
+    `m`: the m-sharpness sub-batch size; `ascent_steps`: of the multi-step sharpness; `k`:
+    the top Hessian eigenvalues, by Lanczos with at most `max_iterations` iterations and
+    relative residual `tol`; `probes`: Hutchinson probes for the trace; `line_points`,
+    `grid` and `span`: the 1-D and 2-D landscapes' points in [-span, span]; `seed`: the
+    directions, probes and the Lanczos start)."""
 
-    batch_size: int = 500
-    rho: float = 0.05  # sharpness radius
-    m: int = 32  # m-sharpness sub-batch size
-    ascent_steps: int = 5  # multi-step sharpness
-    k: int = 5  # top Hessian eigenvalues
-    max_iterations: int = 100  # Lanczos iterations at most
-    tol: float = 1e-3  # Lanczos relative residual
-    probes: int = 50  # Hutchinson probes for the trace
-    line_points: int = 41  # points of the 1-D landscape
-    grid: int = 21  # points per axis of the 2-D landscape (grid x grid)
-    span: float = 1.0  # landscape coordinates in [-span, span]
-    seed: int = 0  # directions, probes and the Lanczos start
+    def __post_init__(self):
+        options.validate(options.INSPECT_OPTIONS, self)
 
 
 def load_model(path):
@@ -108,6 +105,43 @@ def default_loss(model):
     activation = getattr(model.layers[-1], "activation", None) if model.layers else None
     from_logits = getattr(activation, "__name__", "") != "softmax"
     return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+
+
+def measured_data(model_path, split, examples, seed, data_dir=None):
+    """`keras-sam inspect`'s examples to measure on, and a sentence saying what they are:
+    `examples` (0: all) of the `split` of Fashion-MNIST, a random subset drawn with `seed`;
+    the training set of the run whose config.json lies next to `model_path`, when there is
+    one and `split` is "train"."""
+    import json
+
+    from keras_sam.cli.training import RunConfig, prepare_data
+
+    config_path = model_path.parent / "config.json"
+    run = None
+    if split == "train" and config_path.is_file():
+        try:
+            saved = json.loads(config_path.read_text())
+            fields = {f.name for f in dataclasses.fields(RunConfig)}
+            run = RunConfig(**{k: v for k, v in saved.items() if k in fields})
+        except (json.JSONDecodeError, TypeError, ValueError):
+            run = None
+    if run is not None:
+        data = prepare_data(run, data_dir)
+        x, y = data.x_train, data.y_train
+        where = (
+            f"the run's training set ({len(y):,} examples, seed {run.seed}, "
+            f"{100 * data.noise_fraction:.0f} % labels flipped as trained)"
+        )
+    else:
+        data = prepare_data(RunConfig(train_size=0, seed=seed), data_dir)
+        x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+        where = f"Fashion-MNIST {split} set (clean labels)"
+    count = len(y) if examples == 0 else min(examples, len(y))
+    if count < len(y):
+        keep = np.random.default_rng(seed).permutation(len(y))[:count]
+        x, y = x[keep], y[keep]
+        where += f", a random subset of {count:,} (seed {seed})"
+    return x, y, f"measured on {where}"
 
 
 def inspect_model(model, x, y, loss, settings=None, verbose=1, log=print):
