@@ -169,17 +169,8 @@ def train(
     out = None if out_dir is None else Path(out_dir)
     if resume and out is None:
         raise ValueError("`resume=True` needs the run's folder: pass `out_dir`.")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _check_same_config(out, config)
-            if run_state(out) == "complete":
-                return load_run(out)
-        else:
-            delete_run(out)
-        record = dataclasses.asdict(config) | {"noise_fraction": data.noise_fraction}
-        record["backend"] = keras.backend.backend()
-        files.write_json(out / "config.json", record)
+    if out is not None and _start(out, config, data, resume) == "complete":
+        return load_run(out)
     model = build_model(config.model, seed=config.seed)
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
     splits = config.num_batch_splits if config.is_sam else None
@@ -225,6 +216,25 @@ def train(
         files.save_model(model, out / "model.keras")
         shutil.rmtree(out / CHECKPOINT)
     return model, history
+
+
+def _start(out, config, data, resume):
+    """Prepares the run's folder `out`: a resumed run's configuration must be the one saved
+    there (returns "complete" when that run has finished); a fresh run deletes a previous
+    run's files. Then writes `config.json`."""
+    import keras
+
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _check_same_config(out, config)
+        if run_state(out) == "complete":
+            return "complete"
+    else:
+        delete_run(out)
+    record = dataclasses.asdict(config) | {"noise_fraction": data.noise_fraction}
+    record["backend"] = keras.backend.backend()
+    files.write_json(out / "config.json", record)
+    return "started"
 
 
 # The files of a run in its folder; `checkpoint/` exists while it trains.
