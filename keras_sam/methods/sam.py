@@ -5,15 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import math
-import numbers
 import re
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 
 from keras_sam import maths
 
@@ -772,19 +769,6 @@ https://arxiv.org/abs/2306.04226
 """
 
 
-def check_rate(name, value):
-    """A number >= 0 (returned as float) or a `LearningRateSchedule` (returned as is)."""
-    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"`{name}` must be a number or a "
-            "`keras.optimizers.schedules.LearningRateSchedule` of the step. "
-            f"Received: {name}={value!r}"
-        )
-    return check_number(name, value, minimum=0.0, float32=True)
-
-
 def serialize_rate(value):
     if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
         return keras.saving.serialize_keras_object(value)
@@ -966,58 +950,14 @@ def _check_optimizer(class_name, optimizer):
     return optimizer
 
 
-def _check_accumulation_steps(value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(
-            "`gradient_accumulation_steps` must be None or an integer >= 1. "
-            f"Received: gradient_accumulation_steps={value!r}"
-        )
-    return int(value)
-
-
-# The largest finite float32, and the smallest normal one (below it, float32 loses
-# precision, and below about 1.4e-45 rounds to 0).
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-FLOAT32_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
-
-
-def check_number(name, value, minimum, strict=False, float32=False):
-    """A finite real number >= `minimum` (> with `strict`), returned as a float.
-
-    With `float32`, also finite in float32 (the value is used in float32 in the step).
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a number. Received: {name}={value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
-        rule = ">" if strict else ">="
-        raise ValueError(
-            f"`{name}` must be a finite number {rule} {minimum:g}. Received: {name}={value!r}"
-        )
-    if float32 and abs(number) > FLOAT32_MAX:
-        raise ValueError(
-            f"`{name}` must be finite in float32, in which the step uses it: at most "
-            f"{FLOAT32_MAX:.8g}. Received: {name}={value!r}"
-        )
-    return number
-
-
-def _check_epsilon(epsilon):
-    """`epsilon` > 0 that float32 keeps: 1e-45 would round to 0 and make 0/0 of a zero
-    gradient, where `e = 0` is promised."""
-    epsilon = check_number("epsilon", epsilon, minimum=0.0, strict=True, float32=True)
-    if epsilon < FLOAT32_SMALLEST_NORMAL:
-        raise ValueError(
-            "`epsilon` must be at least the smallest normal float32, "
-            f"{FLOAT32_SMALLEST_NORMAL:.8g}: the norm is taken in float32, where a smaller "
-            f"value loses precision or rounds to 0. Received: epsilon={epsilon!r}"
-        )
-    return epsilon
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
-    return value
+# The checks of the arguments, shared with the diagnostics and the command line; imported
+# here under the names the methods use.
+from keras_sam._validation import (  # noqa: E402, F401 (FLOAT32_*: re-exported)
+    FLOAT32_MAX,
+    FLOAT32_SMALLEST_NORMAL,
+    check_number,
+    check_rate,
+)
+from keras_sam._validation import check_accumulation_steps as _check_accumulation_steps  # noqa: E402
+from keras_sam._validation import check_bool as _check_bool  # noqa: E402
+from keras_sam._validation import check_epsilon as _check_epsilon  # noqa: E402
