@@ -59,7 +59,7 @@ class MethodHooks:
     # Whether a step measures the sharpness `L(w + e) - L(w)` (then `SAMModel` logs it).
     measures_sharpness = True
 
-    # ----------------------------------------------------------------- the method
+    # ------------------------------------------------------------------ the hooks
     # The trainer asks these per step (per part under m-sharpness). They may read and
     # assign the method's state variables (`state_variables`): the trainer records the
     # assignments and commits them only when the whole step has succeeded.
@@ -137,7 +137,7 @@ class MethodHooks:
             "the term they add to the loss."
         )
 
-    # ------------------------------------------------------------- method helpers
+    # ----------------------------------------------------------- method helpers
     def current_rho(self):
         """`rho` at this step: the number, or the schedule at `iterations` (float32)."""
         return self.at_step(self.rho)
@@ -147,6 +147,53 @@ class MethodHooks:
         if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
             return keras.ops.cast(value(self.iterations), "float32")
         return value
+
+    def rho_is_positive(self):
+        """Whether `rho > 0` at this step: a Python bool for a number, a boolean tensor
+        for a schedule."""
+        if isinstance(self.rho, keras.optimizers.schedules.LearningRateSchedule):
+            return keras.ops.greater(self.current_rho(), 0.0)
+        return self.rho > 0
+
+    def decide_second_pass(self, decision):
+        """This step's decision: the method's own `decision` (a bool or a boolean tensor)
+        and `rho > 0`. Counted in `second_passes` when the method has the counter.
+
+        A step with `rho = 0` takes one pass: with a `rho` schedule the decision is a
+        tensor, so the perturbed pass is not run on the steps where it is 0.
+        """
+        positive = self.rho_is_positive()
+        if positive is False or decision is False:
+            return False
+        if positive is True:
+            combined = decision
+        elif decision is True:
+            combined = positive
+        else:
+            combined = keras.ops.logical_and(positive, decision)
+        if self.may_skip_second_pass:
+            combined = self._count_second_pass(combined)
+        return combined
+
+    @property
+    def may_skip_second_pass(self):
+        """Whether some steps may take one pass only: by the method's own rule
+        (`skips_second_pass`), or because `rho` is a schedule, which may be 0. Then
+        `second_passes` counts the two-pass steps and `SAMModel` logs
+        `second_pass_rate`."""
+        schedule = isinstance(self.rho, keras.optimizers.schedules.LearningRateSchedule)
+        return self.skips_second_pass or schedule
+
+    def every_k_steps(self, k):
+        """A boolean: whether `iterations` is a multiple of `k` (Python True for k=1)."""
+        if k == 1:
+            return True
+        return keras.ops.equal(keras.ops.mod(self.iterations, k), 0)
+
+    @property
+    def second_passes(self):
+        """The number of steps that took the perturbed pass (methods that skip it)."""
+        return self._second_passes
 
     def perturbation_along(self, directions, variables, sign=1.0):
         """`rho * T**2 d / ||T d||` restricted to the perturbed variables (`perturb`);
@@ -168,6 +215,45 @@ class MethodHooks:
             directions, sign * self.current_rho(), self.epsilon, scales, norm=norm
         )
 
+    @property
+    def state_variables(self):
+        """The method's own per-step state (empty for SAM), in the optimizer's variables."""
+        return list(self._state_variables)
+
+    def add_state_variable(self, shape=(), name=None, reference=None):
+        """Creates a float32 state variable (shaped like `reference` when given).
+
+        Under gradient accumulation, the trainer also gets a companion variable in
+        which it sums the state's new values over the micro-batches of a step.
+        """
+        if reference is not None:
+            variable = self.add_variable_from_reference(reference, name=name)
+        else:
+            variable = self.add_variable(shape=shape, name=name, dtype="float32")
+        self._state_variables.append(variable)
+        if self.accumulation_steps > 1:
+            self._state_sums.append(
+                self.add_variable(shape=variable.shape, name=f"{name}_sum", dtype=variable.dtype)
+            )
+        return variable
+
+    def add_state_slots(self, var_list, name):
+        """One state variable shaped like each of `var_list`, looked up by variable.
+
+        `slots[variable]` gives the slot. (A dict keyed by `id` would stop
+        `tf.train.Checkpoint`, which cannot save a dict with non-string keys; the
+        slots are saved as `state_variables`.)
+        """
+        return _Slots({id(v): self.add_state_variable(reference=v, name=name) for v in var_list})
+
+    # ---------------------------------------------------- read by the step only
+    # Not hooks: what the step asks of every method, with no reason to override.
+    @property
+    def _binds_model(self):
+        """Whether `SAMModel` calls `bind(model)` before each step (a `perturb` given as
+        layer classes; `FlatLoRA`, to find its LoRA layers)."""
+        return isinstance(self.perturb, tuple)
+
     @contextlib.contextmanager
     def _gradient_norms(self, tensors, norms):
         """Within it, `perturbation_along` reads the norm of `tensors` (the step's
@@ -179,6 +265,27 @@ class MethodHooks:
         finally:
             self._step_norms = None
 
+    @property
+    def _sparse_gradients_supported(self):
+        """Whether the trainer may keep an Embedding's sparse gradient sparse.
+
+        True when the perturbation scales each gradient entry by one global factor
+        (SAM, not ASAM, whose factor depends on the weight) and the final gradient is
+        the perturbed one: then only the looked-up rows are perturbed and descended.
+        Variants that combine gradients get dense ones.
+        """
+        own = MethodHooks.__dict__
+        return not self.adaptive and all(
+            getattr(type(self), hook) is own[hook]
+            for hook in ("perturbation", "descent_gradients", "one_pass_gradients")
+        )
+
+    @property
+    def _accumulation_variables(self):
+        """`(micro_steps, gradient_sums, state_sums)` under gradient accumulation."""
+        return self._micro_steps, list(self._gradient_sums), list(self._state_sums)
+
+    # ---------------------------------------------------------------- internals
     def _known_norm(self, directions):
         """The norm of `directions` from the step's gradient norms, when they are the
         step's gradients (else None: it is taken anew).
@@ -227,120 +334,16 @@ class MethodHooks:
             )
         return mask
 
-    @property
-    def _binds_model(self):
-        """Whether `SAMModel` calls `bind(model)` before each step (a `perturb` given as
-        layer classes; `FlatLoRA`, to find its LoRA layers)."""
-        return isinstance(self.perturb, tuple)
-
     def _perturb_repr(self):
         if isinstance(self.perturb, tuple):
             return f"({_class_names(self.perturb)})"
         return repr(self.perturb)
-
-    def rho_is_positive(self):
-        """Whether `rho > 0` at this step: a Python bool for a number, a boolean tensor
-        for a schedule."""
-        if isinstance(self.rho, keras.optimizers.schedules.LearningRateSchedule):
-            return keras.ops.greater(self.current_rho(), 0.0)
-        return self.rho > 0
-
-    def decide_second_pass(self, decision):
-        """This step's decision: the method's own `decision` (a bool or a boolean tensor)
-        and `rho > 0`. Counted in `second_passes` when the method has the counter.
-
-        A step with `rho = 0` takes one pass: with a `rho` schedule the decision is a
-        tensor, so the perturbed pass is not run on the steps where it is 0.
-        """
-        positive = self.rho_is_positive()
-        if positive is False or decision is False:
-            return False
-        if positive is True:
-            combined = decision
-        elif decision is True:
-            combined = positive
-        else:
-            combined = keras.ops.logical_and(positive, decision)
-        if self.may_skip_second_pass:
-            combined = self._count_second_pass(combined)
-        return combined
-
-    @property
-    def may_skip_second_pass(self):
-        """Whether some steps may take one pass only: by the method's own rule
-        (`skips_second_pass`), or because `rho` is a schedule, which may be 0. Then
-        `second_passes` counts the two-pass steps and `SAMModel` logs
-        `second_pass_rate`."""
-        schedule = isinstance(self.rho, keras.optimizers.schedules.LearningRateSchedule)
-        return self.skips_second_pass or schedule
-
-    def every_k_steps(self, k):
-        """A boolean: whether `iterations` is a multiple of `k` (Python True for k=1)."""
-        if k == 1:
-            return True
-        return keras.ops.equal(keras.ops.mod(self.iterations, k), 0)
 
     def _count_second_pass(self, decision):
         """Adds this step's decision to the `second_passes` state variable."""
         counter = self._second_passes
         counter.assign(counter.value + keras.ops.cast(decision, "float32"))
         return decision
-
-    @property
-    def second_passes(self):
-        """The number of steps that took the perturbed pass (methods that skip it)."""
-        return self._second_passes
-
-    @property
-    def state_variables(self):
-        """The method's own per-step state (empty for SAM), in the optimizer's variables."""
-        return list(self._state_variables)
-
-    def add_state_variable(self, shape=(), name=None, reference=None):
-        """Creates a float32 state variable (shaped like `reference` when given).
-
-        Under gradient accumulation, the trainer also gets a companion variable in
-        which it sums the state's new values over the micro-batches of a step.
-        """
-        if reference is not None:
-            variable = self.add_variable_from_reference(reference, name=name)
-        else:
-            variable = self.add_variable(shape=shape, name=name, dtype="float32")
-        self._state_variables.append(variable)
-        if self.accumulation_steps > 1:
-            self._state_sums.append(
-                self.add_variable(shape=variable.shape, name=f"{name}_sum", dtype=variable.dtype)
-            )
-        return variable
-
-    def add_state_slots(self, var_list, name):
-        """One state variable shaped like each of `var_list`, looked up by variable.
-
-        `slots[variable]` gives the slot. (A dict keyed by `id` would stop
-        `tf.train.Checkpoint`, which cannot save a dict with non-string keys; the
-        slots are saved as `state_variables`.)
-        """
-        return _Slots({id(v): self.add_state_variable(reference=v, name=name) for v in var_list})
-
-    @property
-    def _sparse_gradients_supported(self):
-        """Whether the trainer may keep an Embedding's sparse gradient sparse.
-
-        True when the perturbation scales each gradient entry by one global factor
-        (SAM, not ASAM, whose factor depends on the weight) and the final gradient is
-        the perturbed one: then only the looked-up rows are perturbed and descended.
-        Variants that combine gradients get dense ones.
-        """
-        own = MethodHooks.__dict__
-        return not self.adaptive and all(
-            getattr(type(self), hook) is own[hook]
-            for hook in ("perturbation", "descent_gradients", "one_pass_gradients")
-        )
-
-    @property
-    def _accumulation_variables(self):
-        """`(micro_steps, gradient_sums, state_sums)` under gradient accumulation."""
-        return self._micro_steps, list(self._gradient_sums), list(self._state_sums)
 
 
 class _StepNorms:
