@@ -66,6 +66,8 @@ def deserialize(cls, config, custom_objects=None):
 
 
 def serialize_perturb(perturb):
+    """`perturb` as a config holds it: None, a regular expression, `{"layers": [...]}` (the
+    layer classes' registered names), or a registered callable's Keras config."""
     if perturb is None or isinstance(perturb, str):
         return perturb
     if isinstance(perturb, tuple):
