@@ -73,6 +73,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -394,6 +395,31 @@ def finetune_run(method, condition, seed, args, arrays, weights):
     return run
 
 
+def time_methods(args, arrays, weights):
+    """Each method's time per step measured apart from the study's runs, which share the
+    machine with whatever else runs: `--time-rounds` rounds, each a 3-epoch run of every
+    method in turn (clean labels, seed 0), so that the machine's drift hits all alike.
+    Returns, per method, the rounds' times per step and the median over the rounds of the
+    ratio to AdamW-LoRA's time in the same round."""
+    short = argparse.Namespace(**{**vars(args), "epochs": 3})
+    times = {method: [] for method in args.methods}
+    for round_ in range(args.time_rounds):
+        for method in args.methods:
+            run = finetune_run(method, "clean", 0, short, arrays, weights)
+            if run["status"] == "complete":
+                times[method].append(run["seconds_per_step"])
+                print(
+                    f"timing round {round_}: {method} {1e3 * run['seconds_per_step']:.1f} ms/step",
+                    flush=True,
+                )
+    timing = {}
+    for method, seconds in times.items():
+        if len(seconds) == len(times[BASELINE]) == args.time_rounds:
+            ratios = [s / b for s, b in zip(seconds, times[BASELINE], strict=True)]
+            timing[method] = {"seconds_per_step": seconds, "ratio": statistics.median(ratios)}
+    return timing
+
+
 # ----------------------------------------------------------------------------- memory
 def memory_worker(method, args):
     """Prints one fine-tuning run's peak memory (seed 0, clean labels), in a fresh process."""
@@ -415,10 +441,32 @@ def memory_worker(method, args):
     trained.compile(
         optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
-    before = peak_bytes()
+    del arrays  # the fine-tuning set is all `fit` needs from here
+    on_host = peak_bytes() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _reset_host_peak() if on_host else peak_bytes()
     trained.fit(x, y, batch_size=args.batch_size, epochs=epochs, verbose=0)
-    result = {"status": "complete", "peak_bytes": peak_bytes(), "peak_before_fit_bytes": before}
+    peak = _host_bytes("VmHWM") if on_host and before is not None else peak_bytes()
+    result = {"status": "complete", "peak_bytes": peak, "peak_before_fit_bytes": before}
     print(json.dumps(result), flush=True)
+
+
+def _reset_host_peak():
+    """Sets this process's resident high-water mark to its resident size now (Linux's
+    `/proc/self/clear_refs`), so that the peak read after `fit` is `fit`'s own and not the
+    data loading's before it; returns that size in bytes, or None where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _host_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def _host_bytes(field):
+    """A size from `/proc/self/status` (`VmRSS`, `VmHWM`), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
 
 
 def measure_memory(method, args, argv):
@@ -490,6 +538,10 @@ def summarize(record):
             ]
             if ratios:
                 row["time_ratio"] = statistics.fmean(ratios)
+            timed = record.get("timing", {}).get(method, {})
+            if "ratio" in timed:  # measured apart, interleaved (`--time-rounds`)
+                row["ms_per_step"] = 1e3 * statistics.median(timed["seconds_per_step"])
+                row["time_ratio"] = timed["ratio"]
             peak = memory.get(method, {}).get("peak_bytes")
             if peak:
                 row["peak_mb"] = peak / 2**20
@@ -590,6 +642,14 @@ def parse(argv=None):
         default=[],
         metavar="METHOD=JSON",
         help="constructor arguments of a method, e.g. flat-lora='{\"sigma\": 0.05}'",
+    )
+    parser.add_argument(
+        "--time-rounds",
+        type=int,
+        default=0,
+        help="time each method apart from the study's runs: this many rounds of a 3-epoch "
+        "run of every method in turn (clean labels, seed 0); the table's times are then "
+        "these (the median over the rounds of each round's ratio to AdamW-LoRA)",
     )
     parser.add_argument(
         "--memory",
@@ -695,6 +755,9 @@ def main(argv=None):
             elif record["memory"].get(method, {}).get("status") != "complete":
                 record["memory"][method] = measure_memory(method, args, argv)
             write_json(args.out, record)
+    if args.time_rounds:
+        record["timing"] = time_methods(args, arrays, weights)
+        write_json(args.out, record)
     for run in record["runs"].values():  # the method's (one process: the same shapes)
         measured = record["memory"].get(run["method"], {})
         if run["status"] == "complete" and measured.get("status") == "complete":

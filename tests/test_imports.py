@@ -18,7 +18,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "keras_sam"
 # `keras_sam.backends`).
 LAYERS = (
     # pure functions and tools that know nothing of SAM
-    ("keras_sam.maths", "keras_sam.files", "keras_sam.datasets", "keras_sam.models"),
+    (
+        "keras_sam.maths",
+        "keras_sam._validation",
+        "keras_sam.files",
+        "keras_sam.datasets",
+        "keras_sam.models",
+    ),
     # SAM and its variants (their hooks and the helpers they call)
     ("keras_sam.methods",),
     # the interface the step is written against: `Backend`'s defaults in `keras.ops`

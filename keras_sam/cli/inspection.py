@@ -16,24 +16,21 @@ from pathlib import Path
 import numpy as np
 
 from keras_sam import files
+from keras_sam.cli import options
 
 
-@dataclasses.dataclass
+@options.declared(options.INSPECT_OPTIONS)
 class InspectSettings:
-    """What `inspect_model` measures, and how much it spends on it."""
+    """What `inspect_model` measures, and how much it spends on it: the fields of
+    `options.INSPECT_OPTIONS`, with their defaults and rules (`rho`: the sharpness radius;
+    `m`: the m-sharpness sub-batch size; `ascent_steps`: of the multi-step sharpness; `k`:
+    the top Hessian eigenvalues, by Lanczos with at most `max_iterations` iterations and
+    relative residual `tol`; `probes`: Hutchinson probes for the trace; `line_points`,
+    `grid` and `span`: the 1-D and 2-D landscapes' points in [-span, span]; `seed`: the
+    directions, probes and the Lanczos start)."""
 
-    batch_size: int = 500
-    rho: float = 0.05  # sharpness radius
-    m: int = 32  # m-sharpness sub-batch size
-    ascent_steps: int = 5  # multi-step sharpness
-    k: int = 5  # top Hessian eigenvalues
-    max_iterations: int = 100  # Lanczos iterations at most
-    tol: float = 1e-3  # Lanczos relative residual
-    probes: int = 50  # Hutchinson probes for the trace
-    line_points: int = 41  # points of the 1-D landscape
-    grid: int = 21  # points per axis of the 2-D landscape (grid x grid)
-    span: float = 1.0  # landscape coordinates in [-span, span]
-    seed: int = 0  # directions, probes and the Lanczos start
+    def __post_init__(self):
+        options.validate(options.INSPECT_OPTIONS, self)
 
 
 def load_model(path):
@@ -110,103 +107,75 @@ def default_loss(model):
     return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
 
 
+def measured_data(model_path, split, examples, seed, data_dir=None):
+    """`keras-sam inspect`'s examples to measure on, and a sentence saying what they are:
+    `examples` (0: all) of the `split` of Fashion-MNIST, a random subset drawn with `seed`;
+    the training set of the run whose config.json lies next to `model_path`, when there is
+    one and `split` is "train"."""
+    import json
+
+    from keras_sam.cli.training import RunConfig, prepare_data
+
+    config_path = model_path.parent / "config.json"
+    run = None
+    if split == "train" and config_path.is_file():
+        try:
+            saved = json.loads(config_path.read_text())
+            fields = {f.name for f in dataclasses.fields(RunConfig)}
+            run = RunConfig(**{k: v for k, v in saved.items() if k in fields})
+        except (json.JSONDecodeError, TypeError, ValueError):
+            run = None
+    if run is not None:
+        data = prepare_data(run, data_dir)
+        x, y = data.x_train, data.y_train
+        where = (
+            f"the run's training set ({len(y):,} examples, seed {run.seed}, "
+            f"{100 * data.noise_fraction:.0f} % labels flipped as trained)"
+        )
+    else:
+        data = prepare_data(RunConfig(train_size=0, seed=seed), data_dir)
+        x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+        where = f"Fashion-MNIST {split} set (clean labels)"
+    count = len(y) if examples == 0 else min(examples, len(y))
+    if count < len(y):
+        keep = np.random.default_rng(seed).permutation(len(y))[:count]
+        x, y = x[keep], y[keep]
+        where += f", a random subset of {count:,} (seed {seed})"
+    return x, y, f"measured on {where}"
+
+
 def inspect_model(model, x, y, loss, settings=None, verbose=1, log=print):
     """Runs every diagnostic on `model` over `(x, y)`; returns a JSON-ready dict."""
     from keras_sam import diagnostics
 
     s = settings or InspectSettings()
-    common = {"loss": loss, "batch_size": s.batch_size}
     quiet = 0 if verbose == 0 else 2 if verbose == 2 else 1
-    report = {"parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
     seconds = {}
 
-    def timed(name, function):
+    def timed(name, diagnostic, **kwargs):
+        """`diagnostic(model, x, y, loss, batch_size, **kwargs)`, its seconds recorded."""
         log(f"  {name} ...")
         start = time.perf_counter()
-        result = function()
+        result = diagnostic(model, x, y, loss=loss, batch_size=s.batch_size, **kwargs)
         seconds[name] = round(time.perf_counter() - start, 2)
         return result
 
-    at_weights = diagnostics.loss_landscape(model, x, y, coordinates=[0.0], verbose=0, **common)
+    report = {"parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
+    at_weights = diagnostics.loss_landscape(
+        model, x, y, loss=loss, batch_size=s.batch_size, coordinates=[0.0], verbose=0
+    )
     report["loss"] = float(at_weights["loss"][0])
     report["accuracy"] = (
         None if at_weights["accuracy"] is None else float(at_weights["accuracy"][0])
     )
-    first = timed("sharpness", lambda: diagnostics.sharpness(model, x, y, rho=s.rho, **common))
-    m_sharp = timed(
-        "m-sharpness", lambda: diagnostics.sharpness(model, x, y, rho=s.rho, m=s.m, **common)
-    )
-    multi = timed(
-        "multi-step sharpness",
-        lambda: diagnostics.sharpness(
-            model, x, y, rho=s.rho, ascent_steps=s.ascent_steps, **common
-        ),
-    )
-    line = timed(
-        "landscape (1-D)",
-        lambda: diagnostics.loss_landscape(
-            model,
-            x,
-            y,
-            coordinates=np.linspace(-s.span, s.span, s.line_points),
-            seed=s.seed,
-            verbose=quiet,
-            **common,
-        ),
-    )
-    report["sharpness"] = {
-        "rho": s.rho,
-        "first_order": first["sharpness"],
-        "m": s.m,
-        "m_sharpness": m_sharp["sharpness"],
-        "ascent_steps": s.ascent_steps,
-        "multi_step": multi["sharpness"],
-    }
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RuntimeWarning)
-        eigenvalues = timed(
-            "Hessian eigenvalues",
-            lambda: diagnostics.hessian_eigenvalues(
-                model,
-                x,
-                y,
-                k=s.k,
-                max_iterations=s.max_iterations,
-                tol=s.tol,
-                seed=s.seed,
-                verbose=quiet,
-                **common,
-            ),
-        )
-    converged = not any("did not reach" in str(w.message) for w in caught)
-    if not converged:
-        log(f"  note: Lanczos did not reach tol={s.tol:g} in {s.max_iterations} iterations")
-    trace = timed(
-        "Hessian trace",
-        lambda: diagnostics.hessian_trace(
-            model, x, y, num_probes=s.probes, seed=s.seed, verbose=quiet, **common
-        ),
-    )
-    report["hessian"] = {
-        "top_eigenvalues": [float(v) for v in eigenvalues],
-        "eigenvalues_converged": converged,
-        "trace": trace["trace"],
-        "trace_standard_error": trace["standard_error"],
-        "probes": s.probes,
-    }
-    plane = timed(
-        "landscape (2-D)",
-        lambda: diagnostics.loss_landscape(
-            model,
-            x,
-            y,
-            dimensions=2,
-            coordinates=np.linspace(-s.span, s.span, s.grid),
-            seed=s.seed,
-            verbose=quiet,
-            **common,
-        ),
-    )
+    report["sharpness"] = _sharpness_report(timed, s)
+    axis = np.linspace(-s.span, s.span, s.line_points)
+    line = timed("landscape (1-D)", diagnostics.loss_landscape, coordinates=axis, seed=s.seed,
+                 verbose=quiet)  # fmt: skip
+    report["hessian"] = _hessian_report(timed, s, quiet, log)
+    axis = np.linspace(-s.span, s.span, s.grid)
+    plane = timed("landscape (2-D)", diagnostics.loss_landscape, dimensions=2,
+                  coordinates=axis, seed=s.seed, verbose=quiet)  # fmt: skip
     report["landscape"] = {
         "normalization": "filter",
         "seed": s.seed,
@@ -215,6 +184,56 @@ def inspect_model(model, x, y, loss, settings=None, verbose=1, log=print):
     }
     report["seconds"] = seconds
     return report
+
+
+def _sharpness_report(timed, s):
+    """First-order, m- and multi-step sharpness at `s.rho` (`timed`: `inspect_model`'s)."""
+    from keras_sam import diagnostics
+
+    first = timed("sharpness", diagnostics.sharpness, rho=s.rho)
+    m_sharp = timed("m-sharpness", diagnostics.sharpness, rho=s.rho, m=s.m)
+    multi = timed(
+        "multi-step sharpness", diagnostics.sharpness, rho=s.rho, ascent_steps=s.ascent_steps
+    )
+    return {
+        "rho": s.rho,
+        "first_order": first["sharpness"],
+        "m": s.m,
+        "m_sharpness": m_sharp["sharpness"],
+        "ascent_steps": s.ascent_steps,
+        "multi_step": multi["sharpness"],
+    }
+
+
+def _hessian_report(timed, s, quiet, log):
+    """The top `s.k` Hessian eigenvalues (Lanczos; whether they converged) and the trace
+    (Hutchinson, `s.probes` probes, with its standard error)."""
+    from keras_sam import diagnostics
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        eigenvalues = timed(
+            "Hessian eigenvalues",
+            diagnostics.hessian_eigenvalues,
+            k=s.k,
+            max_iterations=s.max_iterations,
+            tol=s.tol,
+            seed=s.seed,
+            verbose=quiet,
+        )
+    converged = not any("did not reach" in str(w.message) for w in caught)
+    if not converged:
+        log(f"  note: Lanczos did not reach tol={s.tol:g} in {s.max_iterations} iterations")
+    trace = timed(
+        "Hessian trace", diagnostics.hessian_trace, num_probes=s.probes, seed=s.seed, verbose=quiet
+    )
+    return {
+        "top_eigenvalues": [float(v) for v in eigenvalues],
+        "eigenvalues_converged": converged,
+        "trace": trace["trace"],
+        "trace_standard_error": trace["standard_error"],
+        "probes": s.probes,
+    }
 
 
 def _landscape_json(result):
@@ -252,10 +271,17 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = list(reports)
-    paths = []
+    return [
+        _plot_line(reports, interpolation, title, out_dir / f"{prefix}landscape_1d.png", plt),
+        _plot_plane(reports, title, out_dir / f"{prefix}landscape_2d.png", plt),
+        _plot_spectrum(reports, title, out_dir / f"{prefix}spectrum.png", plt),
+    ]
 
-    # 1-D: loss (and accuracy) along the first direction.
+
+def _plot_line(reports, interpolation, title, path, plt):
+    """Every model's loss (and accuracy) along the first direction; with `interpolation`,
+    the loss on the line between two models."""
+    labels = list(reports)
     panels = 2 if interpolation is None else 3
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4), layout="constrained")
     for label in labels:
@@ -282,9 +308,14 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
         _plain_log_axis(axes[2].yaxis)
     _plain_log_axis(axes[0].yaxis)
     _fit_title(fig, title)
-    paths.append(_save(fig, out_dir / f"{prefix}landscape_1d.png", plt))
+    return _save(fig, path, plt)
 
-    # 2-D: contours on shared log-spaced levels.
+
+def _plot_plane(reports, title, path, plt):
+    """One contour panel per model, on shared log-spaced levels."""
+    import matplotlib
+
+    labels = list(reports)
     planes = [reports[label]["landscape"]["plane"] for label in labels]
     low = max(min(float(np.min(p["loss"])) for p in planes), 1e-4)
     high = max(float(np.max(p["loss"])) for p in planes)
@@ -307,9 +338,14 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
     bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_plain_number))
     bar.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     _fit_title(fig, title)
-    paths.append(_save(fig, out_dir / f"{prefix}landscape_2d.png", plt))
+    return _save(fig, path, plt)
 
-    # The spectrum: top-k eigenvalues, and the trace in the legend.
+
+def _plot_spectrum(reports, title, path, plt):
+    """The top eigenvalues of each model, and its trace in the legend."""
+    import matplotlib
+
+    labels = list(reports)
     fig, ax = plt.subplots(figsize=(7, 4.4), layout="constrained")
     everything = []
     for label in labels:
@@ -336,8 +372,7 @@ def plot_reports(reports, out_dir, title="", prefix="", interpolation=None):
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     _fit_title(fig, title)
-    paths.append(_save(fig, out_dir / f"{prefix}spectrum.png", plt))
-    return paths
+    return _save(fig, path, plt)
 
 
 TITLE_FONT_SIZE = 10

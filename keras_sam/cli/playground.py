@@ -218,3 +218,43 @@ def _nearest_minimum(point):
     sharp = np.linalg.norm(np.asarray(point) - SHARP_MINIMUM)
     flat = np.linalg.norm(np.asarray(point) - FLAT_MINIMUM)
     return "sharp" if sharp < flat else "flat"
+
+
+def print_report(rho=0.3, steps=600, seed=0):
+    """`keras-sam playground`: runs both problems and prints what happened; 0 if SAM ended
+    in the flat minimum and SGD in the sharp one, else 1."""
+    print("keras-sam playground\n")
+    print("1. Two minima: L(w) = softmin(sharp paraboloid at (0, 0), flat one at (2, 0))")
+    print(
+        f"   Hessian at the sharp minimum: {SHARP_CURVATURE:g} I;"
+        f" at the flat one: diag{FLAT_CURVATURE}."
+        f" The flat one is {FLAT_HEIGHT:g} higher."
+    )
+    result = two_minima(rho=rho, steps=steps)
+    print(
+        f"   From (0.05, 0.1), {steps} steps of SGD(lr=0.016), plain and with SAM(rho={rho:g}):\n"
+    )
+    print("   method  final point          loss      top Hessian eigenvalue  minimum")
+    for method, r in result.items():
+        x, y = r["point"]
+        print(
+            f"   {method:<6}  ({x:7.4f}, {y:7.4f})   {r['loss']:8.5f}"
+            f"  {r['curvature']:22.2f}  {r['minimum']}"
+        )
+    print()
+    print("2. A toy network: U[0,1) vs N(0,1) samples, Dense(8) -> sigmoid,")
+    print("   trained step by step from the same weights and batches, SGD vs SAM(rho=0.05):\n")
+    toy = uniform_vs_normal(seed=seed)
+    print("   method  test loss  test accuracy  test sharpness (rho=0.05)")
+    for method, r in toy.items():
+        print(
+            f"   {method:<6}  {r['test_loss']:9.4f}  {r['test_accuracy']:13.4f}"
+            f"  {r['test_sharpness']:25.5f}"
+        )
+    print()
+    ok = result["sgd"]["minimum"] == "sharp" and result["sam"]["minimum"] == "flat"
+    if ok:
+        print("SGD settled in the sharp minimum and SAM in the flat one.")
+    else:
+        print("Unexpected: SAM did not end in the flat minimum with these settings.")
+    return 0 if ok else 1

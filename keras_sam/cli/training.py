@@ -23,144 +23,46 @@ from pathlib import Path
 import numpy as np
 
 from keras_sam import files
-
-METHODS = (
-    "plain",
-    "sam",
-    "asam",
-    "gsam",
-    "friendly_sam",
-    "looksam",
-    "periodic_sam",
-    "aesam",
-    "momentum_sam",
-    "mesa",
+from keras_sam.cli import options
+from keras_sam.cli.options import MAX_CONSECUTIVE_SKIPS, OPTIMIZERS, SCHEDULES  # noqa: F401
+from keras_sam.cli.recipes import (  # noqa: F401 (the names runs and benchmarks import from here)
+    ASAM_RHO_SCALE,
+    DEFAULT_RHO,
+    MESA_LMBDA,
+    MESA_START_SHARE,
+    MESA_TEMPERATURE,
+    METHOD_ALIASES,
+    METHODS,
+    MOMENTUM_SAM_RHO,
+    build_method,
+    default_rho,
 )
-# Old spellings still accepted: "sgd" meant "the inner optimizer alone", whatever it is.
-METHOD_ALIASES = {"sgd": "plain"}
-# rho when none is given: 0.1, the label-noise runs' value (docs/RESULTS.md; the library's
-# SAM defaults to the paper's 0.05 for clean data); ASAM's scale-invariant radius wants
-# about ten times SAM's (Kwon et al., 2021).
-DEFAULT_RHO = 0.1
-ASAM_RHO_SCALE = 10.0
-# Momentum-SAM's distance along the momentum. keras_sam.MomentumSAM defaults to the paper's
-# 3 (large ResNets and ViTs); on the Fashion-MNIST CNN at 40 % label noise (seed 0, 40
-# epochs) 3 and 2 stalled at chance level and 1 did best of 0.1, 0.3 and 1
-# (docs/methods.md).
-MOMENTUM_SAM_RHO = 1.0
-# MESA (one pass a step, rho 0): the authors' ImageNet recipe scaled to the run. Their
-# weight average's decay, 0.9998, remembers about one epoch of ImageNet at batch 256 (5005
-# steps), so a run's is 1 - 1 / (steps per epoch); their trajectory term starts after 5
-# of 90 epochs, so a run's after the same share of its steps; lambda 0.8, temperature 5.
-MESA_START_SHARE = 5 / 90
-MESA_LMBDA, MESA_TEMPERATURE = 0.8, 5.0
-# `SAMModel`'s default (keras_sam.trainers.skipped_steps), here without importing Keras.
-MAX_CONSECUTIVE_SKIPS = 100
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine")
 
 
-@dataclasses.dataclass
+@options.declared(options.RUN_OPTIONS)
 class RunConfig:
-    """Everything that defines one training run."""
-
-    method: str = "sam"  # one of METHODS ("sgd", the old name of "plain", is accepted)
-    rho: float | None = None  # None: DEFAULT_RHO, times ASAM_RHO_SCALE for asam
-    alpha: float | None = None  # gsam (0.4) and looksam (0.7); None: the method's default
-    k: int = 5  # looksam, periodic_sam: the period of the two-pass steps
-    # Late-phase SAM: the fraction of the training steps taken with rho = 0 (one pass
-    # each) before the method's rho starts; 0: from the first step.
-    sam_start: float = 0.0
-    num_batch_splits: int = 4  # m-sharpness for SAM methods: m = batch_size / num_batch_splits
-    model: str = "cnn"  # see keras_sam.models.MODELS
-    optimizer: str = "sgd"  # the inner optimizer: sgd | adam | adamw
-    learning_rate: float = 0.05
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # constant | cosine
-    epochs: int = 40
-    batch_size: int = 128
-    label_noise: float = 0.0
-    noise_mode: str = "flip"
-    train_size: int = 2000  # 0: all 60,000
-    seed: int = 0
-    sharpness_examples: int = 1000  # training examples the sharpness is measured on
-    sharpness_rho: float = 0.05
-    # The top Hessian eigenvalue of the final weights, by Lanczos on this many of the same
-    # training examples (the first of them), labels as trained; 0: not measured.
-    hessian_examples: int = 0
-    hessian_iterations: int = 20  # Lanczos iterations at most (Hessian-vector products)
-    eval_every: int = 1  # evaluate (clean test accuracy, sharpness) every k epochs and at the end
-    # Test images of the evaluations before the last (a fixed seeded subset); the last
-    # evaluation always takes the whole test set. 0: the whole test set every time.
-    eval_examples: int = 0
+    """Everything that defines one training run: the fields of `options.RUN_OPTIONS`, with
+    their defaults and rules (`method`: one of `METHODS`, "sgd", the old name of "plain",
+    accepted; `rho`: None for the method's default, `default_rho`; `alpha`: None for the
+    method's own; `sam_start`: late-phase SAM, the fraction of the steps taken with rho 0
+    first; `num_batch_splits`: m-sharpness, m = batch_size / num_batch_splits, for SAM
+    methods; `train_size`: 0 for all 60,000; `sharpness_examples` and `sharpness_rho`: the
+    first-order sharpness measured every evaluation; `hessian_examples`: the top Hessian
+    eigenvalue of the final weights, by Lanczos on that many of the same examples, labels
+    as trained, 0: not measured; `eval_every`: evaluate every k epochs and after the last;
+    `eval_examples`: the test images of the evaluations before the last, a fixed seeded
+    subset, 0: the whole test set every time)."""
 
     def __post_init__(self):
         self.method = METHOD_ALIASES.get(self.method, self.method)
-        _one_of("method", self.method, METHODS)
+        options.validate(options.RUN_OPTIONS, self)
         if self.rho is None:
             self.rho = default_rho(self.method)
-        _one_of("optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("schedule", self.schedule, SCHEDULES)
-        for name in ("rho", "learning_rate", "momentum", "weight_decay", "sharpness_rho"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
-        if self.alpha is not None and not (
-            isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0
-        ):
-            raise ValueError(f"`alpha` must be a number >= 0. Received: alpha={self.alpha!r}")
-        for name in (
-            "epochs",
-            "batch_size",
-            "num_batch_splits",
-            "eval_every",
-            "k",
-            "hessian_iterations",
-        ):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
-        if not (isinstance(self.train_size, int) and 0 <= self.train_size <= 60000):
-            raise ValueError(
-                f"`train_size` must be an integer in [0, 60000] (0: all). "
-                f"Received: train_size={self.train_size!r}"
-            )
-        if not (isinstance(self.hessian_examples, int) and self.hessian_examples >= 0):
-            raise ValueError(
-                "`hessian_examples` must be an integer >= 0 (0: not measured). "
-                f"Received: hessian_examples={self.hessian_examples!r}"
-            )
-        if not (isinstance(self.eval_examples, int) and self.eval_examples >= 0):
-            raise ValueError(
-                "`eval_examples` must be an integer >= 0 (0: the whole test set). "
-                f"Received: eval_examples={self.eval_examples!r}"
-            )
-        if not (isinstance(self.sam_start, (int, float)) and 0 <= self.sam_start < 1):
-            raise ValueError(
-                "`sam_start` must be a fraction of the training in [0, 1) (0: SAM from the "
-                f"first step). Received: sam_start={self.sam_start!r}"
-            )
-        if not 0 <= self.label_noise <= 1:
-            raise ValueError(
-                f"`label_noise` must be in [0, 1]. Received: label_noise={self.label_noise!r}"
-            )
 
     @property
     def is_sam(self):
         """Whether the run takes perturbed passes at all (MESA alone: no, rho is 0)."""
         return self.method != "plain" and self.rho > 0
-
-
-def default_rho(method):
-    """The radius a run of `method` gets when none is given (ASAM's is ten times SAM's;
-    Momentum-SAM's is its own, `MOMENTUM_SAM_RHO`)."""
-    method = METHOD_ALIASES.get(method, method)
-    if method == "momentum_sam":
-        return MOMENTUM_SAM_RHO
-    if method == "mesa":
-        return 0.0  # MESA alone; a positive rho adds SAM's perturbed pass
-    return DEFAULT_RHO * (ASAM_RHO_SCALE if method == "asam" else 1.0)
 
 
 @dataclasses.dataclass
@@ -203,10 +105,8 @@ def prepare_data(config, data_dir=None, arrays=None):
 
 
 def build_optimizer(config, steps):
-    """The inner optimizer with its schedule, wrapped in SAM or ASAM when asked."""
+    """The inner optimizer with its schedule, wrapped in the run's method (`recipes.RECIPES`)."""
     import keras
-
-    from keras_sam import methods
 
     lr = config.learning_rate
     if config.schedule == "cosine":
@@ -218,44 +118,7 @@ def build_optimizer(config, steps):
         inner = keras.optimizers.Adam(lr, weight_decay=weight_decay)
     else:
         inner = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
-    if config.method == "plain":
-        return inner
-    alpha = {} if config.alpha is None else {"alpha": config.alpha}
-    rho = config.rho
-    if config.sam_start:
-        # Late-phase: rho is 0 (one pass a step) for the first `sam_start` of the steps.
-        rho = methods.schedules.LatePhaseRho(rho, start_step=int(round(config.sam_start * steps)))
-    if config.method in ("sam", "asam"):
-        return methods.sam.SAM(inner, rho=rho, adaptive=config.method == "asam")
-    if config.method == "gsam":
-        return methods.gsam.GSAM(inner, rho=rho, **alpha)
-    if config.method == "looksam":
-        return methods.looksam.LookSAM(inner, rho=rho, k=config.k, **alpha)
-    if config.method == "periodic_sam":
-        return methods.switching.PeriodicSAM(inner, rho=rho, k=config.k)
-    if config.method == "mesa":
-        return _mesa(inner, rho, steps, config.epochs)
-    by_rho_alone = {
-        "friendly_sam": methods.friendly_sam.FriendlySAM,
-        "momentum_sam": methods.momentum_sam.MomentumSAM,
-        "aesam": methods.switching.AESAM,
-    }
-    return by_rho_alone[config.method](inner, rho=rho)
-
-
-def _mesa(inner, rho, steps, epochs):
-    """MESA with the authors' recipe scaled to the run (`MESA_START_SHARE`)."""
-    from keras_sam import methods
-
-    steps_per_epoch = max(1.0, steps / epochs)
-    return methods.mesa.MESA(
-        inner,
-        lmbda=MESA_LMBDA,
-        temperature=MESA_TEMPERATURE,
-        decay=min(0.9998, 1.0 - 1.0 / steps_per_epoch),
-        start_step=int(round(MESA_START_SHARE * steps)),
-        rho=rho,
-    )
+    return build_method(config, inner, steps)
 
 
 def train(
@@ -306,17 +169,8 @@ def train(
     out = None if out_dir is None else Path(out_dir)
     if resume and out is None:
         raise ValueError("`resume=True` needs the run's folder: pass `out_dir`.")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _check_same_config(out, config)
-            if run_state(out) == "complete":
-                return load_run(out)
-        else:
-            delete_run(out)
-        record = dataclasses.asdict(config) | {"noise_fraction": data.noise_fraction}
-        record["backend"] = keras.backend.backend()
-        files.write_json(out / "config.json", record)
+    if out is not None and _start(out, config, data, resume) == "complete":
+        return load_run(out)
     model = build_model(config.model, seed=config.seed)
     steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
     splits = config.num_batch_splits if config.is_sam else None
@@ -362,6 +216,25 @@ def train(
         files.save_model(model, out / "model.keras")
         shutil.rmtree(out / CHECKPOINT)
     return model, history
+
+
+def _start(out, config, data, resume):
+    """Prepares the run's folder `out`: a resumed run's configuration must be the one saved
+    there (returns "complete" when that run has finished); a fresh run deletes a previous
+    run's files. Then writes `config.json`."""
+    import keras
+
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _check_same_config(out, config)
+        if run_state(out) == "complete":
+            return "complete"
+    else:
+        delete_run(out)
+    record = dataclasses.asdict(config) | {"noise_fraction": data.noise_fraction}
+    record["backend"] = keras.backend.backend()
+    files.write_json(out / "config.json", record)
+    return "started"
 
 
 # The files of a run in its folder; `checkpoint/` exists while it trains.
@@ -648,8 +521,3 @@ _HISTORY_KEYS = (
 def _images(x):
     x = np.asarray(x, "float32") / 255.0
     return x[..., None] if x.ndim == 3 else x
-
-
-def _one_of(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}. Received: {name}={value!r}")

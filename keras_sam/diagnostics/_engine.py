@@ -15,7 +15,6 @@ a `keras.StatelessScope`, so no variable is ever written. The code is `keras.ops
 differentiation and the compilation are the backend's (`keras_sam.backends.autodiff`).
 """
 
-import numbers
 import sys
 
 import keras
@@ -93,40 +92,6 @@ def num_examples(x):
 def take(x, start, stop):
     """Examples `start:stop` of every tensor in the structure `x`."""
     return keras.tree.map_structure(lambda t: t[start:stop], x)
-
-
-def check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return int(value)
-
-
-def check_non_negative(name, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not np.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
-    return float(value)
-
-
-def check_positive(name, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not np.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"`{name}` must be a number > 0. Received: {name}={value!r}")
-    return float(value)
-
-
-def check_verbose(value):
-    if value not in (0, 1, 2) or isinstance(value, bool):
-        raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={value!r}")
-    return value
 
 
 def progress(target, verbose, unit_name, shown=()):

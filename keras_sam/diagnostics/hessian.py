@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from keras_sam import _validation
 from keras_sam.diagnostics import _engine
 
 if TYPE_CHECKING:
@@ -139,11 +139,11 @@ def hessian_eigenvalues(
         - Ghorbani, Krishnan and Xiao, An Investigation into Neural Net Optimization via
           Hessian Eigenvalue Density, ICML 2019. https://arxiv.org/abs/1901.10159
     """
-    k = _engine.check_positive_int("k", k)
-    max_iterations = _engine.check_positive_int("max_iterations", max_iterations)
-    tol = _engine.check_positive("tol", tol)
+    k = _validation.check_positive_int("k", k)
+    max_iterations = _validation.check_positive_int("max_iterations", max_iterations)
+    tol = _validation.check_positive("tol", tol)
     seed = _check_seed(seed)
-    verbose = _engine.check_verbose(verbose)
+    verbose = _validation.check_verbose(verbose)
     if max_iterations < k:
         raise ValueError(
             "`max_iterations` must be >= k: each iteration finds at most one more "
@@ -230,14 +230,14 @@ def hessian_trace(
         - Yao et al., PyHessian: Neural Networks Through the Lens of the Hessian, 2020.
           https://arxiv.org/abs/1912.07145
     """
-    num_probes = _engine.check_positive_int("num_probes", num_probes)
+    num_probes = _validation.check_positive_int("num_probes", num_probes)
     if num_probes < 2:
         raise ValueError(
             "`num_probes` must be >= 2 (the standard error needs two samples). "
             f"Received: num_probes={num_probes}"
         )
     seed = _check_seed(seed)
-    verbose = _engine.check_verbose(verbose)
+    verbose = _validation.check_verbose(verbose)
     passes = _passes(model, x, y, loss, batch_size)
     weights = _engine.snapshot(passes.variables)
     rng = np.random.default_rng(seed)
@@ -342,7 +342,7 @@ def _unflatten(flat, shapes):
 
 
 def _passes(model, x, y, loss, batch_size):
-    batch_size = _engine.check_positive_int("batch_size", batch_size)
+    batch_size = _validation.check_positive_int("batch_size", batch_size)
     loss_fn = _engine.loss_function(model, loss)
     x, y = _engine.data_arrays(x, y)
     return _engine.Passes(model, loss_fn, x, y, batch_size)
@@ -369,6 +369,4 @@ def _check_vector(vector, variables):
 
 
 def _check_seed(seed):
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"`seed` must be an integer >= 0. Received: seed={seed!r}")
-    return int(seed)
+    return _validation.check_integer("seed", seed, minimum=0)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 
+from keras_sam import _validation
 from keras_sam.diagnostics import _engine
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def loss_landscape(
         - Goodfellow, Vinyals and Saxe, Qualitatively Characterizing Neural Network
           Optimization Problems, ICLR 2015. https://arxiv.org/abs/1412.6544
     """
-    batch_size = _engine.check_positive_int("batch_size", batch_size)
+    batch_size = _validation.check_positive_int("batch_size", batch_size)
     if isinstance(dimensions, bool) or dimensions not in (1, 2):
         raise ValueError(f"`dimensions` must be 1 or 2. Received: dimensions={dimensions!r}")
     if to_model is not None and dimensions != 1:
@@ -113,9 +113,8 @@ def loss_landscape(
             f"`normalization` must be one of {NORMALIZATIONS}. "
             f"Received: normalization={normalization!r}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"`seed` must be an integer >= 0. Received: seed={seed!r}")
-    verbose = _engine.check_verbose(verbose)
+    _validation.check_integer("seed", seed, minimum=0)
+    verbose = _validation.check_verbose(verbose)
     if coordinates is None:
         axis = np.linspace(-0.5, 1.5, 21) if to_model is not None else np.linspace(-1, 1, 21)
         axes = [axis] * dimensions

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import keras
 
-from keras_sam import maths
+from keras_sam import _validation, maths
 from keras_sam.diagnostics import _engine
 from keras_sam.methods.hooks import adaptive_scales
 
@@ -109,14 +108,14 @@ def sharpness(
         - Keskar et al., On Large-Batch Training for Deep Learning: Generalization Gap
           and Sharp Minima, ICLR 2017. https://arxiv.org/abs/1609.04836
     """
-    batch_size = _engine.check_positive_int("batch_size", batch_size)
-    rho = _engine.check_non_negative("rho", rho)
+    batch_size = _validation.check_positive_int("batch_size", batch_size)
+    rho = _validation.check_non_negative("rho", rho)
     if m is not None:
-        m = _engine.check_positive_int("m", m)
-    ascent_steps = _engine.check_positive_int("ascent_steps", ascent_steps)
+        m = _validation.check_positive_int("m", m)
+    ascent_steps = _validation.check_positive_int("ascent_steps", ascent_steps)
     step_size = rho if ascent_step_size is None else _check_step_size(ascent_step_size)
-    eta = _engine.check_non_negative("eta", eta)
-    verbose = _engine.check_verbose(verbose)
+    eta = _validation.check_non_negative("eta", eta)
+    verbose = _validation.check_verbose(verbose)
     loss_fn = _engine.loss_function(model, loss)
     x, y = _engine.data_arrays(x, y)
     passes = _engine.Passes(model, loss_fn, x, y, batch_size)
@@ -184,14 +183,6 @@ def _project(perturbation, rho, scales):
 
 
 def _check_step_size(value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not value > 0
-        or value == float("inf")
-    ):
-        raise ValueError(
-            "`ascent_step_size` must be a number > 0 (or None for rho). "
-            f"Received: ascent_step_size={value!r}"
-        )
-    return float(value)
+    return _validation.check_number(
+        "ascent_step_size", value, minimum=0.0, strict=True, rule="a number > 0 (or None for rho)"
+    )

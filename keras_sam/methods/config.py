@@ -2,12 +2,16 @@
 
 For a method author: `serialize_rate` (a number or a schedule), and, for a method that
 never perturbs (BAR, FlatLoRA), `refuse_perturbation_arguments` and
-`without_perturbation_arguments`.
+`without_perturbation_arguments`. `check_perturb` refuses, at construction, a `perturb`
+that a saved model could not hold.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import re
+import types
 
 import keras
 
@@ -98,3 +102,79 @@ def deserialize_perturb(config, custom_objects):
         if isinstance(cls, type) and not hasattr(cls, "from_config"):
             return cls(**config.get("config", {}))
     return keras.saving.deserialize_keras_object(config, custom_objects=custom_objects)
+
+
+def check_perturb(perturb):
+    """`perturb` in one of its documented forms, each of which a `.keras` file can hold.
+
+    A form that could be used but not saved (a lambda, a `functools.partial`, an
+    unregistered function, object or layer class) is refused here, at construction:
+    refused later, by `get_config` inside `model.save`, it would leave the file being
+    replaced truncated (Keras opens it before asking for the config).
+    """
+    if perturb is None:
+        return perturb
+    if isinstance(perturb, str):
+        try:
+            re.compile(perturb)
+        except re.error as error:
+            raise ValueError(
+                f"`perturb` is not a valid regular expression ({error}). "
+                f"Received: perturb={perturb!r}"
+            ) from None
+        return perturb
+    if callable(perturb) and not isinstance(perturb, type):
+        _check_saveable_callable(perturb)
+        return perturb
+    classes = tuple(perturb) if isinstance(perturb, (list, tuple)) else (perturb,)
+    if classes and all(isinstance(c, type) and issubclass(c, keras.layers.Layer) for c in classes):
+        for layer_class in classes:
+            if getattr(keras.layers, layer_class.__name__, None) is not layer_class:
+                what = f"the layer class `{layer_class.__name__}`"
+                _check_registered(layer_class, what, perturb)
+        return classes
+    raise ValueError(
+        "`perturb` must be None, a regular expression (matched against "
+        "`variable.path`), a tuple of Keras layer classes, or a callable "
+        f"`variable -> bool` registered with `@keras.saving.register_keras_serializable()`. "
+        f"Received: perturb={perturb!r}"
+    )
+
+
+def _check_saveable_callable(perturb):
+    if isinstance(perturb, types.FunctionType):
+        if perturb.__name__ == "<lambda>":
+            raise ValueError(
+                "`perturb` is a lambda, which a saved model cannot hold (Keras refuses to "
+                "load lambdas by default). Define a named function and register it with "
+                "`@keras.saving.register_keras_serializable()`, or pass a regular "
+                f"expression or a tuple of layer classes. Received: perturb={perturb!r}"
+            )
+        _check_registered(perturb, f"the function `{perturb.__qualname__}`", perturb)
+        return
+    if isinstance(perturb, functools.partial):
+        raise ValueError(
+            "`perturb` is a `functools.partial`, which a saved model cannot hold. Write a "
+            "callable class with `__call__` and `get_config` (its arguments) and register "
+            "it with `@keras.saving.register_keras_serializable()`. "
+            f"Received: perturb={perturb!r}"
+        )
+    kind = type(perturb)
+    if isinstance(perturb, (types.BuiltinFunctionType, types.MethodType)):
+        raise ValueError(
+            "`perturb` must be a registered function or an instance of a registered class "
+            "(`@keras.saving.register_keras_serializable()`), so that a saved model can "
+            f"hold it; a {kind.__name__} cannot be saved. Received: perturb={perturb!r}"
+        )
+    # Keras registers only classes with `get_config`, so a registered one can be saved.
+    _check_registered(kind, f"the class `{kind.__qualname__}` of the callable object", perturb)
+
+
+def _check_registered(obj, what, perturb):
+    if keras.saving.get_registered_object(keras.saving.get_registered_name(obj)) is not obj:
+        raise ValueError(
+            f"`perturb` uses {what}, which is not registered with Keras, so a saved model "
+            "could not be loaded. Decorate it with "
+            "`@keras.saving.register_keras_serializable()` (or pass a regular expression). "
+            f"Received: perturb={perturb!r}"
+        )

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-import math
-import numbers
-import re
-import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 
-from keras_sam.methods.config import deserialize, serialize_perturb, serialize_rate
+from keras_sam._validation import (  # FLOAT32_*: re-exported for the tests
+    FLOAT32_MAX,  # noqa: F401
+    FLOAT32_SMALLEST_NORMAL,  # noqa: F401
+    check_number,
+    check_rate,
+)
+from keras_sam._validation import check_accumulation_steps as _check_accumulation_steps
+from keras_sam._validation import check_bool as _check_bool
+from keras_sam._validation import check_epsilon as _check_epsilon
+from keras_sam.methods.config import check_perturb, deserialize, serialize_perturb, serialize_rate
 from keras_sam.methods.hooks import (
     DISTRIBUTED_PERTURBATIONS,
     GLOBAL_NORM,
@@ -202,7 +205,7 @@ class SAM(MethodHooks, keras.optimizers.Optimizer):
         adaptive = _check_bool("adaptive", adaptive)
         eta = check_number("eta", eta, minimum=0.0)
         epsilon = _check_epsilon(epsilon)
-        perturb = _check_perturb(perturb)
+        perturb = check_perturb(perturb)
         verify_optimizer_step = _check_bool("verify_optimizer_step", verify_optimizer_step)
         super().__init__(learning_rate=0.0, name=name)
         # Created with `iterations`, not in `build`: a compiled but untrained model then
@@ -403,95 +406,6 @@ https://arxiv.org/abs/2306.04226
 """
 
 
-def check_rate(name, value):
-    """A number >= 0 (returned as float) or a `LearningRateSchedule` (returned as is)."""
-    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"`{name}` must be a number or a "
-            "`keras.optimizers.schedules.LearningRateSchedule` of the step. "
-            f"Received: {name}={value!r}"
-        )
-    return check_number(name, value, minimum=0.0, float32=True)
-
-
-def _check_perturb(perturb):
-    """`perturb` in one of its documented forms, each of which a `.keras` file can hold.
-
-    A form that could be used but not saved (a lambda, a `functools.partial`, an
-    unregistered function, object or layer class) is refused here, at construction:
-    refused later, by `get_config` inside `model.save`, it would leave the file being
-    replaced truncated (Keras opens it before asking for the config).
-    """
-    if perturb is None:
-        return perturb
-    if isinstance(perturb, str):
-        try:
-            re.compile(perturb)
-        except re.error as error:
-            raise ValueError(
-                f"`perturb` is not a valid regular expression ({error}). "
-                f"Received: perturb={perturb!r}"
-            ) from None
-        return perturb
-    if callable(perturb) and not isinstance(perturb, type):
-        _check_saveable_callable(perturb)
-        return perturb
-    classes = tuple(perturb) if isinstance(perturb, (list, tuple)) else (perturb,)
-    if classes and all(isinstance(c, type) and issubclass(c, keras.layers.Layer) for c in classes):
-        for layer_class in classes:
-            if getattr(keras.layers, layer_class.__name__, None) is not layer_class:
-                what = f"the layer class `{layer_class.__name__}`"
-                _check_registered(layer_class, what, perturb)
-        return classes
-    raise ValueError(
-        "`perturb` must be None, a regular expression (matched against "
-        "`variable.path`), a tuple of Keras layer classes, or a callable "
-        f"`variable -> bool` registered with `@keras.saving.register_keras_serializable()`. "
-        f"Received: perturb={perturb!r}"
-    )
-
-
-def _check_saveable_callable(perturb):
-    if isinstance(perturb, types.FunctionType):
-        if perturb.__name__ == "<lambda>":
-            raise ValueError(
-                "`perturb` is a lambda, which a saved model cannot hold (Keras refuses to "
-                "load lambdas by default). Define a named function and register it with "
-                "`@keras.saving.register_keras_serializable()`, or pass a regular "
-                f"expression or a tuple of layer classes. Received: perturb={perturb!r}"
-            )
-        _check_registered(perturb, f"the function `{perturb.__qualname__}`", perturb)
-        return
-    if isinstance(perturb, functools.partial):
-        raise ValueError(
-            "`perturb` is a `functools.partial`, which a saved model cannot hold. Write a "
-            "callable class with `__call__` and `get_config` (its arguments) and register "
-            "it with `@keras.saving.register_keras_serializable()`. "
-            f"Received: perturb={perturb!r}"
-        )
-    kind = type(perturb)
-    if isinstance(perturb, (types.BuiltinFunctionType, types.MethodType)):
-        raise ValueError(
-            "`perturb` must be a registered function or an instance of a registered class "
-            "(`@keras.saving.register_keras_serializable()`), so that a saved model can "
-            f"hold it; a {kind.__name__} cannot be saved. Received: perturb={perturb!r}"
-        )
-    # Keras registers only classes with `get_config`, so a registered one can be saved.
-    _check_registered(kind, f"the class `{kind.__qualname__}` of the callable object", perturb)
-
-
-def _check_registered(obj, what, perturb):
-    if keras.saving.get_registered_object(keras.saving.get_registered_name(obj)) is not obj:
-        raise ValueError(
-            f"`perturb` uses {what}, which is not registered with Keras, so a saved model "
-            "could not be loaded. Decorate it with "
-            "`@keras.saving.register_keras_serializable()` (or pass a regular expression). "
-            f"Received: perturb={perturb!r}"
-        )
-
-
 def _refuse_inner_optimizer_arguments(class_name, kwargs):
     for name, default in _INNER_OPTIMIZER_ARGUMENTS.items():
         if name in kwargs and kwargs.pop(name) != default:
@@ -528,60 +442,3 @@ def _check_optimizer(class_name, optimizer):
             f"optimizer.gradient_accumulation_steps={steps_owner.gradient_accumulation_steps}"
         )
     return optimizer
-
-
-def _check_accumulation_steps(value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(
-            "`gradient_accumulation_steps` must be None or an integer >= 1. "
-            f"Received: gradient_accumulation_steps={value!r}"
-        )
-    return int(value)
-
-
-# The largest finite float32, and the smallest normal one (below it, float32 loses
-# precision, and below about 1.4e-45 rounds to 0).
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-FLOAT32_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
-
-
-def check_number(name, value, minimum, strict=False, float32=False):
-    """A finite real number >= `minimum` (> with `strict`), returned as a float.
-
-    With `float32`, also finite in float32 (the value is used in float32 in the step).
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a number. Received: {name}={value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
-        rule = ">" if strict else ">="
-        raise ValueError(
-            f"`{name}` must be a finite number {rule} {minimum:g}. Received: {name}={value!r}"
-        )
-    if float32 and abs(number) > FLOAT32_MAX:
-        raise ValueError(
-            f"`{name}` must be finite in float32, in which the step uses it: at most "
-            f"{FLOAT32_MAX:.8g}. Received: {name}={value!r}"
-        )
-    return number
-
-
-def _check_epsilon(epsilon):
-    """`epsilon` > 0 that float32 keeps: 1e-45 would round to 0 and make 0/0 of a zero
-    gradient, where `e = 0` is promised."""
-    epsilon = check_number("epsilon", epsilon, minimum=0.0, strict=True, float32=True)
-    if epsilon < FLOAT32_SMALLEST_NORMAL:
-        raise ValueError(
-            "`epsilon` must be at least the smallest normal float32, "
-            f"{FLOAT32_SMALLEST_NORMAL:.8g}: the norm is taken in float32, where a smaller "
-            f"value loses precision or rounds to 0. Received: epsilon={epsilon!r}"
-        )
-    return epsilon
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
-    return value

@@ -467,3 +467,55 @@ def test_docs_cli_names_every_option_of_help_and_its_choices(capsys, command):
     for option, listed in re.findall(r"`(--[a-z-]+) ([\w]+(?:\|[\w]+)+)`", page):
         if option in choices and command == "train":
             assert listed.split("|") == choices[option], option
+
+
+# ------------------------------------------------------------------ the option tables
+def test_the_option_tables_the_parser_and_the_configs_agree():
+    """Each option once, in `cli.options`: each command's parser takes exactly its table's
+    options with its table's defaults; `RunConfig` and `InspectSettings` have the tables'
+    fields in order with their defaults; the command line's defaults differ from
+    `RunConfig`'s only where the table says so; the parser refuses a value exactly where
+    the config does."""
+    import argparse
+    import dataclasses
+    import math
+
+    from keras_sam.cli import options
+    from keras_sam.cli.inspection import InspectSettings
+    from keras_sam.cli.training import RunConfig
+
+    run, inspect = options.RUN_OPTIONS, options.INSPECT_OPTIONS
+    tables = {"train": run, "compare": run, "inspect": inspect}
+    for command, table in (tables | {"playground": options.PLAYGROUND_OPTIONS}).items():
+        parsed = vars(cli.parser().parse_args([command] + ["m.keras"] * (command == "inspect")))
+        assert parsed.pop("command") == command
+        rows = [o for o in table if command in o.commands]
+        if command == "inspect":
+            assert parsed.pop("model") == "m.keras"
+            rows = rows[1:]  # the positional MODEL
+        assert parsed == {o.dest: o.default_for(command) for o in rows}, command
+    for config, table in [(RunConfig, run), (InspectSettings, inspect)]:
+        first = {}
+        for option in table:
+            if option.field:
+                first.setdefault(option.field, option.default)
+        assert [(f.name, f.default) for f in dataclasses.fields(config)] == list(first.items())
+    assert {o.field: o.command_default for o in run if o.command_default} == {
+        "label_noise": {"compare": 0.4},
+        "hessian_examples": {"train": 256, "compare": 256},
+        "eval_every": {"train": 5, "compare": 5},
+        "eval_examples": {"train": 2000, "compare": 2000},
+    }
+    values = {"-1": -1, "0": 0, "0.5": 0.5, "1": 1, "70000": 70000, "nan": math.nan, "x": "x"}
+    for option in run + inspect:
+        if not isinstance(option.check, (options.Number, options.Integer)):
+            continue
+        for text, value in values.items():
+            refused = []
+            for check, given in [(option.check.parse, text), (option.check.validate, value)]:
+                try:
+                    check(given) if check == option.check.parse else check("x", given)
+                    refused.append(False)
+                except (ValueError, argparse.ArgumentTypeError):
+                    refused.append(True)
+            assert refused[0] == refused[1], (option.flag, option.field, text)
