@@ -26,7 +26,7 @@ import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_sam import maths  # noqa: E402
-from keras_sam.methods.sam import layer_of  # noqa: E402
+from keras_sam.methods.hooks import layer_of  # noqa: E402
 
 
 def gradients(model, x, y):

@@ -35,7 +35,8 @@ import keras
 from keras import ops
 
 from keras_sam.backends.base import RecordingScope, is_floating, unique
-from keras_sam.methods.sam import SAM, SYNCHRONIZED, unwrap_loss_scale
+from keras_sam.methods.hooks import SYNCHRONIZED, unwrap_loss_scale
+from keras_sam.methods.sam import SAM
 
 
 class Roles(typing.NamedTuple):

@@ -79,6 +79,7 @@ NEUTRAL = {
     "test_models.py": "torch",
     "test_packaging.py": "torch",
     "test_planted_defects.py": "torch",
+    "test_imports.py": "torch",  # reads the source, runs none of it
     "test_wheel.py": "torch",  # installs the `tensorflow-cpu` extra into a fresh environment
     # Start a process per backend themselves.
     "test_cross_backend.py": "torch",

@@ -155,7 +155,7 @@ DEFECTS = (
     Defect(
         "asam-scales-biases",
         "method",
-        "keras_sam/methods/sam.py",
+        "keras_sam/methods/hooks.py",
         "return not name.endswith(_NON_ADAPTIVE_NAMES)",
         "return True",
         "ASAM scales biases and offsets by |w| + eta too (they should keep T = 1)",

@@ -20,7 +20,7 @@ import keras
 from keras import ops
 
 from keras_sam import maths
-from keras_sam.methods.sam import unwrap_loss_scale
+from keras_sam.methods.hooks import unwrap_loss_scale
 
 
 class RecordingScope(keras.StatelessScope):

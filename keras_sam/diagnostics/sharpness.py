@@ -9,7 +9,7 @@ import keras
 
 from keras_sam import _validation, maths
 from keras_sam.diagnostics import _engine
-from keras_sam.methods.sam import adaptive_scales
+from keras_sam.methods.hooks import adaptive_scales
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike

@@ -7,14 +7,13 @@ from typing import Any
 
 import keras
 
-from keras_sam.methods.sam import (
-    SAM,
-    check_rate,
-    layer_of,
+from keras_sam.methods.config import (
     refuse_perturbation_arguments,
     serialize_rate,
     without_perturbation_arguments,
 )
+from keras_sam.methods.hooks import layer_of
+from keras_sam.methods.sam import SAM, check_rate
 
 # The two factors of each Keras LoRA adapter (`layer.enable_lora(rank)`): Dense and
 # EinsumDense add `kernel + lora_kernel_a @ lora_kernel_b`, Embedding

@@ -12,13 +12,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sam.methods.sam import (
-    SAM,
-    check_rate,
+from keras_sam.methods.config import (
     refuse_perturbation_arguments,
     serialize_rate,
     without_perturbation_arguments,
 )
+from keras_sam.methods.sam import SAM, check_rate
 
 # SAM's arguments that mean nothing for a random perturbation, with their defaults: a
 # config carrying the default is accepted (`SAM.from_config` passes `perturb=None`).

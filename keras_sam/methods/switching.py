@@ -8,7 +8,8 @@ from typing import Any
 import keras
 
 from keras_sam import maths
-from keras_sam.methods.sam import SAM, check_number, serialize_rate
+from keras_sam.methods.config import serialize_rate
+from keras_sam.methods.sam import SAM, check_number
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")

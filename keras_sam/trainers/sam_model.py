@@ -11,7 +11,8 @@ import keras
 
 from keras_sam import backends, files
 from keras_sam.backends.base import is_floating
-from keras_sam.methods.sam import SAM, unwrap_loss_scale
+from keras_sam.methods.hooks import unwrap_loss_scale
+from keras_sam.methods.sam import SAM
 from keras_sam.trainers.skipped_steps import (
     DEFAULT_MAX_CONSECUTIVE_SKIPS,
     StopOnSkippedSteps,

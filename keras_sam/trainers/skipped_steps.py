@@ -13,7 +13,7 @@ from typing import Any
 
 import keras
 
-from keras_sam.methods.sam import unwrap_loss_scale
+from keras_sam.methods.hooks import unwrap_loss_scale
 
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 100
 

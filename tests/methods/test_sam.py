@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_sam
-from keras_sam.methods.sam import _is_adaptive
+from keras_sam.methods.hooks import _is_adaptive
 from tests import custom_loop, harness
 
 INNER_OPTIMIZERS = harness.INNER_OPTIMIZERS
