@@ -224,9 +224,9 @@ DEFECTS = (
     Defect(
         "cli-asam-rho",
         "cli",
-        "keras_sam/cli/training.py",
-        'ASAM_RHO_SCALE if method == "asam" else 1.0',
-        'ASAM_RHO_SCALE if method == "ASAM" else 1.0',
+        "keras_sam/cli/recipes.py",
+        "adaptive=True), rho=ASAM_RHO_SCALE * DEFAULT_RHO)",
+        "adaptive=True), rho=DEFAULT_RHO)",
         "`keras-sam train --method asam` defaults to SAM's rho (0.1), not 10x (1.0)",
         ("tensorflow",),
     ),
