@@ -8,7 +8,7 @@ import torch
 
 from keras_sam import maths, step
 from keras_sam.backends import base
-from keras_sam.methods import sam
+from keras_sam.methods import hooks, sam
 
 # ------------------------------------------------------------------------- the SAM step
 # PyTorch runs eagerly: the gradient of a pass is `torch.autograd.grad` of the loss with
@@ -364,7 +364,7 @@ def _no_tape(method, closure):
 
 def _compiles_sam(sam_model):
     """Whether Keras's trainer compiles `sam_model`'s SAM step with `torch.compile`."""
-    optimizer = sam.unwrap_loss_scale(sam_model.optimizer)
+    optimizer = hooks.unwrap_loss_scale(sam_model.optimizer)
     return bool(sam_model.jit_compile) and isinstance(optimizer, sam.SAM)
 
 
