@@ -197,16 +197,21 @@ def test_flat_lora_plugs_in_when_keras_sam_has_it_and_a_wrong_guess_is_unavailab
     finetune = _finetune()
     args = finetune.parse(["--quick", "--out", str(tmp_path / "x.json")])
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    # The class itself: the paper's sigma, its cosine rise over the run's own steps.
+    trained, optimizer = finetune.make_trained("flat-lora", model, args, steps=10)
+    assert isinstance(trained, keras_sam.SAMModel)
+    assert isinstance(optimizer, keras_sam.FlatLoRA)
+    assert (optimizer.sigma, optimizer.total_steps) == (0.05, 10)
     made = {}
 
-    def flat_lora(inner, sigma):  # stands in for the class on the `flatlora` branch
-        made["sigma"] = sigma
+    def flat_lora(inner, sigma, total_steps):  # a stand-in that takes no other argument
+        made.update(sigma=sigma, total_steps=total_steps)
         return keras_sam.SAM(inner, rho=0.01)
 
     monkeypatch.setattr(keras_sam, "FlatLoRA", flat_lora, raising=False)
     trained, optimizer = finetune.make_trained("flat-lora", model, args, steps=10)
     assert isinstance(trained, keras_sam.SAMModel) and isinstance(optimizer, keras_sam.SAM)
-    assert made == {"sigma": 0.05}
+    assert made == {"sigma": 0.05, "total_steps": 10}
     args = finetune.parse(
         ["--quick", "--out", str(tmp_path / "x.json"), "--method-args", 'flat-lora={"rho": 1}']
     )
