@@ -85,6 +85,7 @@ class BAR(SAM):
         https://arxiv.org/abs/2410.14802
     """
 
+    one_pass = True
     measures_sharpness = False
 
     def __init__(
@@ -119,10 +120,6 @@ class BAR(SAM):
         )
         self.alpha = alpha
         self.variant = variant
-
-    def needs_second_pass(self, gradients, variables):
-        del gradients, variables
-        return False
 
     def one_pass_gradients(self, gradients, variables):
         pairs = lora_pairs(variables)

@@ -127,6 +127,7 @@ class FlatLoRA(SAM):
         https://arxiv.org/abs/2409.14396
     """
 
+    one_pass = True
     measures_sharpness = False
 
     def __init__(
@@ -170,14 +171,6 @@ class FlatLoRA(SAM):
         self._bound_key = None
 
     # ----------------------------------------------------------------- the method
-    @property
-    def may_skip_second_pass(self):
-        return False  # it never takes one
-
-    def needs_second_pass(self, gradients, variables):
-        del gradients, variables
-        return False
-
     @property
     def _binds_model(self):
         return True

@@ -7,7 +7,7 @@ whole protocol, in one place (each is a member of `MethodHooks` unless said othe
 - the hooks, asked per step (per part under m-sharpness): `initial_perturbation`,
   `pass_values`, `needs_second_pass`, `perturbation`, `descent_gradients`,
   `one_pass_gradients`, `teacher_values` and `added_loss`;
-- the class attributes `skips_second_pass` and `measures_sharpness`;
+- the class attributes `skips_second_pass`, `one_pass` and `measures_sharpness`;
 - the helpers: `current_rho`, `at_step`, `rho_is_positive`, `decide_second_pass`,
   `every_k_steps`, `perturbation_along`, `add_state_variable`, `add_state_slots`,
   `state_variables`, `second_passes`, `may_skip_second_pass`; and, in this module,
@@ -56,6 +56,10 @@ class MethodHooks:
     # Whether the method's own rule makes some steps take one pass only (a `rho`
     # schedule may too: see `may_skip_second_pass`).
     skips_second_pass = False
+    # Whether the method never takes the perturbed pass (MomentumSAM, BAR, FlatLoRA: one
+    # pass a step, whatever `rho`): `needs_second_pass` is then False and no
+    # `second_pass_rate` is logged.
+    one_pass = False
     # Whether a step measures the sharpness `L(w + e) - L(w)` (then `SAMModel` logs it).
     measures_sharpness = True
 
@@ -70,9 +74,12 @@ class MethodHooks:
         A Python bool (decided once, when the step is traced) or a scalar boolean
         tensor (decided per step, inside the compiled step: the pass not taken is not
         run). SAM takes it when `rho > 0`: always for a positive number, never for the
-        number 0, and, for a schedule, on the steps where it is positive.
+        number 0, and, for a schedule, on the steps where it is positive; never for a
+        `one_pass` method.
         """
         del gradients, variables
+        if self.one_pass:
+            return False
         return self.decide_second_pass(True)
 
     def initial_perturbation(self, variables):
@@ -181,6 +188,8 @@ class MethodHooks:
         (`skips_second_pass`), or because `rho` is a schedule, which may be 0. Then
         `second_passes` counts the two-pass steps and `SAMModel` logs
         `second_pass_rate`."""
+        if self.one_pass:
+            return False
         schedule = isinstance(self.rho, keras.optimizers.schedules.LearningRateSchedule)
         return self.skips_second_pass or schedule
 

@@ -81,6 +81,7 @@ class MomentumSAM(SAM):
         Computational Overhead, 2024. https://arxiv.org/abs/2401.12033
     """
 
+    one_pass = True
     measures_sharpness = False
 
     def __init__(
@@ -99,14 +100,6 @@ class MomentumSAM(SAM):
     def build(self, var_list):
         super().build(var_list)
         self._momenta = self.add_state_slots(var_list, "momentum")
-
-    @property
-    def may_skip_second_pass(self):
-        return False  # it never takes one
-
-    def needs_second_pass(self, gradients, variables):
-        del gradients, variables
-        return False
 
     def initial_perturbation(self, variables):
         if self.rho_is_positive() is False:
