@@ -176,15 +176,38 @@ class Torch(base.Backend):
         finite = next(means)[0] == 0
         return gradients, state, updates, finite
 
+    # How an eager step commits when its verdict is a tensor (`stateful_cond`): "read"
+    # (the default) reads the verdict on the host and runs the outcome it names, one
+    # host-device synchronization a step; "select" reads nothing on the host: the
+    # outcome that would be taken runs in place, the other from a flat snapshot of the
+    # state the outcomes write, and `torch.where` keeps one (`_flat_selected_outcome`: a
+    # few kernels a dtype, and three passes over that state). Selection pays where a step
+    # is bound by launches on an accelerator (a small model: a synchronization stalls
+    # the launches queued behind it, and the passes are small); reading pays on the CPU
+    # (a read there is no round trip) and for a large model (the passes cost more than
+    # the synchronization). A `torch.compile`d step always selects. Set it on
+    # `keras_sam.backends.current()`.
+    commit = "read"
+
     def stateful_cond(self, pred, true_fn, false_fn, tracked):
-        if _compiling() and not isinstance(pred, bool):
-            _selected_outcome(pred, true_fn, false_fn, tracked)
-            return
-        # Eager: the branch taken assigns the variables itself.
+        if not isinstance(pred, bool):
+            if _compiling():
+                _selected_outcome(pred, true_fn, false_fn, tracked)
+                return
+            if self._selects():
+                _flat_selected_outcome(pred, true_fn, false_fn, tracked)
+                return
+        # The branch taken assigns the variables itself.
         if self._host_bool(pred):
             true_fn()
         else:
             false_fn()
+
+    def _selects(self):
+        """Whether an eager `stateful_cond` commits by selection (see `commit`)."""
+        if self.commit not in ("read", "select"):
+            raise ValueError(f'`commit` must be "read" or "select". Received: commit={self.commit!r}')
+        return self.commit == "select"
 
     def decide(self, ok, take_step, skip_step, tracked, args=()):
         self.stateful_cond(ok, lambda: take_step(*args), lambda: skip_step(*args), tracked)
@@ -388,6 +411,39 @@ def _selected_outcome(pred, true_fn, false_fn, tracked):
         outcomes.append([torch.as_tensor(scope.get_current_value(v)) for v in tracked])
     for variable, taken, other in zip(tracked, *outcomes):
         variable.assign(torch.where(pred, taken.to(other.dtype), other))
+
+
+def _flat_selected_outcome(pred, true_fn, false_fn, tracked):
+    """`stateful_cond` in an eager step with no host read of `pred`, in a few kernels per
+    dtype rather than several per variable: the state of `tracked` is copied into one
+    flat buffer per dtype, `true_fn` runs on the variables themselves (in place, as when
+    it is taken), `false_fn` in a recording scope over views of that copy, and each
+    buffer's `torch.where(pred, after_true, after_false)` is copied back with one
+    `torch._foreach_copy_`. A NaN written by the outcome not selected goes nowhere."""
+    pred = torch.as_tensor(pred)
+    groups = _by_dtype([v.value for v in tracked], range(len(tracked)))
+    before = {}
+    for indices in groups:
+        flat = torch.cat([tracked[i].value.reshape(-1) for i in indices])
+        before.update(zip(indices, _views(flat, [tracked[i].value for i in indices])))
+    true_fn()
+    scope = base.RecordingScope(state_mapping=[(v, before[i]) for i, v in enumerate(tracked)])
+    with scope:
+        false_fn()
+    for indices in groups:
+        targets = [tracked[i].value for i in indices]
+        taken = torch.cat([t.reshape(-1) for t in targets])
+        other = torch.cat(
+            [torch.as_tensor(scope.get_current_value(tracked[i])).reshape(-1) for i in indices]
+        )
+        selected = torch.where(pred, taken, other.to(taken.dtype))
+        torch._foreach_copy_(targets, _views(selected, targets))
+
+
+def _views(flat, like):
+    """`flat` cut into views shaped as the tensors `like`."""
+    pieces = torch.split(flat, [t.numel() for t in like])
+    return [piece.view(t.shape) for piece, t in zip(pieces, like)]
 
 
 def _draws_from_global_generator(model):
