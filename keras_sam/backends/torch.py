@@ -206,7 +206,9 @@ class Torch(base.Backend):
     def _selects(self):
         """Whether an eager `stateful_cond` commits by selection (see `commit`)."""
         if self.commit not in ("read", "select"):
-            raise ValueError(f'`commit` must be "read" or "select". Received: commit={self.commit!r}')
+            raise ValueError(
+                f'`commit` must be "read" or "select". Received: commit={self.commit!r}'
+            )
         return self.commit == "select"
 
     def decide(self, ok, take_step, skip_step, tracked, args=()):
