@@ -41,14 +41,54 @@ class ListOps:
         ]
 
     def norms(self, tensors):
-        """`tensor_norms`."""
-        return ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(t, "float32")))) for t in tensors])
+        """`tensor_norms`: one sum of squares for each tensor of more than
+        `SMALL_TENSOR` entries, and one for all the smaller ones together, each its own
+        row of one zero-padded matrix (a compiled step then launches one reduction for
+        all the biases and scales of a model instead of one or two each)."""
+        tensors = [ops.cast(t, "float32") for t in tensors]
+        sizes = [_size(t) for t in tensors]
+        small = [i for i, size in enumerate(sizes) if size <= SMALL_TENSOR]
+        if len(small) < 2:
+            return ops.stack([_norm(t) for t in tensors])
+        width = max(sizes[i] for i in small)
+        rows = ops.stack(
+            [ops.pad(ops.reshape(tensors[i], (-1,)), [(0, width - sizes[i])]) for i in small]
+        )
+        norms = [ops.sqrt(ops.sum(ops.square(rows), axis=1))]
+        large = [i for i in range(len(tensors)) if i not in set(small)]
+        if large:
+            norms.append(ops.stack([_norm(tensors[i]) for i in large]))
+        norms = ops.concatenate(norms) if len(norms) > 1 else norms[0]
+        order = small + large
+        if order == sorted(order):
+            return norms
+        return ops.take(norms, [order.index(i) for i in range(len(order))])
 
     def combined_norm(self, norms):
         """`combined_norm`: the largest norm, divided out and multiplied back."""
         largest = ops.max(norms)
         divisor = ops.where(largest > 0, largest, ops.ones_like(largest))
         return divisor * ops.sqrt(ops.sum(ops.square(norms / divisor)))
+
+
+# Entries up to which a tensor's norm is taken together with the other small ones'
+# (`ListOps.norms`): 64 KiB of float32, where a reduction's launch outweighs its work.
+SMALL_TENSOR = 2**14
+
+
+def _size(tensor):
+    """The number of entries of `tensor`; one more than `SMALL_TENSOR` when a dimension
+    is known only when the step runs (a sparse gradient's rows under `tf.function`)."""
+    size = 1
+    for dim in tensor.shape:
+        if dim is None:
+            return SMALL_TENSOR + 1
+        size *= dim
+    return size
+
+
+def _norm(tensor):
+    return ops.sqrt(ops.sum(ops.square(tensor)))
 
 
 list_ops = ListOps()

@@ -43,6 +43,24 @@ def test_tensor_norms_are_float32_for_float16_input():
     np.testing.assert_allclose(np.asarray(norms), [1200.0, np.sqrt(2.0)], rtol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf], ids=["finite", "nan", "inf"])
+def test_tensor_norms_of_small_and_large_tensors_in_any_order_match_float64(rng, bad):
+    # The tensors of at most `SMALL_TENSOR` entries share one zero-padded reduction: each
+    # norm must still be its own tensor's, in the order given, and a NaN or inf stays in
+    # its own tensor's norm (the step's verdict reads them).
+    large = maths.SMALL_TENSOR + 3
+    shapes = [(large,), (3,), (4, 5), (0,), (2, large // 2), (1,), (7, 1, 2)]
+    tensors = [rng.normal(size=s).astype("float32") for s in shapes]
+    if bad is not None:
+        tensors[2][1, 3] = bad
+    expected = [np.sqrt(np.sum(t.astype(np.float64) ** 2)) for t in tensors]
+    got = np.asarray(maths.tensor_norms([ops.convert_to_tensor(t) for t in tensors]))
+    assert got.shape == (len(shapes),)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # Only the listed norms: in-place padding never leaks into another tensor's norm.
+    assert np.isfinite(np.delete(got, 2)).all()
+
+
 def test_zero_gradient_gives_zero_perturbation_not_nan():
     e = maths.sam_perturbation([ops.zeros((3, 2)), ops.zeros((4,))], rho=0.05)
     for t in e:

@@ -15,13 +15,8 @@ Counted on the overhead-bound MLP of `benchmarks/regimes.py` (256 -> 8 x Dense(2
   each is at least one kernel launch on a GPU.
 - TensorFlow: the operations of the traced step's graph that run a kernel (not its
   constants, arguments and pass-throughs), the conditionals' branches included.
-
 - JAX: the kernels of the compiled step (XLA's fusions and the operations it leaves
   unfused, in the entry computation and the conditionals' branches), on this device.
-  Not at the goal: SAM adds 1.375x what the bare step adds on XLA:CPU, the verdict's
-  one reduction per final gradient tensor (which the bare step, checking nothing, does
-  not take) being kernels of their own there; held at 1.45x against regressions
-  (docs/benchmarks.md, "Operations").
 """
 
 import collections
@@ -240,7 +235,6 @@ def test_a_tensorflow_sam_step_adds_at_most_a_tenth_more_operations_than_a_bare_
 # HLO instructions that launch nothing: arguments, tuples and their parts, constants,
 # reinterpretations.
 _NO_LAUNCH = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast"}
-JAX_ALLOWANCE = 1.45  # measured 1.375; the goal is ALLOWANCE
 
 
 def _jax_kernels(kind):
@@ -289,5 +283,7 @@ def _hlo_kernels(text):
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's compiled step")
 def test_a_compiled_jax_sam_step_adds_no_more_kernels_than_measured():
     added, floor, sam = _added_and_floor(_jax_kernels)
-    # Measured on XLA:CPU: plain 111, bare 207 (adds 96), SAM 243 (adds 132).
-    assert added <= JAX_ALLOWANCE * floor, (added, floor, sam.most_common(12))
+    # Measured on XLA:CPU: plain 111, bare 207 (adds 96), SAM 213 (adds 102, 1.06x);
+    # 243 (1.38x) before the tensors of at most `maths.SMALL_TENSOR` entries shared one
+    # reduction for their norms.
+    assert added <= ALLOWANCE * floor, (added, floor, sam.most_common(12))
