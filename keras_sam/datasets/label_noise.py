@@ -8,6 +8,8 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
+from keras_sam._validation import check_integer
+
 MODES = ("flip", "uniform")
 
 
@@ -123,15 +125,7 @@ def corrupt_labels(
                 "`num_classes` must be >= 2; by default it is max(labels) + 1, which is "
                 f"{num_classes} here. Pass num_classes explicitly. Received: num_classes=None"
             )
-    elif (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, numbers.Integral)
-        or num_classes < 2
-    ):
-        raise ValueError(
-            f"`num_classes` must be an int >= 2. Received: num_classes={num_classes!r}"
-        )
-    num_classes = int(num_classes)
+    num_classes = check_integer("num_classes", num_classes, minimum=2, rule="an int >= 2")
     if array.size:
         low, high = int(array.min()), int(array.max())
         if low < 0 or high >= num_classes:

@@ -4,7 +4,6 @@ ICML 2025), at the cost of one pass a step."""
 from __future__ import annotations
 
 import math
-import numbers
 import random
 from typing import Any
 
@@ -12,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sam._validation import check_integer
 from keras_sam.methods.config import (
     refuse_perturbation_arguments,
     serialize_rate,
@@ -144,24 +144,12 @@ class FlatLoRA(SAM):
             "merged LoRA weights, of relative strength `sigma`.",
         )
         sigma = check_rate("sigma", sigma)
-        if total_steps is not None and (
-            isinstance(total_steps, bool)
-            or not isinstance(total_steps, numbers.Integral)
-            or total_steps < 1
-        ):
-            raise ValueError(
-                "`total_steps` must be None or an integer >= 1. "
-                f"Received: total_steps={total_steps!r}"
-            )
+        total_steps = check_integer("total_steps", total_steps, minimum=1, optional=True)
         if seed is None:
             seed = random.SystemRandom().randrange(2**32)
-        elif (
-            isinstance(seed, bool)
-            or not isinstance(seed, numbers.Integral)
-            or not (0 <= seed < 2**32)
-        ):
-            raise ValueError(
-                f"`seed` must be None or an integer in [0, 2**32). Received: seed={seed!r}"
+        else:
+            seed = check_integer(
+                "seed", seed, 0, 2**32 - 1, optional=True, rule="an integer in [0, 2**32)"
             )
         super().__init__(optimizer, rho=0.0, **kwargs)
         self.sigma = sigma

@@ -1,10 +1,9 @@
 """Schedules of `rho`: `ProportionalRho`, a radius that follows the learning rate, as GSAM's
 paper does; `LatePhaseRho`, SAM from a given step on only."""
 
-import numbers
-
 import keras
 
+from keras_sam._validation import check_integer
 from keras_sam.methods.sam import check_number
 
 
@@ -137,14 +136,7 @@ class LatePhaseRho(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, rho: float, start_step: int) -> None:
         rho = check_number("rho", rho, minimum=0.0, float32=True)
-        if (
-            isinstance(start_step, bool)
-            or not isinstance(start_step, numbers.Integral)
-            or start_step < 0
-        ):
-            raise ValueError(
-                f"`start_step` must be an integer >= 0. Received: start_step={start_step!r}"
-            )
+        start_step = check_integer("start_step", start_step, minimum=0)
         self.rho = rho
         self.start_step = int(start_step)
 

@@ -2,7 +2,6 @@
 
 import inspect
 import math
-import numbers
 import os
 import warnings
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import keras
 
 from keras_sam import backends, files
+from keras_sam._validation import check_integer
 from keras_sam.backends.base import is_floating
 from keras_sam.methods.hooks import unwrap_loss_scale
 from keras_sam.methods.sam import SAM
@@ -112,15 +112,9 @@ class SAMModel(keras.Model):
                 "`model.build(input_shape)`, or give a Sequential model a `keras.Input`. "
                 f"Received the unbuilt model {model.name!r}."
             )
-        if num_batch_splits is not None and (
-            isinstance(num_batch_splits, bool)
-            or not isinstance(num_batch_splits, numbers.Integral)
-            or num_batch_splits < 1
-        ):
-            raise ValueError(
-                "`num_batch_splits` must be None or an integer >= 1. "
-                f"Received: num_batch_splits={num_batch_splits!r}"
-            )
+        num_batch_splits = check_integer(
+            "num_batch_splits", num_batch_splits, minimum=1, optional=True
+        )
         self.model = model
         self.num_batch_splits = None if num_batch_splits is None else int(num_batch_splits)
         self.max_consecutive_skips = check_max_consecutive_skips(max_consecutive_skips)
