@@ -21,183 +21,189 @@ Each worker times, on the CNN of `step_time.py` (28x28x1 inputs, 10 classes, bat
 """
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
 import sys
-import time
+
+import timing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BATCH = 128
 
 
 # ----------------------------------------------------------------------------- worker
-def worker(steps):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def fit_timer(x, y, steps, sam):
+    """Seconds per step of one `fit` epoch of the CNN (plain, or `SAMModel` with SAM): the
+    median interval between the steps' ends."""
     import keras
-    import numpy as np
+    from cnn import cnn
 
     import keras_sam
 
-    sys.path.insert(0, HERE)
+    model = cnn()
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    if sam:
+        model = keras_sam.SAMModel(model)
+        optimizer = keras_sam.SAM(optimizer, rho=0.05)
+    model.compile(
+        optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    clock = timing.StepClock()
+
+    def run():
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[clock])
+        return clock.median_interval()
+
+    run()  # compile and warm up
+    return run
+
+
+def tensorflow_loop_step(model, optimizer, loss_fn, xb, yb, sam):
+    """The custom loop on TensorFlow, `tf.function(jit_compile=True)`: `tape.gradient` and
+    `apply`, or `SAM.optimize`. Returns a callable -> the loss."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def train_step(xb, yb):
+        def grad_func():
+            with tf.GradientTape() as tape:
+                pred = model(xb, training=True)
+                loss = loss_fn(yb, pred)
+            return pred, loss, tape
+
+        if sam:
+            return optimizer.optimize(grad_func, model.trainable_variables)[1]
+        _, loss, tape = grad_func()
+        optimizer.apply(tape.gradient(loss, model.trainable_variables))
+        return loss
+
+    return lambda: train_step(xb, yb)
+
+
+def jax_loop_step(model, optimizer, loss_fn, xb, yb, sam):
+    """The custom loop on JAX, `jax.jit`: `stateless_apply` or `stateless_optimize`, the
+    state carried from step to step. Returns a callable -> the loss."""
+    import jax
+
+    trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
+
+    def compute_loss(values, non_trainable_values, xb, yb):
+        pred, non_trainable_values = model.stateless_call(
+            values, non_trainable_values, xb, training=True
+        )
+        return loss_fn(yb, pred), non_trainable_values
+
+    @jax.jit
+    def train_step(state, xb, yb):
+        values, non_trainable_values, optimizer_values = state
+        if sam:
+
+            def compute():
+                pred = model(xb, training=True)
+                return pred, loss_fn(yb, pred)
+
+            state, (_, loss, _) = optimizer.stateless_optimize(
+                state, compute, trainable, non_trainable
+            )
+            return state, loss
+        grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+        (loss, non_trainable_values), grads = grad_fn(values, non_trainable_values, xb, yb)
+        values, optimizer_values = optimizer.stateless_apply(optimizer_values, grads, values)
+        return (values, non_trainable_values, optimizer_values), loss
+
+    holder = {
+        "state": (
+            [v.value for v in trainable],
+            [v.value for v in non_trainable],
+            [v.value for v in optimizer.variables],
+        )
+    }
+
+    def one():
+        holder["state"], loss = train_step(holder["state"], xb, yb)
+        return loss
+
+    return one
+
+
+def loop_timer(x, y, steps, sam):
+    """Seconds per step of the backend's custom loop over `steps` steps on one batch."""
+    import keras
     from cnn import cnn
 
+    import keras_sam
+
+    model = cnn()
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    if sam:
+        optimizer = keras_sam.SAM(optimizer, rho=0.05)
+    optimizer.build(model.trainable_variables)
+    xb, yb = keras.ops.convert_to_tensor(x[:BATCH]), keras.ops.convert_to_tensor(y[:BATCH])
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if keras.backend.backend() == "torch":
+        from torch_reference import keras_loop_step as loop_step
+    elif keras.backend.backend() == "jax":
+        loop_step = jax_loop_step
+    else:
+        loop_step = tensorflow_loop_step
+    one = loop_step(model, optimizer, loss_fn, xb, yb, sam)
+
+    def run():  # the first step finishes anything pending
+        return timing.per_step(one, steps, wait=keras.ops.convert_to_numpy, settle=True)
+
+    run()
+    return run
+
+
+def bare_torch_timer(x, y, steps, sam):
+    """Seconds per step of the CNN in bare `torch.nn`, plain or davda54's SAM."""
+    import torch_reference
+    from cnn import cnn
+
+    model, one = torch_reference.steps(x[:BATCH], y[:BATCH], sam)
+    assert torch_reference.parameter_count(model) == cnn().count_params()
+
+    def run():
+        return timing.per_step(one, steps, settle=True)
+
+    run()
+    return run
+
+
+def worker(steps):
+    """Builds and warms this backend's timers, then serves rounds (`timing.serve`)."""
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, HERE)
     backend = keras.backend.backend()
     rng = np.random.default_rng(0)
-    batch = 128
-    x = rng.random((batch * steps, 28, 28, 1), dtype="float32")
-    y = rng.integers(0, 10, batch * steps)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    class StepTimes(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter())
-
-    def fit_timer(sam):
-        model = cnn()
-        optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
-        if sam:
-            model = keras_sam.SAMModel(model)
-            optimizer = keras_sam.SAM(optimizer, rho=0.05)
-        model.compile(optimizer=optimizer, loss=loss_fn)
-        callback = StepTimes()
-
-        def run():
-            callback.times = []
-            model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[callback])
-            intervals = np.diff(callback.times)
-            return float(np.median(intervals))
-
-        run()  # compile and warm up
-        return run
-
-    def loop_timer(sam):
-        model = cnn()
-        optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
-        if sam:
-            optimizer = keras_sam.SAM(optimizer, rho=0.05)
-        optimizer.build(model.trainable_variables)
-        xb, yb = keras.ops.convert_to_tensor(x[:batch]), keras.ops.convert_to_tensor(y[:batch])
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            @tf.function(jit_compile=True)
-            def train_step(xb, yb):
-                def grad_func():
-                    with tf.GradientTape() as tape:
-                        pred = model(xb, training=True)
-                        loss = loss_fn(yb, pred)
-                    return pred, loss, tape
-
-                if sam:
-                    return optimizer.optimize(grad_func, model.trainable_variables)[1]
-                _, loss, tape = grad_func()
-                optimizer.apply(tape.gradient(loss, model.trainable_variables))
-                return loss
-
-            def one():
-                return train_step(xb, yb)
-
-        elif backend == "torch":
-            import torch_reference
-
-            one = torch_reference.keras_loop_step(model, optimizer, loss_fn, xb, yb, sam)
-
-        else:
-            import jax
-
-            trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
-
-            def compute_loss(values, non_trainable_values, xb, yb):
-                pred, non_trainable_values = model.stateless_call(
-                    values, non_trainable_values, xb, training=True
-                )
-                return loss_fn(yb, pred), non_trainable_values
-
-            @jax.jit
-            def train_step(state, xb, yb):
-                values, non_trainable_values, optimizer_values = state
-                if sam:
-
-                    def compute():
-                        pred = model(xb, training=True)
-                        return pred, loss_fn(yb, pred)
-
-                    state, (_, loss, _) = optimizer.stateless_optimize(
-                        state, compute, trainable, non_trainable
-                    )
-                    return state, loss
-                grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-                (loss, non_trainable_values), grads = grad_fn(values, non_trainable_values, xb, yb)
-                values, optimizer_values = optimizer.stateless_apply(
-                    optimizer_values, grads, values
-                )
-                return (values, non_trainable_values, optimizer_values), loss
-
-            holder = {
-                "state": (
-                    [v.value for v in trainable],
-                    [v.value for v in non_trainable],
-                    [v.value for v in optimizer.variables],
-                )
-            }
-
-            def one():
-                holder["state"], loss = train_step(holder["state"], xb, yb)
-                return loss
-
-        def run():
-            keras.ops.convert_to_numpy(one())  # finish anything pending
-            start = time.perf_counter()
-            for _ in range(steps):
-                loss = one()
-            keras.ops.convert_to_numpy(loss)  # wait for the last step
-            return (time.perf_counter() - start) / steps
-
-        run()
-        return run
-
-    def bare_torch_timer(sam):
-        import torch_reference
-
-        model, one = torch_reference.steps(x[:batch], y[:batch], sam)
-        assert torch_reference.parameter_count(model) == cnn().count_params()
-
-        def run():
-            one()
-            start = time.perf_counter()
-            for _ in range(steps):
-                loss = one()
-            float(loss)
-            return (time.perf_counter() - start) / steps
-
-        run()
-        return run
-
+    x = rng.random((BATCH * steps, 28, 28, 1), dtype="float32")
+    y = rng.integers(0, 10, BATCH * steps)
     timers = {
-        "fit_plain": fit_timer(False),
-        "fit_sam": fit_timer(True),
-        "loop_plain": loop_timer(False),
-        "loop_sam": loop_timer(True),
+        "fit_plain": fit_timer(x, y, steps, False),
+        "fit_sam": fit_timer(x, y, steps, True),
+        "loop_plain": loop_timer(x, y, steps, False),
+        "loop_sam": loop_timer(x, y, steps, True),
     }
     if backend == "torch":  # the same CNN and SAM in bare PyTorch (torch_reference.py)
-        timers |= {"bare_plain": bare_torch_timer(False), "bare_sam": bare_torch_timer(True)}
-    print(json.dumps({"ready": backend}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "round":
-            break
-        result = {name: timer() for name, timer in timers.items()}
-        print(json.dumps(result), flush=True)
+        timers["bare_plain"] = bare_torch_timer(x, y, steps, False)
+        timers["bare_sam"] = bare_torch_timer(x, y, steps, True)
+    timing.serve(timers, {"ready": backend})
 
 
 # ------------------------------------------------------------------------ coordinator
+def by_timer(samples):
+    """`name -> [one value a round]` from a worker's rounds (`[{name: value}, ...]`)."""
+    return {name: [sample[name] for sample in samples] for name in samples[0]}
+
+
 def report_bare_torch(results):
     """keras-sam on PyTorch against the same CNN and SAM (davda54's) in bare PyTorch."""
-    r = {k: [x[k] for x in results] for k in results[0]}
+    r = by_timer(results)
 
     def ratio(a, b):
-        values = [x / y for x, y in zip(r[a], r[b])]
-        return f"{statistics.median(values):.3f} ({min(values):.2f} - {max(values):.2f})"
+        over = timing.ratio(r[a], r[b])
+        return f"{over.median:.3f} ({over.low:.2f} - {over.high:.2f})"
 
     print(
         "\nPyTorch: keras-sam against bare torch (torch.nn CNN, davda54 SAM), ms per step;"
@@ -216,10 +222,40 @@ def report_bare_torch(results):
             else (ratio(plain, "bare_plain"), ratio(sam, "bare_sam"))
         )
         print(
-            f"| {label} | {1e3 * statistics.median(r[plain]):.1f}"
-            f" | {1e3 * statistics.median(r[sam]):.1f} | {ratio(sam, plain)}"
+            f"| {label} | {timing.ms(r[plain]):.1f}"
+            f" | {timing.ms(r[sam]):.1f} | {ratio(sam, plain)}"
             f" | {over[0]} | {over[1]} |"
         )
+
+
+def report(rounds, steps, count):
+    """The table of every backend, then bare torch's, then each backend's SAM `fit` step
+    over TensorFlow's."""
+    print(f"CNN, batch 128, {steps} steps a timing, {count} interleaved rounds")
+    print(
+        f"{'backend':<11} {'fit plain':>10} {'fit SAM':>9} {'SAM/plain':>10}"
+        f" {'loop plain':>11} {'loop SAM':>9} {'SAM/plain':>10}   (ms per step)"
+    )
+    for backend, results in rounds.items():
+        r = by_timer(results)
+        print(
+            f"{backend:<11} {timing.ms(r['fit_plain']):>10.1f} {timing.ms(r['fit_sam']):>9.1f}"
+            f" {timing.ratio(r['fit_sam'], r['fit_plain']).median:>10.3f}"
+            f" {timing.ms(r['loop_plain']):>11.1f} {timing.ms(r['loop_sam']):>9.1f}"
+            f" {timing.ratio(r['loop_sam'], r['loop_plain']).median:>10.3f}"
+        )
+    if "torch" in rounds:
+        report_bare_torch(rounds["torch"])
+    if "tensorflow" in rounds and len(rounds) > 1:
+        tf_fit = by_timer(rounds["tensorflow"])["fit_sam"]
+        for backend, results in rounds.items():
+            if backend == "tensorflow":
+                continue
+            over = timing.ratio(by_timer(results)["fit_sam"], tf_fit)
+            print(
+                f"SAM fit step, {backend} over tensorflow: {over.median:.3f}"
+                f" (range {over.low:.3f} to {over.high:.3f})"
+            )
 
 
 def main(argv=None):
@@ -240,58 +276,10 @@ def main(argv=None):
     if args.worker:
         worker(args.steps)
         return
-    workers = {}
-    for backend in args.backends:
-        env = dict(os.environ, KERAS_BACKEND=backend)
-        workers[backend] = subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--steps", str(args.steps)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-    for backend, process in workers.items():
-        ready = json.loads(process.stdout.readline())
+    workers = timing.Workers(__file__, ["--worker", "--steps", str(args.steps)], args.backends)
+    for backend, ready in workers.ready.items():
         assert ready == {"ready": backend}, ready
-    rounds = {backend: [] for backend in workers}
-    for _ in range(args.rounds):
-        for backend, process in workers.items():
-            process.stdin.write("round\n")
-            process.stdin.flush()
-            rounds[backend].append(json.loads(process.stdout.readline()))
-    for process in workers.values():
-        process.stdin.close()
-        process.wait()
-
-    def median(values):
-        return statistics.median(values)
-
-    print(f"CNN, batch 128, {args.steps} steps a timing, {args.rounds} interleaved rounds")
-    print(
-        f"{'backend':<11} {'fit plain':>10} {'fit SAM':>9} {'SAM/plain':>10}"
-        f" {'loop plain':>11} {'loop SAM':>9} {'SAM/plain':>10}   (ms per step)"
-    )
-    for backend, results in rounds.items():
-        r = {k: [x[k] for x in results] for k in results[0]}
-        fit_plain, fit_sam = 1e3 * median(r["fit_plain"]), 1e3 * median(r["fit_sam"])
-        print(
-            f"{backend:<11} {fit_plain:>10.1f} {fit_sam:>9.1f}"
-            f" {median([s / p for s, p in zip(r['fit_sam'], r['fit_plain'])]):>10.3f}"
-            f" {1e3 * median(r['loop_plain']):>11.1f} {1e3 * median(r['loop_sam']):>9.1f}"
-            f" {median([s / p for s, p in zip(r['loop_sam'], r['loop_plain'])]):>10.3f}"
-        )
-    if "torch" in rounds:
-        report_bare_torch(rounds["torch"])
-    if "tensorflow" in rounds and len(rounds) > 1:
-        tf_fit = [x["fit_sam"] for x in rounds["tensorflow"]]
-        for backend, results in rounds.items():
-            if backend == "tensorflow":
-                continue
-            ratios = [x["fit_sam"] / t for x, t in zip(results, tf_fit)]
-            print(
-                f"SAM fit step, {backend} over tensorflow: {median(ratios):.3f}"
-                f" (range {min(ratios):.3f} to {max(ratios):.3f})"
-            )
+    report(workers.rounds(args.rounds), args.steps, args.rounds)
 
 
 if __name__ == "__main__":

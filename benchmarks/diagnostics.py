@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import timing  # noqa: E402
 
 from keras_sam import diagnostics  # noqa: E402
 from keras_sam.diagnostics import _engine  # noqa: E402
@@ -57,23 +58,16 @@ def hvp_over_gradient(model, loss, x, y, batch_size, rounds, repeats):
     def hvp():
         return passes.hessian_vector_product(weights, vector)
 
-    def timed(function):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            result = function()
+    def wait(result):
         np.asarray(result[0])  # wait for the last one
-        return (time.perf_counter() - start) / repeats
 
-    for _ in range(2):  # trace and warm up
-        timed(gradient), timed(hvp)
-    gradient_times, hvp_times, ratios = [], [], []
-    for _ in range(rounds):
-        g = timed(gradient)
-        h = timed(hvp)
-        gradient_times.append(g)
-        hvp_times.append(h)
-        ratios.append(h / g)
-    return gradient_times, hvp_times, ratios
+    timers = {
+        "gradient": lambda: timing.per_step(gradient, repeats, wait=wait),
+        "hvp": lambda: timing.per_step(hvp, repeats, wait=wait),
+    }
+    timing.warm_up(timers, 2)  # trace and warm up
+    times = timing.interleave(timers, rounds)
+    return times["gradient"], times["hvp"], timing.ratios(times["hvp"], times["gradient"])
 
 
 def landscape_time(model, loss, x, y, batch_size, points):

@@ -85,6 +85,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
+import timing  # noqa: E402
 from full_fashion_mnist import FASHION_MEAN, FASHION_STD, environment, normalize, write_json  # noqa: E402
 
 PAPERS = {
@@ -324,33 +325,6 @@ def method_kwargs(method, args, steps=None):
     return kwargs
 
 
-class StepTimes:
-    """A Keras callback (built lazily): each step's end time, per epoch; reading the loss
-    waits for the step (a GPU runs ahead of the host)."""
-
-    def __new__(cls):
-        import keras
-
-        class Times(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.epochs = []
-
-            def on_epoch_begin(self, epoch, logs=None):
-                self.epochs.append([])
-
-            def on_train_batch_end(self, batch, logs=None):
-                float(keras.ops.convert_to_numpy(logs["loss"]))
-                self.epochs[-1].append(time.perf_counter())
-
-            def seconds_per_step(self):
-                """The median over the epochs after the first of the time from the epoch's
-                first step end to its last over the steps between (None: too few)."""
-                times = [(e[-1] - e[0]) / (len(e) - 1) for e in self.epochs[1:] if len(e) > 1]
-                return statistics.median(times) if times else None
-
-        return Times()
-
-
 def finetune_run(method, condition, seed, args, arrays, weights):
     """Trains one run; returns its record (status "unavailable" where the method is)."""
     import keras
@@ -374,7 +348,7 @@ def finetune_run(method, condition, seed, args, arrays, weights):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    times = StepTimes()
+    times = timing.StepClock()
     started = time.perf_counter()
     history = trained.fit(
         x,
@@ -412,19 +386,17 @@ def time_methods(args, arrays, weights):
                     f"timing round {round_}: {method} {1e3 * run['seconds_per_step']:.1f} ms/step",
                     flush=True,
                 )
-    timing = {}
+    result = {}
     for method, seconds in times.items():
         if len(seconds) == len(times[BASELINE]) == args.time_rounds:
-            ratios = [s / b for s, b in zip(seconds, times[BASELINE], strict=True)]
-            timing[method] = {"seconds_per_step": seconds, "ratio": statistics.median(ratios)}
-    return timing
+            ratio = timing.ratio(seconds, times[BASELINE]).median
+            result[method] = {"seconds_per_step": seconds, "ratio": ratio}
+    return result
 
 
 # ----------------------------------------------------------------------------- memory
 def memory_worker(method, args):
     """Prints one fine-tuning run's peak memory (seed 0, clean labels), in a fresh process."""
-    from regimes import peak_bytes
-
     arrays = load(args.data_dir, args.test_size)
     weights, _ = pretrain(args, arrays)
     x, y, _, _ = finetune_data(arrays, args, 0, 0.0)
@@ -442,10 +414,10 @@ def memory_worker(method, args):
         optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
     del arrays  # the fine-tuning set is all `fit` needs from here
-    on_host = peak_bytes() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    before = _reset_host_peak() if on_host else peak_bytes()
+    on_host = timing.peak_bytes() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _reset_host_peak() if on_host else timing.peak_bytes()
     trained.fit(x, y, batch_size=args.batch_size, epochs=epochs, verbose=0)
-    peak = _host_bytes("VmHWM") if on_host and before is not None else peak_bytes()
+    peak = _host_bytes("VmHWM") if on_host and before is not None else timing.peak_bytes()
     result = {"status": "complete", "peak_bytes": peak, "peak_before_fit_bytes": before}
     print(json.dumps(result), flush=True)
 
@@ -472,11 +444,7 @@ def _host_bytes(field):
 def measure_memory(method, args, argv):
     """Runs `memory_worker` in a fresh process with the same arguments."""
     command = [sys.executable, __file__, *argv, "--memory-worker", method]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
-    )
-    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    out = subprocess.run(command, env=timing.worker_env(), capture_output=True, text=True)
     if out.returncode:
         return {"status": f"failed: exit {out.returncode}: {out.stderr.strip()[-500:]}"}
     return json.loads(out.stdout.strip().splitlines()[-1])

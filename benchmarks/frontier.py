@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fashion_mnist  # noqa: E402
 import inspect_results  # noqa: E402
+import timing  # noqa: E402
 
 from keras_sam.cli.training import RunConfig, prepare_data, train  # noqa: E402
 
@@ -203,19 +204,20 @@ def time_epochs(args, specs):
     }
     timer = _EpochTimer()
     fit = dict(x=data.x_train, y=data.y_train, batch_size=base.batch_size, verbose=0)
-    for model in models.values():  # compile and warm up
-        model.fit(epochs=1, **fit)
-    seconds = {key: [] for key in models}
-    for _ in range(args.rounds):
-        for key, model in models.items():
-            model.fit(epochs=1, callbacks=[timer.callback], **fit)
-            seconds[key].append(timer.seconds())
+    timing.warm_up([lambda m=m: m.fit(epochs=1, **fit) for m in models.values()], 1)
+
+    def epoch(model):
+        model.fit(epochs=1, callbacks=[timer.callback], **fit)
+        return timer.seconds()
+
+    timers = {key: (lambda m=model: epoch(m)) for key, model in models.items()}
+    seconds = timing.interleave(timers, args.rounds)
     ratios = {}
     for spec, (_, _, fraction) in timed.items():
         if spec.endswith((" before", " after")):
             continue
         if fraction is None:
-            per_round = [t / p for t, p in zip(seconds[spec], seconds["plain"])]
+            per_round = timing.ratios(seconds[spec], seconds["plain"])
         else:
             # `fraction` of the steps before SAM starts (one pass), the rest with SAM.
             per_round = [
@@ -224,9 +226,9 @@ def time_epochs(args, specs):
                     seconds[spec + " before"], seconds[spec + " after"], seconds["plain"]
                 )
             ]
-            ratios[spec + " before"] = statistics.median(
-                b / p for b, p in zip(seconds[spec + " before"], seconds["plain"])
-            )
+            ratios[spec + " before"] = timing.ratio(
+                seconds[spec + " before"], seconds["plain"]
+            ).median
         ratios[spec] = statistics.median(per_round)
     plain_ms = 1000 * statistics.median(seconds["plain"]) / steps_per_epoch
     return ratios, plain_ms

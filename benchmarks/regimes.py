@@ -44,11 +44,12 @@ import argparse
 import concurrent.futures
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
+
+import timing
+from timing import peak_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKLOADS = ("cnn", "mlp", "transformer", "overhead")
@@ -165,58 +166,26 @@ def compiled(name, method, steps, make_optimizer=None, jit_compile=False):
 
 
 # ------------------------------------------------------------------------- worker
+def fit_timer(name, method, steps, jit_compile=False):
+    """`(wall, CPU)` seconds per step of one `fit` epoch of `method` on workload `name`,
+    from the end of its first step to the end of its last (the first waits for data)."""
+    trained, _, x, y, batch = compiled(name, method, steps + 1, jit_compile=jit_compile)
+    clock = timing.StepClock()
+
+    def run():
+        trained.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[clock])
+        return clock.span()
+
+    run()  # compiles
+    return run
+
+
 def worker(workloads, steps, jit_compile=False):
     import keras
 
-    class BatchEnds(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.wall, self.cpu = [], []
-
-        def on_train_batch_end(self, batch, logs=None):
-            # Reading the loss waits for the step (a GPU runs ahead of the host).
-            float(keras.ops.convert_to_numpy(logs["loss"]))
-            self.wall.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-
-    def timer(name, method):
-        trained, _, x, y, batch = compiled(name, method, steps + 1, jit_compile=jit_compile)
-        ends = BatchEnds()
-
-        def run():
-            trained.fit(
-                x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[ends]
-            )
-            # The first step of each epoch is not counted (it waits for the data).
-            return (
-                (ends.wall[-1] - ends.wall[0]) / steps,
-                (ends.cpu[-1] - ends.cpu[0]) / steps,
-            )
-
-        run()  # compiles
-        return run
-
-    timers = {(w, m): timer(w, m) for w in workloads for m in METHODS}
-    print(json.dumps({"ready": keras.backend.backend(), "device": device_name()}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "round":
-            break
-        result = {f"{w}|{m}": run() for (w, m), run in timers.items()}
-        print(json.dumps(result), flush=True)
-
-
-def device_name():
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    if backend == "jax":
-        import jax
-
-        return jax.devices()[0].device_kind
-    return "cpu"
+    timers = {f"{w}|{m}": fit_timer(w, m, steps, jit_compile) for w in workloads for m in METHODS}
+    ready = {"ready": keras.backend.backend(), "device": timing.device_name()}
+    timing.serve(timers, ready)
 
 
 # ------------------------------------------------------------------------- memory
@@ -231,25 +200,6 @@ def memory_worker(workload_name, method, optimizer_name, steps):
     # A copy of the parameters: float32 (the variables' dtype, also under mixed_bfloat16).
     parameter_bytes = 4 * sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     print(json.dumps({"peak": peak_bytes(), "parameter_bytes": parameter_bytes}), flush=True)
-
-
-def peak_bytes():
-    """The device's peak allocation on a GPU, else the process's peak resident memory."""
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.max_memory_allocated()
-    if backend == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        if device.platform != "cpu":
-            return device.memory_stats()["peak_bytes_in_use"]
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_memory(backends, steps, dtype, jobs=1):
@@ -278,7 +228,8 @@ def measure_memory(backends, steps, dtype, jobs=1):
             "--dtype",
             dtype,
         ]
-        out = subprocess.run(command, env=_env(backend), capture_output=True, text=True, check=True)
+        env = timing.worker_env(backend)
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -302,50 +253,18 @@ def measure_memory(backends, steps, dtype, jobs=1):
 
 
 # -------------------------------------------------------------------- coordinator
-def _env(backend):
-    return dict(
-        os.environ,
-        KERAS_BACKEND=backend,
-        TF_CPP_MIN_LOG_LEVEL="3",
-        PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
-    )
-
-
 def time_regimes(backends, workloads, rounds, steps, dtype, after_round=None, jit_compile=False):
     """Runs the interleaved rounds; `after_round(devices, samples)` sees the samples so
     far after each (so that a run cut short still leaves its finished rounds)."""
-    workers = {}
-    for backend in backends:
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            "--steps",
-            str(steps),
-            "--dtype",
-            dtype,
-            "--workloads",
-            *workloads,
-        ] + (["--jit-compile"] if jit_compile else [])
-        workers[backend] = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(backend)
-        )
-    devices = {}
-    for backend, process in workers.items():
-        ready = json.loads(process.stdout.readline())
-        devices[backend] = ready["device"]
-    samples = {backend: [] for backend in workers}
-    for _ in range(rounds):
-        for backend, process in workers.items():
-            process.stdin.write("round\n")
-            process.stdin.flush()
-            samples[backend].append(json.loads(process.stdout.readline()))
+    arguments = ["--worker", "--steps", str(steps), "--dtype", dtype, "--workloads", *workloads]
+    workers = timing.Workers(__file__, arguments + ["--jit-compile"] * jit_compile, backends)
+    devices = {backend: ready["device"] for backend, ready in workers.ready.items()}
+
+    def each_round(samples):
         if after_round is not None:
             after_round(devices, samples)
-    for process in workers.values():
-        process.stdin.close()
-        process.wait()
-    return devices, samples
+
+    return devices, workers.rounds(rounds, each_round)
 
 
 def summarize(samples, workloads):
@@ -359,7 +278,7 @@ def summarize(samples, workloads):
                 return [r[f"{w}|{method}"][which] for r in rounds]
 
             def ratio(a, b, which):
-                return statistics.median([x / y for x, y in zip(times(a, which), times(b, which))])
+                return timing.ratio(times(a, which), times(b, which)).median
 
             row = {"plain_ms": 1e3 * statistics.median(times("plain", 0))}
             for m in METHODS[1:]:

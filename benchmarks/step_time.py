@@ -61,7 +61,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -84,37 +83,50 @@ if __name__ == "__main__" and any(a == "--backend" or a.startswith("--backend=")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import timing  # noqa: E402
 from cnn import cnn  # noqa: E402
 
 import keras_sam  # noqa: E402
 
 
-def custom_loop_steps(batch, jit):
-    x, y = batch
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    plain_model, sam_model = cnn(), cnn()
-    plain_opt = keras.optimizers.SGD(0.01, momentum=0.9)
-    sam_opt = keras_sam.SAM(keras.optimizers.SGD(0.01, momentum=0.9), rho=0.05)
+def plain_train_step(model, loss_fn, next_batch, jit):
+    """A compiled plain step on `next_batch()`: `tape.gradient` and the optimizer's `apply`."""
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
 
     @tf.function(jit_compile=jit)
-    def plain_step():
+    def step():
+        x, y = next_batch()
         with tf.GradientTape() as tape:
-            loss = loss_fn(y, plain_model(x, training=True))
-        variables = plain_model.trainable_variables
-        plain_opt.apply(tape.gradient(loss, variables), variables)
+            loss = loss_fn(y, model(x, training=True))
+        variables = model.trainable_variables
+        optimizer.apply(tape.gradient(loss, variables), variables)
         return loss
 
-    @tf.function(jit_compile=jit)
-    def sam_step():
+    return step
+
+
+def sam_train_step(model, optimizer, loss_fn, next_batch, jit):
+    """A compiled step on `next_batch()` through `optimizer.optimize` (SAM or a variant)."""
+
+    def step():
+        x, y = next_batch()
+
         def grad_func():
             with tf.GradientTape() as tape:
-                pred = sam_model(x, training=True)
+                pred = model(x, training=True)
                 loss = loss_fn(y, pred)
             return pred, loss, tape
 
-        return sam_opt.optimize(grad_func, sam_model.trainable_variables)[1]
+        return optimizer.optimize(grad_func, model.trainable_variables)[1]
 
-    return plain_step, sam_step
+    return tf.function(step, jit_compile=jit)
+
+
+def custom_loop_steps(batch, jit):
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    sam_opt = keras_sam.SAM(keras.optimizers.SGD(0.01, momentum=0.9), rho=0.05)
+    plain_step = plain_train_step(cnn(), loss_fn, lambda: batch, jit)
+    return plain_step, sam_train_step(cnn(), sam_opt, loss_fn, lambda: batch, jit)
 
 
 METHODS = {
@@ -152,54 +164,28 @@ def method_steps(batches, jit):
         i = counter.assign_add(1) % len(batches)
         return tf.gather(xs, i), tf.gather(ys, i)
 
-    plain_model, plain_opt = cnn(), keras.optimizers.SGD(0.01, momentum=0.9)
-    plain_counter = tf.Variable(-1, dtype=tf.int64)
+    def cycled():
+        counter = tf.Variable(-1, dtype=tf.int64)
+        return lambda: batch_at(counter)
 
-    @tf.function(jit_compile=jit)
-    def plain_step():
-        x, y = batch_at(plain_counter)
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, plain_model(x, training=True))
-        variables = plain_model.trainable_variables
-        plain_opt.apply(tape.gradient(loss, variables), variables)
-        return loss
-
-    steps = {"plain": plain_step}
+    steps = {"plain": plain_train_step(cnn(), loss_fn, cycled(), jit)}
     optimizers = {}
     for name, make in METHODS.items():
-        model, optimizer = cnn(), make(keras.optimizers.SGD(0.01, momentum=0.9))
-        counter = tf.Variable(-1, dtype=tf.int64)
-
-        def step(model=model, optimizer=optimizer, counter=counter):
-            x, y = batch_at(counter)
-
-            def grad_func():
-                with tf.GradientTape() as tape:
-                    pred = model(x, training=True)
-                    loss = loss_fn(y, pred)
-                return pred, loss, tape
-
-            return optimizer.optimize(grad_func, model.trainable_variables)[1]
-
-        steps[name] = tf.function(step, jit_compile=jit)
+        optimizer = make(keras.optimizers.SGD(0.01, momentum=0.9))
+        steps[name] = sam_train_step(cnn(), optimizer, loss_fn, cycled(), jit)
         optimizers[name] = optimizer
     return steps, optimizers
 
 
 def compare_methods(batches, rounds, steps, jit):
     functions, optimizers = method_steps(batches, jit)
-    for _ in range(3):
-        for step in functions.values():
-            step()
+    timing.warm_up(functions, 3)  # trace, compile and warm up
     before = {
         name: float(opt.second_passes.numpy())
         for name, opt in optimizers.items()
         if opt.may_skip_second_pass
     }
-    times = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, step in functions.items():
-            times[name].append(timed(step, steps))
+    times = timing.time_steps(functions, rounds, steps, warmup=0)
     passes = {
         name: (float(optimizers[name].second_passes.numpy()) - count) / (rounds * steps)
         for name, count in before.items()
@@ -214,53 +200,35 @@ def compare_methods(batches, rounds, steps, jit):
 
 
 def report_methods(times, passes, jit):
-    median = statistics.median
     plain = times["plain"]
-    sam = times["SAM"]
     mode = "jit_compile=True" if jit else "tf.function"
     print(f"\nEvery method, custom loop, {mode}: time per step over the plain step")
     print("(median of the per-round ratios; all steps interleaved in each round)\n")
     print("| method | ms/step | over plain | range | over SAM | two-pass steps |")
     print("|---|---|---|---|---|---|")
-    print(f"| plain | {median(plain) * 1e3:.1f} | 1 | | | 0 % |")
+    print(f"| plain | {timing.ms(plain):.1f} | 1 | | | 0 % |")
     for name, values in times.items():
         if name == "plain":
             continue
-        ratios = [v / p for v, p in zip(values, plain)]
-        over_sam = median([v / s for v, s in zip(values, sam)])
+        over = timing.ratio(values, plain)
+        over_sam = timing.ratio(values, times["SAM"]).median
         fraction = passes.get(name, 1.0)
         print(
-            f"| {name} | {median(values) * 1e3:.1f} | **{median(ratios):.3f}** | "
-            f"{min(ratios):.2f} - {max(ratios):.2f} | {over_sam:.3f} | {fraction:.0%} |"
+            f"| {name} | {timing.ms(values):.1f} | **{over.median:.3f}** | "
+            f"{over.low:.2f} - {over.high:.2f} | {over_sam:.3f} | {fraction:.0%} |"
         )
     for name, goal in GOALS.items():
-        ratio = median([v / p for v, p in zip(times[name], plain)])
+        ratio = timing.ratio(times[name], plain).median
         verdict = "met" if ratio <= goal else "NOT met"
         print(f"\n{name} over plain: {ratio:.3f} (goal {goal:.2f} or less: {verdict})")
 
 
-def timed(step, steps):
-    start = time.perf_counter()
-    for _ in range(steps):
-        result = step()
-    float(result)  # wait for the last step
-    return (time.perf_counter() - start) / steps
-
-
 def compare_custom_loop(batch, rounds, steps, jit):
-    """Wall-clock and CPU seconds per step, each as (plain, SAM, SAM / plain) per round."""
+    """Wall-clock and CPU seconds per step, each as (plain, SAM) lists, one entry a round."""
     plain_step, sam_step = custom_loop_steps(batch, jit)
-    for _ in range(3):  # trace, compile and warm up
-        plain_step(), sam_step()
-    wall, cpu = ([], [], []), ([], [], [])
-    for _ in range(rounds):
-        for step, index in ((plain_step, 0), (sam_step, 1)):
-            start_cpu = time.process_time()
-            wall[index].append(timed(step, steps))
-            cpu[index].append((time.process_time() - start_cpu) / steps)
-        for times in (wall, cpu):
-            times[2].append(times[1][-1] / times[0][-1])
-    return wall, cpu
+    functions = {"plain": plain_step, "SAM": sam_step}
+    times = timing.columns(timing.time_steps(functions, rounds, steps, cpu=True))
+    return tuple((times["plain"][i], times["SAM"][i]) for i in (0, 1))
 
 
 def fit_dataset(x, y, batch_size):
@@ -313,29 +281,23 @@ def fit_models(keras2=False):
 def time_fit(x, y, rounds, batch_size, keras2=False):
     """name -> (wall seconds, CPU seconds) per round, each a one-epoch `fit`, interleaved."""
     data = fit_dataset(x, y, batch_size)
-    models = fit_models(keras2)
-    for model in models.values():  # the first epoch traces the step and fills the cache
-        model.fit(data, epochs=1, verbose=0, shuffle=False)
-    times = {name: ([], []) for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            model.fit(data, epochs=1, verbose=0, shuffle=False)
-            times[name][0].append(time.perf_counter() - start)
-            times[name][1].append(time.process_time() - start_cpu)
-    return times
+    epochs = {
+        name: (lambda m=model: m.fit(data, epochs=1, verbose=0, shuffle=False))
+        for name, model in fit_models(keras2).items()
+    }
+    timing.warm_up(epochs, 1)  # the first epoch traces the step and fills the cache
+    timers = {name: (lambda e=epoch: timing.stopwatch(e)) for name, epoch in epochs.items()}
+    return timing.columns(timing.interleave(timers, rounds))
 
 
 def compare_fit(x, y, rounds, batch_size):
-    """Plain and SAM wall times per round, and their ratios (for the mixed-precision table)."""
+    """Plain and SAM wall times per round (for the mixed-precision table)."""
     times = time_fit(x, y, rounds, batch_size)
-    plain, sam = times["plain"][0], times["SAM"][0]
-    return plain, sam, [s / p for s, p in zip(sam, plain)]
+    return times["plain"][0], times["SAM"][0]
 
 
 def report_fit(times, fit_batches):
     """The `fit` table: wall-clock and CPU time per epoch, each method over its own plain."""
-    median = statistics.median
     print(
         f"\n`fit`, one epoch of {fit_batches} batches (tf.data autotuning off), "
         "medians of the rounds; ratios are medians of the per-round ratios\n"
@@ -344,25 +306,23 @@ def report_fit(times, fit_batches):
     print("|---|---|---|---|---|---|---|")
     baselines = {"plain": "plain", "SAM": "plain"}
     baselines |= {"Keras 2 plain": "Keras 2 plain", "Keras 2 SAM": "Keras 2 plain"}
+    labels = {"plain": "Keras 3 plain", "SAM": "keras-sam SAMModel + SAM"}
+    labels["Keras 2 SAM"] = "Keras 2 SharpnessAwareMinimization"
     for name, (wall, cpu) in times.items():
         base_wall, base_cpu = times[baselines[name]]
-        ratio = [v / b for v, b in zip(wall, base_wall)]
-        cpu_ratio = [v / b for v, b in zip(cpu, base_cpu)]
-        label = {"plain": "Keras 3 plain", "SAM": "keras-sam SAMModel + SAM"}.get(name, name)
-        if name == "Keras 2 SAM":
-            label = "Keras 2 SharpnessAwareMinimization"
+        over, cpu_over = timing.ratio(wall, base_wall), timing.ratio(cpu, base_cpu)
         print(
-            f"| {label} | {median(wall) * 1e3:.1f} | {median(cpu) * 1e3:.1f} "
-            f"| **{median(ratio):.3f}** | {min(ratio):.3f} - {max(ratio):.3f} "
-            f"| **{median(cpu_ratio):.3f}** | {min(cpu_ratio):.3f} - {max(cpu_ratio):.3f} |"
+            f"| {labels.get(name, name)} | {timing.ms(wall):.1f} | {timing.ms(cpu):.1f} "
+            f"| **{over.median:.3f}** | {over.low:.3f} - {over.high:.3f} "
+            f"| **{cpu_over.median:.3f}** | {cpu_over.low:.3f} - {cpu_over.high:.3f} |"
         )
     if "Keras 2 SAM" in times:
-        wall = [a / b for a, b in zip(times["SAM"][0], times["Keras 2 SAM"][0])]
-        cpu = [a / b for a, b in zip(times["SAM"][1], times["Keras 2 SAM"][1])]
+        wall = timing.ratio(times["SAM"][0], times["Keras 2 SAM"][0])
+        cpu = timing.ratio(times["SAM"][1], times["Keras 2 SAM"][1])
         print(
-            f"\nkeras-sam's SAM epoch over Keras 2's: {median(wall):.3f} wall-clock "
-            f"(range {min(wall):.3f} - {max(wall):.3f}), {median(cpu):.3f} CPU "
-            f"(range {min(cpu):.3f} - {max(cpu):.3f})"
+            f"\nkeras-sam's SAM epoch over Keras 2's: {wall.median:.3f} wall-clock "
+            f"(range {wall.low:.3f} - {wall.high:.3f}), {cpu.median:.3f} CPU "
+            f"(range {cpu.low:.3f} - {cpu.high:.3f})"
         )
 
 
@@ -436,19 +396,10 @@ def compare_distributed(batch, rounds, steps):
     devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
     strategy = tf.distribute.MirroredStrategy(devices)
     functions, collectives = distributed_steps(strategy, batch)
-    for _ in range(3):
-        for step in functions.values():
-            step()
-    times = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, step in functions.items():
-            times[name].append(timed(step, steps))
-    return times, collectives
+    return timing.time_steps(functions, rounds, steps), collectives
 
 
 def report_distributed(times, collectives, batch_size):
-    median = statistics.median
-    plain = times["plain"]
     print(
         f"\nMirroredStrategy on 2 logical CPU devices, custom loop, global batch {batch_size}:"
         " time per step over the plain 2-replica step\n"
@@ -456,10 +407,10 @@ def report_distributed(times, collectives, batch_size):
     print("| step | ms/step | over plain | range | collective ops in the traced step |")
     print("|---|---|---|---|---|")
     for name, values in times.items():
-        ratios = [v / p for v, p in zip(values, plain)]
+        over = timing.ratio(values, times["plain"])
         print(
-            f"| {name} | {median(values) * 1e3:.1f} | **{median(ratios):.3f}** | "
-            f"{min(ratios):.2f} - {max(ratios):.2f} | {collectives[name]} |"
+            f"| {name} | {timing.ms(values):.1f} | **{over.median:.3f}** | "
+            f"{over.low:.2f} - {over.high:.2f} | {collectives[name]} |"
         )
 
 
@@ -475,30 +426,28 @@ def compare_mixed_precision(x, y, rounds, batch_size):
 
 
 def report_mixed_precision(results, fit_batches):
-    median = statistics.median
     print(f"\n`fit`, one epoch of {fit_batches} batches, float32 and mixed_float16\n")
     print("| policy | plain | SAM | SAM / plain | range |")
     print("|---|---|---|---|---|")
-    for policy, (plain_times, sam_times, ratios) in results.items():
-        print(
-            f"| {policy} | {median(plain_times) * 1e3:.1f} ms | {median(sam_times) * 1e3:.1f} ms "
-            f"| **{median(ratios):.3f}** | {min(ratios):.3f} - {max(ratios):.3f} |"
-        )
+    for policy, (plain_times, sam_times) in results.items():
+        report(policy, plain_times, sam_times, unit="ms")
     mixed, single = results["mixed_float16"], results["float32"]
+    median = statistics.median
     plain_ratio = median(mixed[0]) / median(single[0])
     sam_ratio = median(mixed[1]) / median(single[1])
     print(f"\nmixed_float16 over float32 (medians): plain {plain_ratio:.3f}, SAM {sam_ratio:.3f}")
 
 
-def report(name, plain_times, sam_times, ratios, unit):
-    median = statistics.median
+def report(name, plain_times, sam_times, unit):
+    """A row: the medians of plain and SAM, and SAM over plain (median of the rounds')."""
+    over = timing.ratio(sam_times, plain_times)
     print(
-        f"| {name} | {median(plain_times) * 1e3:.1f} {unit} | {median(sam_times) * 1e3:.1f} {unit} "
-        f"| **{median(ratios):.3f}** | {min(ratios):.3f} - {max(ratios):.3f} |"
+        f"| {name} | {timing.ms(plain_times):.1f} {unit} | {timing.ms(sam_times):.1f} {unit} "
+        f"| **{over.median:.3f}** | {over.low:.3f} - {over.high:.3f} |"
     )
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     parser.add_argument("--steps", type=int, default=20, help="steps per round (default 20)")
@@ -525,7 +474,11 @@ def main():
         action="store_true",
         help="with --distributed, --mixed-precision or --keras2: only those",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
     if args.distributed:  # before TensorFlow initializes its devices
         tf.config.set_logical_device_configuration(
             tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2

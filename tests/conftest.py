@@ -76,6 +76,7 @@ NEUTRAL = {
     # The GPU benchmarks' scripts are written for JAX or PyTorch: one of them runs them.
     "test_gpu_benchmarks.py": "torch",
     "test_finetune_benchmark.py": "torch",
+    "test_benchmark_timing.py": "torch",  # the benchmarks' timing harness
     "test_models.py": "torch",
     "test_packaging.py": "torch",
     "test_planted_defects.py": "torch",
