@@ -5,6 +5,11 @@ The floor that `regimes.py` measures keras-sam against: the clean gradient, `e =
 step, with nothing else: no finite check, no skipped steps, no m-sharpness, the
 weights perturbed in place (davda54/sam's design). One `train_step` per backend, each
 as Keras's own trainer writes a plain step.
+
+The benchmarks' other bare SAM, `torch_reference.SAM`, is the same algorithm outside Keras:
+davda54's optimizer on a `torch.nn` model, the reference for what Keras and keras-sam add on
+PyTorch (`backends.py`). This one runs inside Keras's `fit` on every backend, the floor for
+what keras-sam's step adds over the same trainer; neither can stand in for the other.
 """
 
 import keras
