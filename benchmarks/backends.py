@@ -192,14 +192,9 @@ def worker(steps):
 
 
 # ------------------------------------------------------------------------ coordinator
-def by_timer(samples):
-    """`name -> [one value a round]` from a worker's rounds (`[{name: value}, ...]`)."""
-    return {name: [sample[name] for sample in samples] for name in samples[0]}
-
-
 def report_bare_torch(results):
     """keras-sam on PyTorch against the same CNN and SAM (davda54's) in bare PyTorch."""
-    r = by_timer(results)
+    r = timing.by_name(results)
 
     def ratio(a, b):
         over = timing.ratio(r[a], r[b])
@@ -237,7 +232,7 @@ def report(rounds, steps, count):
         f" {'loop plain':>11} {'loop SAM':>9} {'SAM/plain':>10}   (ms per step)"
     )
     for backend, results in rounds.items():
-        r = by_timer(results)
+        r = timing.by_name(results)
         print(
             f"{backend:<11} {timing.ms(r['fit_plain']):>10.1f} {timing.ms(r['fit_sam']):>9.1f}"
             f" {timing.ratio(r['fit_sam'], r['fit_plain']).median:>10.3f}"
@@ -247,11 +242,11 @@ def report(rounds, steps, count):
     if "torch" in rounds:
         report_bare_torch(rounds["torch"])
     if "tensorflow" in rounds and len(rounds) > 1:
-        tf_fit = by_timer(rounds["tensorflow"])["fit_sam"]
+        tf_fit = timing.by_name(rounds["tensorflow"])["fit_sam"]
         for backend, results in rounds.items():
             if backend == "tensorflow":
                 continue
-            over = timing.ratio(by_timer(results)["fit_sam"], tf_fit)
+            over = timing.ratio(timing.by_name(results)["fit_sam"], tf_fit)
             print(
                 f"SAM fit step, {backend} over tensorflow: {over.median:.3f}"
                 f" (range {over.low:.3f} to {over.high:.3f})"

@@ -272,10 +272,11 @@ def summarize(samples, workloads):
     and SAM over bare (wall)."""
     table = {}
     for backend, rounds in samples.items():
+        series = timing.columns(timing.by_name(rounds))  # "w|m" -> ([wall], [CPU])
         for w in workloads:
 
             def times(method, which):
-                return [r[f"{w}|{method}"][which] for r in rounds]
+                return series[f"{w}|{method}"][which]
 
             def ratio(a, b, which):
                 return timing.ratio(times(a, which), times(b, which)).median

@@ -9,7 +9,8 @@ Every timing script measures the same way, with these pieces:
 - `interleave(timers, rounds)`: each round calls every timer once, in order (plain, SAM,
   plain, SAM, ...), so that the machine's drift hits all alike;
 - `ratio(values, baseline)`: the median, lowest and highest of the per-round ratios (a
-  ratio is taken within a round, then summarized: never a ratio of two medians);
+  ratio is taken within a round, then summarized: never a ratio of two medians), and
+  `by_name`, `columns` and `ms` to reshape and summarize the samples;
 - `StepClock()`: a Keras callback that stamps each training step's end inside `fit`
   (wall and CPU), so that a step's time excludes what `fit` does around its epochs;
 - `Workers` and `serve`: one worker process per Keras backend (Keras picks its backend
@@ -89,6 +90,12 @@ def time_steps(steps_by_name, rounds, steps, warmup=3, **per_step_options):
 
 
 # ---------------------------------------------------------------------------- summaries
+def by_name(rounds):
+    """`name -> [one value a round]` from rounds that each give `{name: value}` (what a
+    worker answers to a round)."""
+    return {name: [sample[name] for sample in rounds] for name in rounds[0]}
+
+
 def columns(samples):
     """`name -> ([first of each round], [second of each round], ...)` from samples whose
     rounds each give a tuple (`per_step(..., cpu=True)`: wall, CPU)."""

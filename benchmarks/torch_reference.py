@@ -10,8 +10,9 @@ same one element-wise operation per weight.
 
 Used by benchmarks/backends.py (`--backend torch`) to time keras-sam's SAM against this
 loop on the same data, in the same rounds (the bare SAM inside Keras's `fit`, for every
-backend, is `bare_sam.BareSAM`: the same algorithm as a Keras `train_step`); `python benchmarks/torch_reference.py`
-profiles a few steps of each (torch.profiler and cProfile), to attribute the difference.
+backend, is `bare_sam.BareSAM`: the same algorithm as a Keras `train_step`);
+`python benchmarks/torch_reference.py` profiles a few steps of each (torch.profiler and
+cProfile), to attribute the difference.
 """
 
 import time
