@@ -7,7 +7,8 @@ Every timing script measures the same way, with these pieces:
   the process's CPU time (all threads), which a shared machine inflates much less;
 - `warm_up(functions, times)` traces, compiles and warms each function in turn;
 - `interleave(timers, rounds)`: each round calls every timer once, in order (plain, SAM,
-  plain, SAM, ...), so that the machine's drift hits all alike;
+  plain, SAM, ...), so that the machine's drift hits all alike; `time_steps` is the
+  three together (warm-up, then rounds of `per_step` of each step);
 - `ratio(values, baseline)`: the median, lowest and highest of the per-round ratios (a
   ratio is taken within a round, then summarized: never a ratio of two medians), and
   `by_name`, `columns` and `ms` to reshape and summarize the samples;
