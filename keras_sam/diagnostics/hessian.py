@@ -119,7 +119,16 @@ def hessian_eigenvalues(
         - Ghorbani, Krishnan and Xiao, An Investigation into Neural Net Optimization via
           Hessian Eigenvalue Density, ICML 2019. https://arxiv.org/abs/1901.10159
     """
-    k, max_iterations, tol, seed, verbose = _check_lanczos(k, max_iterations, tol, seed, verbose)
+    k = _validation.check_positive_int("k", k)
+    max_iterations = _validation.check_positive_int("max_iterations", max_iterations)
+    tol = _validation.check_positive("tol", tol)
+    seed = _check_seed(seed)
+    verbose = _validation.check_verbose(verbose)
+    if max_iterations < k:
+        raise ValueError(
+            "`max_iterations` must be >= k: each iteration finds at most one more "
+            f"eigenvalue. Received: max_iterations={max_iterations}, k={k}"
+        )
     passes = _engine.Passes(objective)
     weights = _engine.snapshot(passes.variables)
     shapes = [tuple(w.shape) for w in weights]
@@ -137,31 +146,20 @@ def hessian_eigenvalues(
         matvec, dim, k, min(max_iterations, dim), tol, np.random.default_rng(seed), verbose
     )
     if not converged:
-        warnings.warn(
-            f"hessian_eigenvalues: the {k} largest eigenvalues did not reach the relative "
-            f"residual tol={tol:g} within max_iterations={max_iterations}; returning the best "
-            "estimates. Raise `max_iterations` or `tol`.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _warn_not_converged(k, tol, max_iterations)
     if return_eigenvectors:
         return values, [_unflatten(v, shapes) for v in vectors]
     return values
 
 
-def _check_lanczos(k, max_iterations, tol, seed, verbose):
-    """`hessian_eigenvalues`' own arguments, checked (the model's size aside)."""
-    k = _validation.check_positive_int("k", k)
-    max_iterations = _validation.check_positive_int("max_iterations", max_iterations)
-    tol = _validation.check_positive("tol", tol)
-    seed = _check_seed(seed)
-    verbose = _validation.check_verbose(verbose)
-    if max_iterations < k:
-        raise ValueError(
-            "`max_iterations` must be >= k: each iteration finds at most one more "
-            f"eigenvalue. Received: max_iterations={max_iterations}, k={k}"
-        )
-    return k, max_iterations, tol, seed, verbose
+def _warn_not_converged(k, tol, max_iterations):
+    warnings.warn(
+        f"hessian_eigenvalues: the {k} largest eigenvalues did not reach the relative "
+        f"residual tol={tol:g} within max_iterations={max_iterations}; returning the best "
+        "estimates. Raise `max_iterations` or `tol`.",
+        RuntimeWarning,
+        stacklevel=3,  # the caller of hessian_eigenvalues
+    )
 
 
 def hessian_trace(

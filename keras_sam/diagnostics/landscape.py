@@ -93,7 +93,7 @@ def loss_landscape(
         - Goodfellow, Vinyals and Saxe, Qualitatively Characterizing Neural Network
           Optimization Problems, ICLR 2015. https://arxiv.org/abs/1412.6544
     """
-    _check_shape(dimensions, to_model, normalization)
+    _check_options(dimensions, to_model, normalization)
     _validation.check_integer("seed", seed, minimum=0)
     verbose = _validation.check_verbose(verbose)
     axes = _axes(coordinates, dimensions, to_model)
@@ -102,10 +102,9 @@ def loss_landscape(
     passes = _engine.Passes(objective)
     weights = _engine.snapshot(passes.variables)
     directions = _random_directions(weights, dimensions, seed, normalization, include_biases)
-    points = _grid_points(weights, directions, axes)
-    count = int(np.prod([len(a) for a in axes]))
-    losses, accuracies = _losses(passes, points, count, verbose)
     shape = tuple(len(a) for a in axes)
+    points = _grid_points(weights, directions, axes)
+    losses, accuracies = _losses(passes, points, int(np.prod(shape)), verbose)
     return {
         "coordinates": axes[0] if dimensions == 1 else tuple(axes),
         "loss": losses.reshape(shape),
@@ -114,7 +113,8 @@ def loss_landscape(
     }
 
 
-def _check_shape(dimensions, to_model, normalization):
+def _check_options(dimensions, to_model, normalization):
+    """`dimensions` 1 or 2 (1 with `to_model`), and a known `normalization`."""
     if isinstance(dimensions, bool) or dimensions not in (1, 2):
         raise ValueError(f"`dimensions` must be 1 or 2. Received: dimensions={dimensions!r}")
     if to_model is not None and dimensions != 1:
