@@ -46,7 +46,10 @@ def images(count, seed=0):
 
 
 def hvp_over_gradient(model, loss, x, y, batch_size, rounds, repeats):
-    passes = _engine.Passes(model, loss, tf.constant(x), tf.constant(y), batch_size)
+    objective = diagnostics.Objective(
+        model, tf.constant(x), tf.constant(y), loss=loss, batch_size=batch_size
+    )
+    passes = _engine.Passes(objective)
     weights = _engine.snapshot(passes.variables)
     rng = np.random.default_rng(0)
     vector = [rng.standard_normal(w.shape).astype("float32") for w in weights]
@@ -77,11 +80,7 @@ def landscape_time(model, loss, x, y, batch_size, points):
     predict = time.perf_counter() - predict_start
     start = time.perf_counter()
     result = diagnostics.loss_landscape(
-        model,
-        x,
-        y,
-        loss=loss,
-        batch_size=batch_size,
+        diagnostics.Objective(model, x, y, loss=loss, batch_size=batch_size),
         dimensions=2,
         coordinates=np.linspace(-1, 1, points),
         verbose=2,

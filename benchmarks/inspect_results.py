@@ -88,20 +88,19 @@ def _interpolation(args, cell, data, settings):
     folders = [Path(args.runs) / cell / label for label in ("plain", "sam")]
     if not all((f / "model.keras").is_file() for f in folders):
         return None
-    from keras_sam.diagnostics import loss_landscape
+    from keras_sam.diagnostics import Objective, loss_landscape
 
     if data is None:
         data = prepare_data(_run_config(folders[0]), args.data_dir)
     plain, sam = (inspection.load_model(f / "model.keras") for f in folders)
-    result = loss_landscape(
+    objective = Objective(
         plain,
         data.x_train,
         data.y_train,
         loss=inspection.default_loss(plain),
         batch_size=settings.batch_size,
-        to_model=sam,
-        verbose=0,
     )
+    result = loss_landscape(objective, to_model=sam, verbose=0)
     line = {
         "coordinates": result["coordinates"].tolist(),
         "loss": result["loss"].tolist(),

@@ -119,7 +119,7 @@ def train_run(key, noise, method, seed, args, arrays, record, budget):
     import keras_sam
     from keras_sam.cli.training import ASAM_RHO_SCALE
     from keras_sam.datasets import label_noise
-    from keras_sam.diagnostics import hessian_eigenvalues
+    from keras_sam.diagnostics import Objective, hessian_eigenvalues
     from keras_sam.models import set_random_seed
 
     (x_all, y_all), (x_test, y_test) = arrays
@@ -186,12 +186,11 @@ def train_run(key, noise, method, seed, args, arrays, record, budget):
         now = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the best estimate if unconverged
+            objective = Objective(
+                model, x_train[probe], y_train[probe], loss=loss, batch_size=min(500, len(probe))
+            )
             top = hessian_eigenvalues(
-                model,
-                x_train[probe],
-                y_train[probe],
-                loss=loss,
-                batch_size=min(500, len(probe)),
+                objective,
                 k=1,
                 max_iterations=args.hessian_iterations,
                 tol=1e-2,

@@ -334,7 +334,7 @@ def _inspect(args):
 
 def _compare_inspection(args, models, data, out, title):
     from keras_sam.cli import inspection
-    from keras_sam.diagnostics import loss_landscape
+    from keras_sam.diagnostics import Objective, loss_landscape
 
     settings = inspection.InspectSettings()
     reports = {}
@@ -347,15 +347,14 @@ def _compare_inspection(args, models, data, out, title):
         print("\n".join(inspection.summary_lines(label, reports[label])))
     (first, model_a), (second, model_b) = models.items()
     print(f"\n== the line from {first} to {second} ==")
-    line = loss_landscape(
+    objective = Objective(
         model_a,
         data.x_train,
         data.y_train,
         loss=inspection.default_loss(model_a),
         batch_size=settings.batch_size,
-        to_model=model_b,
-        verbose=_verbose(args),
     )
+    line = loss_landscape(objective, to_model=model_b, verbose=_verbose(args))
     inspection.write_json(
         {
             "data": f"the {len(data.y_train):,} training examples, with the labels trained on",

@@ -152,18 +152,18 @@ def inspect_model(model, x, y, loss, settings=None, verbose=1, log=print):
     quiet = 0 if verbose == 0 else 2 if verbose == 2 else 1
     seconds = {}
 
+    objective = diagnostics.Objective(model, x, y, loss=loss, batch_size=s.batch_size)
+
     def timed(name, diagnostic, **kwargs):
-        """`diagnostic(model, x, y, loss, batch_size, **kwargs)`, its seconds recorded."""
+        """`diagnostic(objective, **kwargs)`, its seconds recorded."""
         log(f"  {name} ...")
         start = time.perf_counter()
-        result = diagnostic(model, x, y, loss=loss, batch_size=s.batch_size, **kwargs)
+        result = diagnostic(objective, **kwargs)
         seconds[name] = round(time.perf_counter() - start, 2)
         return result
 
     report = {"parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
-    at_weights = diagnostics.loss_landscape(
-        model, x, y, loss=loss, batch_size=s.batch_size, coordinates=[0.0], verbose=0
-    )
+    at_weights = diagnostics.loss_landscape(objective, coordinates=[0.0], verbose=0)
     report["loss"] = float(at_weights["loss"][0])
     report["accuracy"] = (
         None if at_weights["accuracy"] is None else float(at_weights["accuracy"][0])

@@ -91,7 +91,7 @@ def uniform_vs_normal(rho=0.05, steps=1500, batch_size=16, learning_rate=0.05, s
     """
     import keras
 
-    from keras_sam.diagnostics import sharpness
+    from keras_sam.diagnostics import Objective, sharpness
     from keras_sam.methods.sam import SAM
 
     rng = np.random.default_rng(seed)
@@ -132,10 +132,11 @@ def uniform_vs_normal(rho=0.05, steps=1500, batch_size=16, learning_rate=0.05, s
         for index in batches:
             step(x_train[index], y_train[index])
         pred = keras.ops.convert_to_numpy(model(x_test))
+        test = Objective(model, x_test, y_test, loss=loss_fn)
         results[method] = {
             "test_loss": float(loss_fn(y_test, pred)),
             "test_accuracy": float(np.mean((pred > 0.5) == (y_test > 0.5))),
-            "test_sharpness": sharpness(model, x_test, y_test, loss=loss_fn, rho=rho)["sharpness"],
+            "test_sharpness": sharpness(test, rho=rho)["sharpness"],
         }
     return results
 

@@ -450,7 +450,7 @@ class _EpochRecorder:
         logs["test_accuracy"] = h["test_accuracy"][-1]
 
     def _evaluate(self, h, last):
-        from keras_sam.diagnostics import sharpness
+        from keras_sam.diagnostics import Objective, sharpness
 
         x_test, y_test = self.data.x_test, self.data.y_test
         if self.test_subset is not None and not last:
@@ -459,14 +459,15 @@ class _EpochRecorder:
         h["test_examples"].append(len(y_test))
         h["test_loss"].append(float(self.loss(y_test, logits)))
         h["test_accuracy"].append(float(np.mean(logits.argmax(-1) == y_test)))
-        measured = sharpness(
+        probe = self.probe[: self.config.sharpness_examples]
+        objective = Objective(
             self.model,
-            self.data.x_train[self.probe[: self.config.sharpness_examples]],
-            self.data.y_train[self.probe[: self.config.sharpness_examples]],
+            self.data.x_train[probe],
+            self.data.y_train[probe],
             loss=self.loss,
             batch_size=500,
-            rho=self.config.sharpness_rho,
         )
+        measured = sharpness(objective, rho=self.config.sharpness_rho)
         h["measured_sharpness"].append(measured["sharpness"])
         h["hessian_top_eigenvalue"].append(
             self._top_eigenvalue() if last and self.config.hessian_examples else None
@@ -475,18 +476,21 @@ class _EpochRecorder:
     def _top_eigenvalue(self):
         import warnings
 
-        from keras_sam.diagnostics import hessian_eigenvalues
+        from keras_sam.diagnostics import Objective, hessian_eigenvalues
 
         probe = self.probe[: self.config.hessian_examples]
         with warnings.catch_warnings():
             # Not converged within the iterations: the best estimate is reported.
             warnings.simplefilter("ignore", RuntimeWarning)
-            values = hessian_eigenvalues(
+            objective = Objective(
                 self.model,
                 self.data.x_train[probe],
                 self.data.y_train[probe],
                 loss=self.loss,
                 batch_size=500,
+            )
+            values = hessian_eigenvalues(
+                objective,
                 k=1,
                 max_iterations=self.config.hessian_iterations,
                 tol=1e-2,

@@ -1,8 +1,9 @@
-"""What every diagnostic shares: the data, the loss, argument checks, and compiled passes.
+"""What every diagnostic shares: reading the data and the loss, and compiled passes.
 
-A `Passes` object holds one model, one loss and one data set, and runs passes over the
-whole data set, one compiled call per batch (`tf.function` on TensorFlow, `jax.jit` on
-JAX, eager on PyTorch) adding to running sums that stay on the device:
+A `Passes` object holds one `Objective` (a model, a loss and a data set, checked once
+in `objective.py`) and runs passes over the whole data set, one compiled call per batch
+(`tf.function` on TensorFlow, `jax.jit` on JAX, eager on PyTorch) adding to running sums
+that stay on the device:
 
 - `loss(values)`: the mean loss (and accuracy) with the trainable variables reading
   `values`;
@@ -122,17 +123,18 @@ def to_numpy(tensors):
 
 
 class Passes:
-    """Compiled passes of `model` with `loss_fn` over all of `(x, y)`, in batches."""
+    """Compiled passes of an `Objective`: its model and loss over all of its data, in
+    batches of its `batch_size`."""
 
-    def __init__(self, model, loss_fn, x, y, batch_size, extra_variables=()):
-        self.model = model
-        self.loss_fn = loss_fn
-        self.variables = trainable_variables(model)
+    def __init__(self, objective, extra_variables=()):
+        self.model = objective.model
+        self.loss_fn = objective.loss_fn
+        self.variables = trainable_variables(self.model)
         # More variables the loss pass may read from given values (the non-trainable
         # ones, when interpolating between two models).
         self.extra_variables = list(extra_variables)
-        self.x, self.y = x, y
-        self.batch_size = batch_size
+        self.x, self.y = objective.x, objective.y
+        self.batch_size = objective.batch_size
         self._classifier = None
         # One compiled function per kind of pass, called once per batch: it adds the
         # batch's share to running sums, which stay on the device between batches.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,21 +12,12 @@ from keras_sam import _validation
 from keras_sam.diagnostics import _engine
 
 if TYPE_CHECKING:
-    import keras
     from numpy.typing import ArrayLike
 
-    Loss = keras.losses.Loss | Callable[..., Any] | str
+    from keras_sam.diagnostics.objective import Objective
 
 
-def hessian_vector_product(
-    model: keras.Model,
-    x: Any,
-    y: ArrayLike | None,
-    vector: Sequence[ArrayLike],
-    *,
-    loss: Loss | None = None,
-    batch_size: int = 256,
-) -> list[np.ndarray]:
+def hessian_vector_product(objective: Objective, vector: Sequence[ArrayLike]) -> list[np.ndarray]:
     """The Hessian of the mean loss times a vector, exactly, by double differentiation.
 
     ```
@@ -41,39 +32,32 @@ def hessian_vector_product(
     and its weights are never written.
 
     Args:
-        model: a Keras model.
-        x: inputs, or a `tf.data.Dataset` of `(x, y)` batches (then `y` is `None`).
-        y: targets.
-        vector: list of arrays, one per `model.trainable_variables`, of their shapes.
-        loss: a Keras loss averaging over examples; defaults to the model's compiled loss.
-        batch_size: int, examples per pass. Defaults to 256.
+        objective: the `Objective`: the model, the data, the loss and the batch size.
+        vector: list of arrays, one per trainable variable of the model, of their shapes.
 
     Returns:
-        A list of NumPy arrays shaped like `model.trainable_variables`: `H v`.
+        A list of NumPy arrays shaped like the model's `trainable_variables`: `H v`.
 
     Example:
 
     ```python
     v = [np.ones(w.shape, "float32") for w in model.trainable_variables]
-    hv = keras_sam.diagnostics.hessian_vector_product(model, x, y, v)
+    objective = keras_sam.diagnostics.Objective(model, x, y)
+    hv = keras_sam.diagnostics.hessian_vector_product(objective, v)
     ```
 
     References:
         - Pearlmutter, Fast Exact Multiplication by the Hessian, Neural Computation 1994.
     """
-    passes = _passes(model, x, y, loss, batch_size)
+    passes = _engine.Passes(objective)
     vector = _check_vector(vector, passes.variables)
     weights = _engine.snapshot(passes.variables)
     return _engine.to_numpy(passes.hessian_vector_product(weights, vector))
 
 
 def hessian_eigenvalues(
-    model: keras.Model,
-    x: Any,
-    y: ArrayLike | None = None,
+    objective: Objective,
     *,
-    loss: Loss | None = None,
-    batch_size: int = 256,
     k: int = 1,
     max_iterations: int = 100,
     tol: float = 1e-3,
@@ -101,15 +85,11 @@ def hessian_eigenvalues(
     "Largest" is algebraic: away from a minimum the Hessian has negative eigenvalues, and
     they come last.
 
-    Cost: one Hessian-vector product over all of `(x, y)` per iteration, usually 10 to
+    Cost: one Hessian-vector product over all of the data per iteration, usually 10 to
     40 iterations for `k=1`; memory: one float32 copy of the weights per iteration.
 
     Args:
-        model: a Keras model.
-        x: inputs, or a `tf.data.Dataset` of `(x, y)` batches (then `y` is `None`).
-        y: targets.
-        loss: a Keras loss averaging over examples; defaults to the model's compiled loss.
-        batch_size: int, examples per pass. Defaults to 256.
+        objective: the `Objective`: the model, the data, the loss and the batch size.
         k: int >= 1, how many eigenvalues. Defaults to 1.
         max_iterations: int >= k, the most Lanczos iterations (Hessian-vector products).
             Defaults to 100.
@@ -122,15 +102,15 @@ def hessian_eigenvalues(
     Returns:
         A NumPy float64 array of the `k` largest eigenvalues, in decreasing order. With
         `return_eigenvectors=True`, a pair `(eigenvalues, eigenvectors)`, where
-        `eigenvectors[i]` is a list of arrays shaped like `model.trainable_variables`, of
+        `eigenvectors[i]` is a list of arrays shaped like the model's `trainable_variables`, of
         unit norm over all of them. A `RuntimeWarning` says when `max_iterations` ran out
         before `tol` was met (the values are then the best found).
 
     Example:
 
     ```python
-    top = keras_sam.diagnostics.hessian_eigenvalues(model, x_train[:2000],
-                                                    y_train[:2000], k=5)
+    objective = keras_sam.diagnostics.Objective(model, x_train[:2000], y_train[:2000])
+    top = keras_sam.diagnostics.hessian_eigenvalues(objective, k=5)
     ```
 
     References:
@@ -149,7 +129,7 @@ def hessian_eigenvalues(
             "`max_iterations` must be >= k: each iteration finds at most one more "
             f"eigenvalue. Received: max_iterations={max_iterations}, k={k}"
         )
-    passes = _passes(model, x, y, loss, batch_size)
+    passes = _engine.Passes(objective)
     weights = _engine.snapshot(passes.variables)
     shapes = [tuple(w.shape) for w in weights]
     dim = int(sum(np.prod(s, dtype=np.int64) for s in shapes))
@@ -166,25 +146,25 @@ def hessian_eigenvalues(
         matvec, dim, k, min(max_iterations, dim), tol, np.random.default_rng(seed), verbose
     )
     if not converged:
-        warnings.warn(
-            f"hessian_eigenvalues: the {k} largest eigenvalues did not reach the relative "
-            f"residual tol={tol:g} within max_iterations={max_iterations}; returning the best "
-            "estimates. Raise `max_iterations` or `tol`.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _warn_not_converged(k, tol, max_iterations)
     if return_eigenvectors:
         return values, [_unflatten(v, shapes) for v in vectors]
     return values
 
 
+def _warn_not_converged(k, tol, max_iterations):
+    warnings.warn(
+        f"hessian_eigenvalues: the {k} largest eigenvalues did not reach the relative "
+        f"residual tol={tol:g} within max_iterations={max_iterations}; returning the best "
+        "estimates. Raise `max_iterations` or `tol`.",
+        RuntimeWarning,
+        stacklevel=3,  # the caller of hessian_eigenvalues
+    )
+
+
 def hessian_trace(
-    model: keras.Model,
-    x: Any,
-    y: ArrayLike | None = None,
+    objective: Objective,
     *,
-    loss: Loss | None = None,
-    batch_size: int = 256,
     num_probes: int = 100,
     seed: int = 0,
     verbose: int = 1,
@@ -203,11 +183,7 @@ def hessian_trace(
     diagonal Hessian, and the standard error shrinks as `1/sqrt(P)`.
 
     Args:
-        model: a Keras model.
-        x: inputs, or a `tf.data.Dataset` of `(x, y)` batches (then `y` is `None`).
-        y: targets.
-        loss: a Keras loss averaging over examples; defaults to the model's compiled loss.
-        batch_size: int, examples per pass. Defaults to 256.
+        objective: the `Objective`: the model, the data, the loss and the batch size.
         num_probes: int >= 2, the number of random probes (Hessian-vector products over
             all of the data). Defaults to 100.
         seed: int, seeds the probes. Defaults to 0.
@@ -220,7 +196,8 @@ def hessian_trace(
     Example:
 
     ```python
-    result = keras_sam.diagnostics.hessian_trace(model, x, y, num_probes=50)
+    objective = keras_sam.diagnostics.Objective(model, x, y)
+    result = keras_sam.diagnostics.hessian_trace(objective, num_probes=50)
     print(f"{result['trace']:.1f} +- {result['standard_error']:.1f}")
     ```
 
@@ -238,7 +215,7 @@ def hessian_trace(
         )
     seed = _check_seed(seed)
     verbose = _validation.check_verbose(verbose)
-    passes = _passes(model, x, y, loss, batch_size)
+    passes = _engine.Passes(objective)
     weights = _engine.snapshot(passes.variables)
     rng = np.random.default_rng(seed)
     bar = _engine.progress(num_probes, verbose, "probe", shown=["trace"])
@@ -299,15 +276,20 @@ def _lanczos(matvec, dim, k, iterations, tol, rng, verbose):
             q = r / beta
     if bar is not None:
         bar.update(len(alphas), finalize=True)
-    size = len(alphas)
     values = theta[order]
+    vectors = _ritz_vectors(s[:, order], basis, dim)
+    return values.astype(np.float64), vectors, converged or len(alphas) == dim
+
+
+def _ritz_vectors(coefficients, basis, dim):
+    """`Q s / ||Q s||` for each column `s` of `coefficients` (`Q`: the rows of `basis`)."""
     vectors = []
-    for i in order:
+    for column in coefficients.T:
         vector = np.zeros(dim)
-        for coefficient, row in zip(s[:, i], basis):
+        for coefficient, row in zip(column, basis):
             vector += coefficient * row
         vectors.append(vector / np.linalg.norm(vector))
-    return values.astype(np.float64), vectors, converged or size == dim
+    return vectors
 
 
 def _orthogonalize(r, basis):
@@ -339,13 +321,6 @@ def _unflatten(flat, shapes):
         arrays.append(np.asarray(flat[start : start + size], np.float32).reshape(shape))
         start += size
     return arrays
-
-
-def _passes(model, x, y, loss, batch_size):
-    batch_size = _validation.check_positive_int("batch_size", batch_size)
-    loss_fn = _engine.loss_function(model, loss)
-    x, y = _engine.data_arrays(x, y)
-    return _engine.Passes(model, loss_fn, x, y, batch_size)
 
 
 def _check_vector(vector, variables):

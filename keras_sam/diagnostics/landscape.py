@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -12,22 +12,17 @@ from keras_sam import _validation
 from keras_sam.diagnostics import _engine
 
 if TYPE_CHECKING:
-    import keras
     from numpy.typing import ArrayLike
 
-    Loss = keras.losses.Loss | Callable[..., Any] | str
+    from keras_sam.diagnostics.objective import Objective
 
 
 NORMALIZATIONS = ("filter", "layer")
 
 
 def loss_landscape(
-    model: keras.Model,
-    x: Any,
-    y: ArrayLike | None = None,
+    objective: Objective,
     *,
-    loss: Loss | None = None,
-    batch_size: int = 256,
     dimensions: int = 1,
     coordinates: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
     to_model: keras.Model | None = None,
@@ -52,20 +47,17 @@ def loss_landscape(
     ```
 
     Between two models (`to_model=`), the line `w(t) = (1 - t) w_a + t w_b` through both
-    (Goodfellow et al., 2015): `t = 0` is `model`, `t = 1` is `to_model`. Non-trainable
-    float weights (BatchNorm moving statistics) are interpolated too.
+    (Goodfellow et al., 2015): `t = 0` is the objective's model, `t = 1` is `to_model`.
+    Non-trainable float weights (BatchNorm moving statistics) are interpolated too.
 
     The same `seed` draws the same raw directions for any model of the same
     architecture, so two models' landscapes can be compared on the same axes. Each point
-    is one forward pass over all of `(x, y)` in inference mode (`training=False`), inside
+    is one forward pass over all of the data in inference mode (`training=False`), inside
     compiled passes; the weights are never written.
 
     Args:
-        model: a Keras model.
-        x: inputs, or a `tf.data.Dataset` of `(x, y)` batches (then `y` is `None`).
-        y: targets.
-        loss: a Keras loss averaging over examples; defaults to the model's compiled loss.
-        batch_size: int, examples per forward pass. Defaults to 256.
+        objective: the `Objective`: the model (`t = 0`), the data, the loss and the batch
+            size.
         dimensions: 1 or 2, random directions. Defaults to 1. Must be 1 with `to_model`.
         coordinates: the steps along each direction: a 1-D array, or for 2 dimensions a
             pair of arrays `(a, b)`. Defaults to 21 points in [-1, 1], or in [-0.5, 1.5]
@@ -84,12 +76,13 @@ def loss_landscape(
         (shape `(len(a),)` or `(len(a), len(b))`: `loss[i, j]` at `(a[i], b[j])`),
         `accuracy` (same shape; `None` unless the model is a classifier), and
         `directions` (the normalized directions, each a list of arrays shaped like
-        `model.trainable_variables`; `None` with `to_model`).
+        the model's `trainable_variables`; `None` with `to_model`).
 
     Example:
 
     ```python
-    plane = keras_sam.diagnostics.loss_landscape(model, x, y, dimensions=2,
+    objective = keras_sam.diagnostics.Objective(model, x, y)
+    plane = keras_sam.diagnostics.loss_landscape(objective, dimensions=2,
                                                  coordinates=np.linspace(-1, 1, 21))
     plt.contour(*plane["coordinates"], plane["loss"].T)
     ```
@@ -100,7 +93,28 @@ def loss_landscape(
         - Goodfellow, Vinyals and Saxe, Qualitatively Characterizing Neural Network
           Optimization Problems, ICLR 2015. https://arxiv.org/abs/1412.6544
     """
-    batch_size = _validation.check_positive_int("batch_size", batch_size)
+    _check_options(dimensions, to_model, normalization)
+    _validation.check_integer("seed", seed, minimum=0)
+    verbose = _validation.check_verbose(verbose)
+    axes = _axes(coordinates, dimensions, to_model)
+    if to_model is not None:
+        return _interpolation(objective, to_model, axes[0], verbose)
+    passes = _engine.Passes(objective)
+    weights = _engine.snapshot(passes.variables)
+    directions = _random_directions(weights, dimensions, seed, normalization, include_biases)
+    shape = tuple(len(a) for a in axes)
+    points = _grid_points(weights, directions, axes)
+    losses, accuracies = _losses(passes, points, int(np.prod(shape)), verbose)
+    return {
+        "coordinates": axes[0] if dimensions == 1 else tuple(axes),
+        "loss": losses.reshape(shape),
+        "accuracy": None if accuracies is None else accuracies.reshape(shape),
+        "directions": directions,
+    }
+
+
+def _check_options(dimensions, to_model, normalization):
+    """`dimensions` 1 or 2 (1 with `to_model`), and a known `normalization`."""
     if isinstance(dimensions, bool) or dimensions not in (1, 2):
         raise ValueError(f"`dimensions` must be 1 or 2. Received: dimensions={dimensions!r}")
     if to_model is not None and dimensions != 1:
@@ -113,50 +127,53 @@ def loss_landscape(
             f"`normalization` must be one of {NORMALIZATIONS}. "
             f"Received: normalization={normalization!r}"
         )
-    _validation.check_integer("seed", seed, minimum=0)
-    verbose = _validation.check_verbose(verbose)
-    if coordinates is None:
-        axis = np.linspace(-0.5, 1.5, 21) if to_model is not None else np.linspace(-1, 1, 21)
-        axes = [axis] * dimensions
-    else:
-        axes = _check_coordinates(coordinates, dimensions)
-    loss_fn = _engine.loss_function(model, loss)
-    x, y = _engine.data_arrays(x, y)
 
-    if to_model is not None:
-        return _interpolation(model, to_model, loss_fn, x, y, batch_size, axes[0], verbose)
 
-    passes = _engine.Passes(model, loss_fn, x, y, batch_size)
-    weights = _engine.snapshot(passes.variables)
+def _axes(coordinates, dimensions, to_model):
+    """The steps along each direction: `coordinates` checked, or the default axes."""
+    if coordinates is not None:
+        return _check_coordinates(coordinates, dimensions)
+    axis = np.linspace(-0.5, 1.5, 21) if to_model is not None else np.linspace(-1, 1, 21)
+    return [axis] * dimensions
+
+
+def _random_directions(weights, dimensions, seed, normalization, include_biases):
+    """`dimensions` seeded Gaussian directions, normalized: float32 NumPy arrays."""
     numpy_weights = _engine.to_numpy(weights)
     rng = np.random.default_rng(seed)
     directions = []
     for _ in range(dimensions):
         raw = [rng.standard_normal(w.shape) for w in numpy_weights]
         directions.append(normalized_direction(raw, numpy_weights, normalization, include_biases))
+    return directions
+
+
+def _grid_points(weights, directions, axes):
+    """`(w + a_i d_1 (+ b_j d_2), None)` for every point of the grid, row by row (made one
+    at a time, so that the grid's weights are never all in memory)."""
     tensors = [
         [keras.ops.convert_to_tensor(d, dtype=w.dtype) for d, w in zip(dn, weights)]
         for dn in directions
     ]
-
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, dimensions)
-    losses = np.empty(len(grid))
-    accuracies = np.empty(len(grid))
-    bar = _engine.progress(len(grid), verbose, "point", shown=["loss"])
-    for p, steps in enumerate(grid):
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(directions))
+    for steps in grid:
         point = list(weights)
         for step, direction in zip(steps, tensors):
             point = [w + keras.ops.cast(step, w.dtype) * d for w, d in zip(point, direction)]
-        losses[p], accuracies[p] = passes.loss(point)
+        yield point, None
+
+
+def _losses(passes, points, count, verbose):
+    """The loss and accuracy at each of `count` points `(values, extra_values)`, as NumPy
+    arrays; the accuracy is `None` unless the model is a classifier."""
+    losses = np.empty(count)
+    accuracies = np.empty(count)
+    bar = _engine.progress(count, verbose, "point", shown=["loss"])
+    for p, (values, extra_values) in enumerate(points):
+        losses[p], accuracies[p] = passes.loss(values, extra_values=extra_values)
         if bar is not None:
             bar.update(p + 1, values=[("loss", losses[p])])
-    shape = tuple(len(a) for a in axes)
-    return {
-        "coordinates": axes[0] if dimensions == 1 else tuple(axes),
-        "loss": losses.reshape(shape),
-        "accuracy": accuracies.reshape(shape) if passes.classifier else None,
-        "directions": directions,
-    }
+    return losses, accuracies if passes.classifier else None
 
 
 def normalized_direction(
@@ -204,30 +221,26 @@ def normalized_direction(
     return normalized
 
 
-def _interpolation(model, to_model, loss_fn, x, y, batch_size, axis, verbose):
+def _interpolation(objective, to_model, axis, verbose):
+    """The line `(1 - t) w_a + t w_b` from the objective's model to `to_model`."""
+    model = objective.model
     extra_a = [v for v in model.non_trainable_weights if _is_float(v)]
-    passes = _engine.Passes(model, loss_fn, x, y, batch_size, extra_variables=extra_a)
+    passes = _engine.Passes(objective, extra_variables=extra_a)
     start = _engine.snapshot(passes.variables)
     start_extra = _engine.snapshot(extra_a)
     end = _matching(to_model.trainable_variables, passes.variables, "trainable")
     end_extra = _matching(
         [v for v in to_model.non_trainable_weights if _is_float(v)], extra_a, "non-trainable"
     )
-    losses = np.empty(len(axis))
-    accuracies = np.empty(len(axis))
-    bar = _engine.progress(len(axis), verbose, "point", shown=["loss"])
-    for p, t in enumerate(axis):
-        point = [_mix(a, b, t) for a, b in zip(start, end)]
-        extra = [_mix(a, b, t) for a, b in zip(start_extra, end_extra)]
-        losses[p], accuracies[p] = passes.loss(point, extra_values=extra)
-        if bar is not None:
-            bar.update(p + 1, values=[("loss", losses[p])])
-    return {
-        "coordinates": axis,
-        "loss": losses,
-        "accuracy": accuracies if passes.classifier else None,
-        "directions": None,
-    }
+    points = (
+        (
+            [_mix(a, b, t) for a, b in zip(start, end)],
+            [_mix(a, b, t) for a, b in zip(start_extra, end_extra)],
+        )
+        for t in axis
+    )
+    losses, accuracies = _losses(passes, points, len(axis), verbose)
+    return {"coordinates": axis, "loss": losses, "accuracy": accuracies, "directions": None}
 
 
 def _mix(a, b, t):

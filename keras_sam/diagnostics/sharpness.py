@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -12,18 +11,12 @@ from keras_sam.diagnostics import _engine
 from keras_sam.methods.hooks import adaptive_scales
 
 if TYPE_CHECKING:
-    from numpy.typing import ArrayLike
-
-    Loss = keras.losses.Loss | Callable[..., Any] | str
+    from keras_sam.diagnostics.objective import Objective
 
 
 def sharpness(
-    model: keras.Model,
-    x: Any,
-    y: ArrayLike | None = None,
+    objective: Objective,
     *,
-    loss: Loss | None = None,
-    batch_size: int = 256,
     rho: float = 0.05,
     m: int | None = None,
     ascent_steps: int = 1,
@@ -68,16 +61,10 @@ def sharpness(
     through a `keras.StatelessScope`.
 
     Cost: `K` gradient passes and one forward pass over the data (first-order: one of
-    each), in batches of `batch_size`; with `m`, the same per sub-batch.
+    each), in batches of the objective's `batch_size`; with `m`, the same per sub-batch.
 
     Args:
-        model: a Keras model.
-        x: inputs (array, tensor or a structure of them), or a `tf.data.Dataset` yielding
-            `(x, y)` batches (read into memory once; then `y` is `None`).
-        y: targets (integer labels or one-hot, or regression targets).
-        loss: a Keras loss (name, function or `keras.losses.Loss`) averaging over
-            examples; defaults to the model's compiled loss.
-        batch_size: int, examples per forward pass. Defaults to 256.
+        objective: the `Objective`: the model, the data, the loss and the batch size.
         rho: float >= 0, the radius. Defaults to 0.05.
         m: int or `None`, the sub-batch size of m-sharpness; `None` for one perturbation
             over the whole data. Defaults to `None`.
@@ -96,9 +83,10 @@ def sharpness(
     Example:
 
     ```python
-    keras_sam.diagnostics.sharpness(model, x, y, rho=0.05)["sharpness"]
-    keras_sam.diagnostics.sharpness(model, x, y, rho=0.05, m=32)         # m-sharpness
-    keras_sam.diagnostics.sharpness(model, x, y, rho=0.05, ascent_steps=5)
+    objective = keras_sam.diagnostics.Objective(model, x, y)
+    keras_sam.diagnostics.sharpness(objective, rho=0.05)["sharpness"]
+    keras_sam.diagnostics.sharpness(objective, rho=0.05, m=32)         # m-sharpness
+    keras_sam.diagnostics.sharpness(objective, rho=0.05, ascent_steps=5)
     ```
 
     References:
@@ -108,7 +96,6 @@ def sharpness(
         - Keskar et al., On Large-Batch Training for Deep Learning: Generalization Gap
           and Sharp Minima, ICLR 2017. https://arxiv.org/abs/1609.04836
     """
-    batch_size = _validation.check_positive_int("batch_size", batch_size)
     rho = _validation.check_non_negative("rho", rho)
     if m is not None:
         m = _validation.check_positive_int("m", m)
@@ -116,20 +103,12 @@ def sharpness(
     step_size = rho if ascent_step_size is None else _check_step_size(ascent_step_size)
     eta = _validation.check_non_negative("eta", eta)
     verbose = _validation.check_verbose(verbose)
-    loss_fn = _engine.loss_function(model, loss)
-    x, y = _engine.data_arrays(x, y)
-    passes = _engine.Passes(model, loss_fn, x, y, batch_size)
+    passes = _engine.Passes(objective)
     weights = _engine.snapshot(passes.variables)
-    scales = None
-    if adaptive:  # constants: T is taken at w, never differentiated
-        scales = [
-            None if s is None else keras.ops.stop_gradient(s)
-            for s in adaptive_scales(passes.variables, eta)
-        ]
-
+    scales = _scales(passes, adaptive, eta)
+    x, y = objective.x, objective.y
     n = _engine.num_examples(x)
-    size = n if m is None else m
-    parts = [(start, min(start + size, n)) for start in range(0, n, size)]
+    parts = _sub_batches(n, m)
     bar = _engine.progress(len(parts), verbose, "sub-batch" if m else "pass")
     clean = perturbed = 0.0
     for i, (start, stop) in enumerate(parts):
@@ -150,6 +129,23 @@ def sharpness(
         "m": m,
         "ascent_steps": ascent_steps,
     }
+
+
+def _scales(passes, adaptive, eta):
+    """ASAM's `T = |w| + eta` per variable (`None` where it does not apply), or `None`."""
+    if not adaptive:
+        return None
+    # Constants: T is taken at w, never differentiated.
+    return [
+        None if s is None else keras.ops.stop_gradient(s)
+        for s in adaptive_scales(passes.variables, eta)
+    ]
+
+
+def _sub_batches(n, m):
+    """`(start, stop)` of the consecutive sub-batches of `m` examples (all `n` for `None`)."""
+    size = n if m is None else m
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def _ascent(passes, weights, scales, x, y, rho, steps, step_size):

@@ -112,7 +112,7 @@ def test_eval_every_evaluates_every_k_epochs_and_the_last(rng):
 
 
 def test_the_top_hessian_eigenvalue_is_of_the_final_weights_on_the_probe_examples(rng):
-    from keras_sam.diagnostics import hessian_eigenvalues
+    from keras_sam.diagnostics import Objective, hessian_eigenvalues
 
     config = RunConfig(
         method="plain", epochs=2, batch_size=100, train_size=200, label_noise=0.4,
@@ -124,14 +124,14 @@ def test_the_top_hessian_eigenvalue_is_of_the_final_weights_on_the_probe_example
     # The probe: the first 40 of the seeded permutation, with the labels trained on.
     probe = np.random.default_rng(config.seed + 1).permutation(200)[:40]
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    trained = Objective(model, data.x_train[probe], data.y_train[probe], loss=loss)
     wanted = hessian_eigenvalues(
-        model, data.x_train[probe], data.y_train[probe], loss=loss, k=1, max_iterations=30,
-        tol=1e-2, seed=config.seed, verbose=0,
-    )[0]  # fmt: skip
+        trained, k=1, max_iterations=30, tol=1e-2, seed=config.seed, verbose=0
+    )[0]
+    true_labels = Objective(model, data.x_train[probe], data.y_train_clean[probe], loss=loss)
     clean = hessian_eigenvalues(
-        model, data.x_train[probe], data.y_train_clean[probe], loss=loss, k=1,
-        max_iterations=30, tol=1e-2, seed=config.seed, verbose=0,
-    )[0]  # fmt: skip
+        true_labels, k=1, max_iterations=30, tol=1e-2, seed=config.seed, verbose=0
+    )[0]
     assert wanted > 0 and abs(wanted - clean) > 1e-3 * wanted  # the labels matter
     assert history["hessian_top_eigenvalue"][-1] == pytest.approx(wanted, rel=1e-4)
 

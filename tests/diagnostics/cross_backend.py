@@ -50,34 +50,32 @@ def measure(inputs):
     model.set_weights([inputs[f"weights_{i}"] for i in range(len(model.weights))])
     other.set_weights([inputs[f"other_{i}"] for i in range(len(other.weights))])
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    common = {"loss": loss, "batch_size": BATCH_SIZE}
+    objective = diagnostics.Objective(model, x, y, loss=loss, batch_size=BATCH_SIZE)
     out = {}
     for name, kwargs in {
         "first_order": {},
         "m_sharpness": {"m": 7},
         "multi_step_adaptive": {"ascent_steps": 3, "adaptive": True},
     }.items():
-        result = diagnostics.sharpness(model, x, y, rho=RHO, **common, **kwargs)
+        result = diagnostics.sharpness(objective, rho=RHO, **kwargs)
         out[f"{name}_loss"] = result["loss"]
         out[f"{name}_perturbed_loss"] = result["perturbed_loss"]
     vector = [inputs[f"vector_{i}"] for i in range(len(model.trainable_variables))]
-    product = diagnostics.hessian_vector_product(model, x, y, vector, **common)
+    product = diagnostics.hessian_vector_product(objective, vector)
     out["hvp"] = np.concatenate([p.ravel() for p in product])
     with warnings.catch_warnings():
         # A fixed number of Lanczos iterations on every backend: tol is out of reach.
         warnings.simplefilter("ignore", RuntimeWarning)
         out["eigenvalues"] = diagnostics.hessian_eigenvalues(
-            model, x, y, k=2, max_iterations=20, tol=1e-12, verbose=0, **common
+            objective, k=2, max_iterations=20, tol=1e-12, verbose=0
         )
-    out["trace_samples"] = diagnostics.hessian_trace(
-        model, x, y, num_probes=4, verbose=0, **common
-    )["samples"]
+    out["trace_samples"] = diagnostics.hessian_trace(objective, num_probes=4, verbose=0)["samples"]
     plane = diagnostics.loss_landscape(
-        model, x, y, dimensions=2, coordinates=[-0.5, 0.0, 0.5], verbose=0, **common
+        objective, dimensions=2, coordinates=[-0.5, 0.0, 0.5], verbose=0
     )
     out["plane_loss"], out["plane_accuracy"] = plane["loss"], plane["accuracy"]
     line = diagnostics.loss_landscape(
-        model, x, y, to_model=other, coordinates=[-0.5, 0.5, 1.0], verbose=0, **common
+        objective, to_model=other, coordinates=[-0.5, 0.5, 1.0], verbose=0
     )
     out["line_loss"], out["line_accuracy"] = line["loss"], line["accuracy"]
     out["backend"] = keras.backend.backend()

@@ -130,7 +130,9 @@ def test_the_tools_do_not_import_tensorflow_on_other_backends_and_seed_alike(bac
             pass  # not installed: the loader's own imports are what counts here
         x = np.zeros((4, 28, 28, 1), "float32")
         loss = "sparse_categorical_crossentropy"
-        keras_sam.diagnostics.sharpness(model, x, labels[:4], loss=loss)
+        keras_sam.diagnostics.sharpness(
+            keras_sam.diagnostics.Objective(model, x, labels[:4], loss=loss)
+        )
         assert "tensorflow" not in sys.modules, [m for m in sys.modules if "tensorflow" in m][:5]
         # The seed gives the initial weights Keras's own seeding gives.
         import keras

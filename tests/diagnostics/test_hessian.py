@@ -2,7 +2,12 @@ import keras
 import numpy as np
 import pytest
 
-from keras_sam.diagnostics import hessian_eigenvalues, hessian_trace, hessian_vector_product
+from keras_sam.diagnostics import (
+    Objective,
+    hessian_eigenvalues,
+    hessian_trace,
+    hessian_vector_product,
+)
 from tests import reference as core_reference
 from tests.diagnostics import reference
 
@@ -51,7 +56,7 @@ def test_hessian_vector_product_matches_the_exact_hessian_of_a_tiny_mlp(rng, bat
     np.testing.assert_allclose(hessian, hessian.T, atol=1e-12)  # the reference is a Hessian
     for _ in range(3):
         v = [rng.normal(size=p.shape).astype("float32") for p in params]
-        hv = hessian_vector_product(model, x, t, v, loss="mse", batch_size=batch_size)
+        hv = hessian_vector_product(Objective(model, x, t, loss="mse", batch_size=batch_size), v)
         assert [a.shape for a in hv] == [tuple(w.shape) for w in model.trainable_variables]
         expected = hessian @ reference.flatten(v)
         np.testing.assert_allclose(reference.flatten(hv), expected, rtol=1e-5, atol=1e-5)
@@ -62,7 +67,7 @@ def test_all_eigenvalues_of_a_tiny_mlp_come_in_decreasing_order_negative_ones_la
     hessian = reference.mlp_hessian(params, x.astype(np.float64), t.astype(np.float64))
     exact = np.sort(np.linalg.eigvalsh(hessian))[::-1]
     assert exact[-1] < 0  # not a minimum: the "largest" eigenvalues are algebraic ones
-    values = hessian_eigenvalues(model, x, t, loss="mse", k=len(exact), verbose=0)
+    values = hessian_eigenvalues(Objective(model, x, t, loss="mse"), k=len(exact), verbose=0)
     assert values.dtype == np.float64 and values.shape == exact.shape
     np.testing.assert_allclose(values, exact, rtol=1e-4, atol=1e-5)
 
@@ -83,7 +88,7 @@ def test_top_eigenvalues_and_eigenvectors_of_a_quadratic_with_a_known_spectrum(r
     np.testing.assert_allclose(exact, sorted(spectrum, reverse=True), rtol=1e-5)
     model = _linear(x)
     values, vectors = hessian_eigenvalues(
-        model, x, y, k=3, tol=1e-6, batch_size=16, return_eigenvectors=True, verbose=0
+        Objective(model, x, y, batch_size=16), k=3, tol=1e-6, return_eigenvectors=True, verbose=0
     )
     np.testing.assert_allclose(values, exact[:3], rtol=1e-5)
     for i, vector in enumerate(vectors):
@@ -101,7 +106,7 @@ def test_an_eigenvalue_of_multiplicity_two_is_found_twice(rng):
     design, _ = reference.design_with_spectrum(rng, 128, spectrum)
     x = design.astype("float32")
     y = rng.normal(size=(128, 1)).astype("float32")
-    values = hessian_eigenvalues(_linear(x), x, y, k=3, verbose=0)
+    values = hessian_eigenvalues(Objective(_linear(x), x, y), k=3, verbose=0)
     np.testing.assert_allclose(values, [5.0, 5.0, 2.0], rtol=1e-5)
 
 
@@ -109,7 +114,7 @@ def test_a_rank_deficient_hessian_exhausts_the_krylov_space_and_gives_zeros(rng)
     design, _ = reference.design_with_spectrum(rng, 64, [3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     x = design.astype("float32")
     y = rng.normal(size=(64, 1)).astype("float32")
-    values = hessian_eigenvalues(_linear(x), x, y, k=4, tol=1e-6, verbose=0)
+    values = hessian_eigenvalues(Objective(_linear(x), x, y), k=4, tol=1e-6, verbose=0)
     np.testing.assert_allclose(values, [3.0, 1.0, 0.0, 0.0], rtol=1e-5, atol=1e-5)
 
 
@@ -118,11 +123,11 @@ def test_eigenvalues_are_seeded_and_warn_when_they_do_not_converge(rng):
     x = design.astype("float32")
     y = rng.normal(size=(64, 1)).astype("float32")
     model = _linear(x)
-    first = hessian_eigenvalues(model, x, y, k=2, seed=3, verbose=0)
-    again = hessian_eigenvalues(model, x, y, k=2, seed=3, verbose=0)
+    first = hessian_eigenvalues(Objective(model, x, y), k=2, seed=3, verbose=0)
+    again = hessian_eigenvalues(Objective(model, x, y), k=2, seed=3, verbose=0)
     np.testing.assert_array_equal(first, again)
     with pytest.warns(RuntimeWarning, match="did not reach"):
-        hessian_eigenvalues(model, x, y, k=2, max_iterations=2, tol=1e-9, verbose=0)
+        hessian_eigenvalues(Objective(model, x, y), k=2, max_iterations=2, tol=1e-9, verbose=0)
 
 
 def test_hutchinson_trace_is_within_its_standard_error_of_the_exact_trace(rng):
@@ -132,7 +137,7 @@ def test_hutchinson_trace_is_within_its_standard_error_of_the_exact_trace(rng):
     hessian = 2 / 64 * x.astype(np.float64).T @ x
     off_diagonal = hessian - np.diag(np.diag(hessian))
     probes = 400
-    result = hessian_trace(_linear(x), x, y, num_probes=probes, seed=1, verbose=0)
+    result = hessian_trace(Objective(_linear(x), x, y), num_probes=probes, seed=1, verbose=0)
     assert result["num_probes"] == probes and result["samples"].shape == (probes,)
     assert abs(result["trace"] - np.trace(hessian)) < 3 * result["standard_error"]
     # The estimator's own variance: Var(v^T H v) = 2 sum_{i != j} H_ij^2 for Rademacher v.
@@ -146,7 +151,7 @@ def test_hutchinson_trace_is_exact_for_a_diagonal_hessian(rng):
     x = (q * np.sqrt(np.array([3.0, 2.0, 1.0, 0.5, 0.25]) * 32)).astype("float32")
     y = rng.normal(size=(64, 1)).astype("float32")
     hessian = 2 / 64 * x.astype(np.float64).T @ x
-    result = hessian_trace(_linear(x), x, y, num_probes=5, verbose=0)
+    result = hessian_trace(Objective(_linear(x), x, y), num_probes=5, verbose=0)
     np.testing.assert_allclose(result["samples"], np.trace(hessian), rtol=1e-5)
     assert result["standard_error"] < 1e-5 * np.trace(hessian)
 
@@ -154,25 +159,46 @@ def test_hutchinson_trace_is_exact_for_a_diagonal_hessian(rng):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m, x, y: hessian_eigenvalues(m, x, y, k=0), "`k` must be a positive integer"),
-        (lambda m, x, y: hessian_eigenvalues(m, x, y, k=4), "`k` must be at most the number"),
         (
-            lambda m, x, y: hessian_eigenvalues(m, x, y, k=2, max_iterations=1),
+            lambda m, x, y: hessian_eigenvalues(Objective(m, x, y), k=0),
+            "`k` must be a positive integer",
+        ),
+        (
+            lambda m, x, y: hessian_eigenvalues(Objective(m, x, y), k=4),
+            "`k` must be at most the number",
+        ),
+        (
+            lambda m, x, y: hessian_eigenvalues(Objective(m, x, y), k=2, max_iterations=1),
             "`max_iterations` must be >= k",
         ),
-        (lambda m, x, y: hessian_eigenvalues(m, x, y, tol=0), "`tol` must be a number > 0"),
-        (lambda m, x, y: hessian_eigenvalues(m, x, y, seed=-1), "`seed` must be an integer"),
-        (lambda m, x, y: hessian_trace(m, x, y, num_probes=1), "`num_probes` must be >= 2"),
-        (lambda m, x, y: hessian_trace(m, x, y, batch_size=0), "`batch_size` must be a positive"),
         (
-            lambda m, x, y: hessian_vector_product(m, x, y, [np.ones((3, 1))] * 2),
+            lambda m, x, y: hessian_eigenvalues(Objective(m, x, y), tol=0),
+            "`tol` must be a number > 0",
+        ),
+        (
+            lambda m, x, y: hessian_eigenvalues(Objective(m, x, y), seed=-1),
+            "`seed` must be an integer",
+        ),
+        (
+            lambda m, x, y: hessian_trace(Objective(m, x, y), num_probes=1),
+            "`num_probes` must be >= 2",
+        ),
+        (
+            lambda m, x, y: hessian_trace(Objective(m, x, y, batch_size=0)),
+            "`batch_size` must be a positive",
+        ),
+        (
+            lambda m, x, y: hessian_vector_product(Objective(m, x, y), [np.ones((3, 1))] * 2),
             "`vector` must be a list with one array per trainable variable",
         ),
         (
-            lambda m, x, y: hessian_vector_product(m, x, y, [np.ones((2, 1))]),
+            lambda m, x, y: hessian_vector_product(Objective(m, x, y), [np.ones((2, 1))]),
             r"`vector\[0\]` must have the shape",
         ),
-        (lambda m, x, y: hessian_trace(m, x, y[:5]), "`x` and `y` must hold the same number"),
+        (
+            lambda m, x, y: hessian_trace(Objective(m, x, y[:5])),
+            "`x` and `y` must hold the same number",
+        ),
     ],
 )
 def test_arguments_are_checked(rng, call, message):
@@ -186,5 +212,5 @@ def test_arguments_are_checked(rng, call, message):
 def test_the_k_error_echoes_the_value(rng):
     x = rng.normal(size=(8, 3)).astype("float32")
     with pytest.raises(ValueError) as error:
-        hessian_eigenvalues(_linear(x), x, x[:, :1], k=0)
+        hessian_eigenvalues(Objective(_linear(x), x, x[:, :1]), k=0)
     assert str(error.value) == "`k` must be a positive integer. Received: k=0"

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_sam.diagnostics import loss_landscape, normalized_direction
+from keras_sam.diagnostics import Objective, loss_landscape, normalized_direction
 
 
 def _filter_norms(array):
@@ -61,7 +61,7 @@ def _numpy_loss(model_weights, x, y):
 def test_one_dimensional_landscape_is_the_loss_along_the_returned_direction(rng):
     model, x, y = _regression(rng)
     steps = np.linspace(-2, 2, 9)
-    result = loss_landscape(model, x, y, coordinates=steps, batch_size=16, verbose=0)
+    result = loss_landscape(Objective(model, x, y, batch_size=16), coordinates=steps, verbose=0)
     (direction,) = result["directions"]
     assert not np.any(direction[1])  # the bias does not move
     np.testing.assert_array_equal(result["coordinates"], steps)
@@ -76,7 +76,12 @@ def test_two_dimensional_landscape_indexes_loss_by_the_first_then_the_second_axi
     model, x, y = _regression(rng)
     a, b = np.linspace(-1, 1, 5), np.array([-0.5, 0.0, 0.5])
     result = loss_landscape(
-        model, x, y, dimensions=2, coordinates=(a, b), seed=3, include_biases=True, verbose=0
+        Objective(model, x, y),
+        dimensions=2,
+        coordinates=(a, b),
+        seed=3,
+        include_biases=True,
+        verbose=0,
     )
     first, second = result["directions"]
     assert np.any(first[1])  # include_biases moves the bias too
@@ -93,10 +98,16 @@ def test_the_same_seed_draws_the_same_directions_for_any_model(rng):
     twice = keras.models.clone_model(model)
     twice.set_weights([2 * w for w in model.get_weights()])
     twice.compile(loss="mse")
-    one = loss_landscape(model, x, y, coordinates=[0.0], seed=5, verbose=0)["directions"][0]
-    two = loss_landscape(twice, x, y, coordinates=[0.0], seed=5, verbose=0)["directions"][0]
+    one = loss_landscape(Objective(model, x, y), coordinates=[0.0], seed=5, verbose=0)[
+        "directions"
+    ][0]
+    two = loss_landscape(Objective(twice, x, y), coordinates=[0.0], seed=5, verbose=0)[
+        "directions"
+    ][0]
     np.testing.assert_allclose(two[0], 2 * one[0], rtol=1e-6)  # filter norms doubled
-    other = loss_landscape(model, x, y, coordinates=[0.0], seed=6, verbose=0)["directions"][0]
+    other = loss_landscape(Objective(model, x, y), coordinates=[0.0], seed=6, verbose=0)[
+        "directions"
+    ][0]
     assert not np.allclose(other[0], one[0])
 
 
@@ -125,7 +136,7 @@ def test_interpolation_between_two_models_moves_every_weight_including_batchnorm
         model.set_weights([rng.normal(size=w.shape).astype("float32") for w in model.weights])
         model.layers[1].moving_variance.assign(np.abs(model.layers[1].moving_variance.numpy()))
     ts = np.array([0.0, 0.25, 1.0, 1.5])
-    result = loss_landscape(a, x, y, to_model=b, coordinates=ts, verbose=0)
+    result = loss_landscape(Objective(a, x, y), to_model=b, coordinates=ts, verbose=0)
     assert result["directions"] is None
     own = [_mse(y, m(x, training=False)) for m in (a, b)]
     assert result["loss"][0] == pytest.approx(own[0], rel=1e-6)
@@ -141,15 +152,14 @@ def test_a_classifier_gets_its_accuracy_on_the_grid(rng):
     labels = rng.integers(0, 3, size=50)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    result = loss_landscape(model, x, labels, loss=loss, coordinates=[-0.5, 0.0], verbose=0)
+    result = loss_landscape(
+        Objective(model, x, labels, loss=loss), coordinates=[-0.5, 0.0], verbose=0
+    )
     accuracy = np.mean(np.argmax(model.predict(x, verbose=0), axis=-1) == labels)
     assert result["accuracy"][1] == pytest.approx(accuracy)
     one_hot = keras.ops.convert_to_numpy(keras.ops.one_hot(labels, 3))
     same = loss_landscape(
-        model,
-        x,
-        one_hot,
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        Objective(model, x, one_hot, loss=keras.losses.CategoricalCrossentropy(from_logits=True)),
         coordinates=[-0.5, 0.0],
         verbose=0,
     )
@@ -171,13 +181,13 @@ def test_a_classifier_gets_its_accuracy_on_the_grid(rng):
 def test_arguments_are_checked(rng, kwargs, message):
     model, x, y = _regression(rng, n=8)
     with pytest.raises(ValueError, match=message):
-        loss_landscape(model, x, y, verbose=0, **kwargs)
+        loss_landscape(Objective(model, x, y), verbose=0, **kwargs)
 
 
 def test_interpolation_needs_one_dimension_and_a_model_with_the_same_variables(rng):
     model, x, y = _regression(rng, n=8)
     other, _, _ = _regression(rng, n=8, d=4)
     with pytest.raises(ValueError, match="`dimensions` must be 1 with `to_model`"):
-        loss_landscape(model, x, y, to_model=model, dimensions=2)
+        loss_landscape(Objective(model, x, y), to_model=model, dimensions=2)
     with pytest.raises(ValueError, match="`to_model` must have the same trainable variables"):
-        loss_landscape(model, x, y, to_model=other)
+        loss_landscape(Objective(model, x, y), to_model=other)

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_sam.diagnostics import sharpness
+from keras_sam.diagnostics import Objective, sharpness
 from tests.diagnostics import reference
 
 
@@ -20,9 +20,10 @@ def test_sharpness_of_a_least_squares_model_matches_the_closed_form(rng, batch_s
     w = rng.normal(size=(3, 1))
     model = _linear_model(w)
     before = [v.numpy().copy() for v in model.weights]
-    result = sharpness(
-        model, x.astype("float32"), y.astype("float32"), loss="mse", batch_size=batch_size, rho=0.1
+    objective = Objective(
+        model, x.astype("float32"), y.astype("float32"), loss="mse", batch_size=batch_size
     )
+    result = sharpness(objective, rho=0.1)
 
     def loss(v):
         return float(np.mean((x @ v - y) ** 2))
@@ -40,10 +41,10 @@ def test_loss_defaults_to_the_compiled_one_and_is_required_otherwise(rng):
     model = _linear_model([1.0, 2.0, 3.0])
     x, y = rng.normal(size=(8, 3)).astype("float32"), rng.normal(size=(8, 1)).astype("float32")
     with pytest.raises(ValueError, match="`loss` is required"):
-        sharpness(model, x, y)
+        sharpness(Objective(model, x, y))
     model.compile(loss="mse")
-    assert sharpness(model, x, y)["sharpness"] == pytest.approx(
-        sharpness(model, x, y, loss="mse")["sharpness"], rel=1e-6
+    assert sharpness(Objective(model, x, y))["sharpness"] == pytest.approx(
+        sharpness(Objective(model, x, y, loss="mse"))["sharpness"], rel=1e-6
     )
 
 
@@ -57,15 +58,10 @@ def _least_squares(rng, n=50, d=3):
 @pytest.mark.parametrize("m, batch_size", [(8, 256), (8, 3), (20, 7)])
 def test_m_sharpness_of_least_squares_matches_the_closed_form(rng, m, batch_size):
     x, y, w, model = _least_squares(rng)
-    result = sharpness(
-        model,
-        x.astype("float32"),
-        y.astype("float32"),
-        loss="mse",
-        batch_size=batch_size,
-        rho=0.1,
-        m=m,
+    objective = Objective(
+        model, x.astype("float32"), y.astype("float32"), loss="mse", batch_size=batch_size
     )
+    result = sharpness(objective, rho=0.1, m=m)
     clean = perturbed = 0.0
     for start in range(0, len(x), m):  # consecutive sub-batches; the last one is smaller
         xs, ys = x[start : start + m], y[start : start + m]
@@ -77,31 +73,28 @@ def test_m_sharpness_of_least_squares_matches_the_closed_form(rng, m, batch_size
     assert result["loss"] == pytest.approx(clean, rel=1e-5)
     assert result["perturbed_loss"] == pytest.approx(perturbed, rel=1e-5)
     assert result["sharpness"] == pytest.approx(perturbed - clean, rel=1e-3)
-    full = sharpness(model, x.astype("float32"), y.astype("float32"), loss="mse", rho=0.1)
+    full = sharpness(
+        Objective(model, x.astype("float32"), y.astype("float32"), loss="mse"), rho=0.1
+    )
     assert result["sharpness"] > full["sharpness"]  # each sub-batch climbs its own way
 
 
 def test_m_sharpness_with_m_at_least_n_is_the_full_batch_estimate(rng):
     x, y, _, model = _least_squares(rng)
     x, y = x.astype("float32"), y.astype("float32")
-    full = sharpness(model, x, y, loss="mse", rho=0.1)
-    assert sharpness(model, x, y, loss="mse", rho=0.1, m=50) == full | {"m": 50}
+    objective = Objective(model, x, y, loss="mse")
+    full = sharpness(objective, rho=0.1)
+    assert sharpness(objective, rho=0.1, m=50) == full | {"m": 50}
 
 
 @pytest.mark.parametrize("steps, step_size", [(2, None), (5, None), (5, 0.03)])
 def test_multi_step_sharpness_of_least_squares_matches_the_iteration(rng, steps, step_size):
     x, y, w, model = _least_squares(rng)
     rho = 0.5
-    result = sharpness(
-        model,
-        x.astype("float32"),
-        y.astype("float32"),
-        loss="mse",
-        rho=rho,
-        ascent_steps=steps,
-        ascent_step_size=step_size,
-        batch_size=16,
+    objective = Objective(
+        model, x.astype("float32"), y.astype("float32"), loss="mse", batch_size=16
     )
+    result = sharpness(objective, rho=rho, ascent_steps=steps, ascent_step_size=step_size)
     expected = reference.least_squares_ascent(
         x, y, w, rho, steps, rho if step_size is None else step_size
     )
@@ -121,8 +114,9 @@ def test_multi_step_sharpness_is_at_least_the_first_order_one_and_nearly_the_max
     model = _linear_model_d(w)
     x32, y32 = x.astype("float32"), y.astype("float32")
     rho = 0.3
-    first = sharpness(model, x32, y32, loss="mse", rho=rho)["sharpness"]
-    multi = sharpness(model, x32, y32, loss="mse", rho=rho, ascent_steps=30)["sharpness"]
+    objective = Objective(model, x32, y32, loss="mse")
+    first = sharpness(objective, rho=rho)["sharpness"]
+    multi = sharpness(objective, rho=rho, ascent_steps=30)["sharpness"]
     lambda_max = np.linalg.eigvalsh(2 / len(x) * x.T @ x)[-1]
     assert first <= multi
     assert multi == pytest.approx(0.5 * lambda_max * rho**2, rel=0.05)
@@ -130,15 +124,8 @@ def test_multi_step_sharpness_is_at_least_the_first_order_one_and_nearly_the_max
 
 def test_adaptive_sharpness_of_least_squares_matches_the_closed_form(rng):
     x, y, w, model = _least_squares(rng)
-    result = sharpness(
-        model,
-        x.astype("float32"),
-        y.astype("float32"),
-        loss="mse",
-        rho=0.5,
-        adaptive=True,
-        eta=0.01,
-    )
+    objective = Objective(model, x.astype("float32"), y.astype("float32"), loss="mse")
+    result = sharpness(objective, rho=0.5, adaptive=True, eta=0.01)
     t = np.abs(w) + 0.01
     g = reference.least_squares_gradient(x, y, w)
     e = 0.5 * t**2 * g / np.linalg.norm(t * g)
@@ -160,8 +147,14 @@ def test_adaptive_sharpness_of_least_squares_matches_the_closed_form(rng):
 )
 def test_arguments_are_checked(rng, kwargs, message):
     x, y, _, model = _least_squares(rng, n=8)
+    # `batch_size` is the objective's, the others sharpness's own.
+    shared = {k: v for k, v in kwargs.items() if k == "batch_size"}
+    own = {k: v for k, v in kwargs.items() if k != "batch_size"}
     with pytest.raises(ValueError, match=message):
-        sharpness(model, x.astype("float32"), y.astype("float32"), loss="mse", **kwargs)
+        sharpness(
+            Objective(model, x.astype("float32"), y.astype("float32"), loss="mse", **shared),
+            **own,
+        )
 
 
 def _linear_model_d(w):

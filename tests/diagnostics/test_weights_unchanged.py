@@ -32,25 +32,34 @@ def _data(rng, n=20):
 
 
 DIAGNOSTICS = {
-    "sharpness": lambda m, x, y: diagnostics.sharpness(m, x, y, batch_size=8),
-    "m-sharpness": lambda m, x, y: diagnostics.sharpness(m, x, y, m=6, batch_size=8),
+    "sharpness": lambda m, x, y: diagnostics.sharpness(
+        diagnostics.Objective(m, x, y, batch_size=8)
+    ),
+    "m-sharpness": lambda m, x, y: diagnostics.sharpness(
+        diagnostics.Objective(m, x, y, batch_size=8), m=6
+    ),
     "multi-step sharpness": lambda m, x, y: diagnostics.sharpness(
-        m, x, y, ascent_steps=3, adaptive=True, batch_size=8
+        diagnostics.Objective(m, x, y, batch_size=8), ascent_steps=3, adaptive=True
     ),
     "hessian_vector_product": lambda m, x, y: diagnostics.hessian_vector_product(
-        m, x, y, [np.ones(v.shape, "float32") for v in m.trainable_variables], batch_size=8
+        diagnostics.Objective(m, x, y, batch_size=8),
+        [np.ones(v.shape, "float32") for v in m.trainable_variables],
     ),
     "hessian_eigenvalues": lambda m, x, y: diagnostics.hessian_eigenvalues(
-        m, x, y, k=2, max_iterations=6, tol=0.5, verbose=0, batch_size=8
+        diagnostics.Objective(m, x, y, batch_size=8), k=2, max_iterations=6, tol=0.5, verbose=0
     ),
     "hessian_trace": lambda m, x, y: diagnostics.hessian_trace(
-        m, x, y, num_probes=3, verbose=0, batch_size=8
+        diagnostics.Objective(m, x, y, batch_size=8), num_probes=3, verbose=0
     ),
     "loss_landscape 2-D": lambda m, x, y: diagnostics.loss_landscape(
-        m, x, y, dimensions=2, coordinates=[-1.0, 0.5], include_biases=True, verbose=0
+        diagnostics.Objective(m, x, y),
+        dimensions=2,
+        coordinates=[-1.0, 0.5],
+        include_biases=True,
+        verbose=0,
     ),
     "loss_landscape between models": lambda m, x, y: diagnostics.loss_landscape(
-        m, x, y, to_model=_model(seed=1), coordinates=[0.5, 2.0], verbose=0
+        diagnostics.Objective(m, x, y), to_model=_model(seed=1), coordinates=[0.5, 2.0], verbose=0
     ),
 }
 
