@@ -70,6 +70,11 @@ class ListOps:
         divisor = ops.where(largest > 0, largest, ops.ones_like(largest))
         return divisor * ops.sqrt(ops.sum(ops.square(norms / divisor)))
 
+    def cond(self, pred, value, otherwise):
+        """`value` (a tensor) if `pred`, else `otherwise()` (a tensor of its shape and
+        dtype): `ops.cond`, which runs `otherwise` only when it is taken."""
+        return ops.cond(pred, lambda: value, otherwise)
+
 
 # Entries up to which a tensor's norm is taken together with the other small ones'
 # (`ListOps.norms`): 64 KiB of float32, where a reduction's launch outweighs its work.
@@ -137,7 +142,7 @@ def global_norm(tensors, norms=None, rescale=True):
         return fast
     # Far from float32's underflow and finite: the sums of squares were exact enough.
     in_range = ops.logical_and(ops.isfinite(fast), fast > _SMALLEST_FAST_NORM)
-    return ops.cond(in_range, lambda: fast, lambda: _rescaled_norm(present))
+    return list_ops.cond(in_range, fast, lambda: _rescaled_norm(present))
 
 
 # Below this norm a float32 sum of squares may have lost precision to underflow
@@ -164,7 +169,9 @@ def _rescaled_norm(present):
     """The norm with every tensor divided by the largest magnitude first: exact at any
     scale, at the price of a second pass over the tensors."""
     present = [ops.cast(t, "float32") for t in present]
-    largest = ops.max(ops.stack([ops.max(ops.abs(t)) for t in present]))
+    # `amax`, not `max`: Keras's PyTorch `max` looks for a `.values` attribute on its
+    # result, which breaks a `torch.compile`d graph.
+    largest = ops.amax(ops.stack([ops.amax(ops.abs(t)) for t in present]))
     # Divide by 1 when everything is zero: the norm is then exactly 0, never NaN.
     divisor = ops.where(largest > 0, largest, ops.ones_like(largest))
     sum_of_squares = ops.sum(ops.stack([ops.sum(ops.square(t / divisor)) for t in present]))

@@ -322,6 +322,15 @@ class ListOps(maths.ListOps):
         divisor = torch.amax(norms).clamp_min(torch.finfo(torch.float32).tiny)
         return torch.linalg.vector_norm(norms / divisor) * divisor
 
+    def cond(self, pred, value, otherwise):
+        """Eagerly a Python `if` (`otherwise` runs only when taken). Under
+        `torch.compile` an `if` on a tensor breaks the graph: both are computed and
+        `torch.where` selects (`global_norm`'s rescaled norm, ASAM's, then costs its
+        pass over the tensors at every compiled step)."""
+        if _compiling():
+            return torch.where(torch.as_tensor(pred), value, otherwise())
+        return maths.ListOps.cond(self, pred, value, otherwise)
+
 
 BACKEND = Torch()
 maths.use_list_ops(ListOps())
