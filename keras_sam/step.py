@@ -35,7 +35,7 @@ import keras
 from keras import ops
 
 from keras_sam.backends.base import RecordingScope, is_floating, unique
-from keras_sam.methods.hooks import SYNCHRONIZED, unwrap_loss_scale
+from keras_sam.methods.hooks import SYNCHRONIZED, GradientNorms, unwrap_loss_scale
 from keras_sam.methods.sam import SAM
 
 
@@ -185,7 +185,7 @@ class _PartRun:
         self.synchronized = backend.num_replicas() > 1 and (
             method.distributed_perturbation == SYNCHRONIZED
         )
-        self.sparse_ok = method._sparse_gradients_supported and not self.synchronized
+        self.sparse_ok = method.keeps_sparse_gradients and not self.synchronized
         self.scale = None if roles.scaler is None else roles.scaler.dynamic_scale
         self.clean = None
         self.present = []
@@ -300,10 +300,13 @@ class _PartRun:
         """
         backend, method, clean = self.backend, self.method, self.clean
         present_rows = [clean.rows[i] for i in self.present]
-        with method._gradient_norms(present_rows, clean.norms):
+        method.gradient_norms = GradientNorms(present_rows, clean.norms)
+        try:
             perturbation, values = self.stateless(
                 values, lambda: method.perturbation(clean.rows, self.variables)
             )
+        finally:
+            method.gradient_norms = None
         del present_rows
         gradients = clean.gradients
         if release and not _reads_clean_gradients(method):
@@ -616,14 +619,14 @@ class _Outcomes:
             backend.run_in_replicas(self.apply, gradients, update_values, state_values)
             return
         backend.run_in_replicas(self.accumulate, gradients, update_values, state_values)
-        micro_steps = self.method._accumulation_variables[0]
+        micro_steps = self.method.accumulation_variables[0]
         micro_steps.assign(micro_steps.value + 1)
         full = ops.equal(micro_steps.value, self.steps)
         backend.stateful_cond(full, self.apply_accumulated, _no_change, self.tracked)
 
     def apply_accumulated(self):
         self.backend.run_in_replicas(self.apply_averages)
-        micro_steps = self.method._accumulation_variables[0]
+        micro_steps = self.method.accumulation_variables[0]
         micro_steps.assign(ops.zeros_like(micro_steps.value))
 
     def grow_loss_scale(self):
@@ -651,7 +654,7 @@ class _Outcomes:
 
     def accumulate(self, gradients, update_values, state_values):
         self.commit(update_values, [])
-        _, gradient_sums, state_sums = self.method._accumulation_variables
+        _, gradient_sums, state_sums = self.method.accumulation_variables
         for total, g in zip(gradient_sums, gradients):
             if g is not None:
                 total.assign(total.value + ops.cast(self.backend.dense(g), total.dtype))
@@ -660,7 +663,7 @@ class _Outcomes:
 
     def apply_averages(self):
         """The optimizer's step with the averages of the sums; the sums zeroed."""
-        _, gradient_sums, state_sums = self.method._accumulation_variables
+        _, gradient_sums, state_sums = self.method.accumulation_variables
         averages = [
             total.value / self.steps if p else None for total, p in zip(gradient_sums, self.present)
         ]
@@ -679,7 +682,7 @@ def _sums(method):
     """The gradient and state sums of gradient accumulation (none without it)."""
     if method.accumulation_steps == 1:
         return []
-    _, gradient_sums, state_sums = method._accumulation_variables
+    _, gradient_sums, state_sums = method.accumulation_variables
     return list(gradient_sums) + list(state_sums)
 
 
@@ -693,7 +696,7 @@ def model_step(backend, sam_model, data):
     variables = sam_model.trainable_variables
     roles = prepare_step(backend, sam_model.optimizer, variables)
     method = roles.method
-    if method._binds_model:
+    if method.binds_model:
         method.bind(sam_model)
     replica_step = functools.partial(_replica_step, backend, sam_model, roles, variables)
     readable = unique(

@@ -143,7 +143,7 @@ def test_a_verified_step_whose_optimizer_overflows_is_rolled_back(loss_scale):
 
 def test_accumulation_sums_the_micro_batches_and_applies_their_mean_at_the_kth():
     s = Step(keras_sam.SAM(_sgd(), gradient_accumulation_steps=2), state=True)
-    micro_steps, gradient_sums, state_sums = s.method._accumulation_variables
+    micro_steps, gradient_sums, state_sums = s.method.accumulation_variables
 
     s.finish(True, _tensors([0.5, 0.25], [2.0]), statistic=4.0, state=[2.0])
     # Nothing applied yet; the statistic is committed at once, the state summed.
