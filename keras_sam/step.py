@@ -29,6 +29,7 @@ never imports a backend.
 """
 
 import functools
+import math
 import typing
 
 import keras
@@ -709,8 +710,37 @@ def model_step(backend, sam_model, data):
         backend, roles, variables, result.gradients, result.state, result.updates, result.finite
     )
     _update_metrics(backend, sam_model, data, result)
+    return _logs(sam_model, method)
+
+
+def _logs(sam_model, method):
+    """The step's logs: the model's metrics, `skipped_steps`, and `sharpness` and
+    `second_pass_rate` where the method gives them (`measures_sharpness`,
+    `may_skip_second_pass`); NaN for the loss and metrics while no step of the epoch
+    has been applied.
+
+    The step adds a skipped step to no metric, so an epoch of skipped steps would log
+    Keras's mean of nothing, 0: a perfect loss. The loss tracker counts the examples of
+    the applied steps; while it is 0 every metric but `skipped_steps` logs NaN, as
+    plain Keras's would on NaN data. A tensor operation, no synchronization: it runs
+    inside the compiled step.
+    """
     logs = sam_model.get_metrics_result()
     logs["skipped_steps"] = ops.copy(method.skipped_steps.value)  # a tensor, not the variable
+    drop = () if method.may_skip_second_pass else ("second_pass_rate",)
+    if not method.measures_sharpness:  # MomentumSAM: no pass at `w`
+        drop += ("sharpness",)
+    for name in drop:
+        logs.pop(name, None)
+    applied = sam_model._loss_tracker.count > 0
+    nan = None
+    for name, value in logs.items():
+        if isinstance(value, float):  # Keras < 3.14 on PyTorch logs some as Python floats
+            value = ops.convert_to_tensor(value)
+        if name != "skipped_steps" and is_floating(value):
+            if nan is None:
+                nan = ops.convert_to_tensor(math.nan, "float32")
+            logs[name] = ops.where(applied, value, nan)
     return logs
 
 

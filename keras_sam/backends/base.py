@@ -54,7 +54,8 @@ class RecordingScope(keras.StatelessScope):
 class Backend:
     """What keras_sam needs of a backend. The defaults are `keras.ops`; adapters override.
 
-    - for `SAMModel`: `train_step`, `checkpointable`, `check_compile`;
+    - for `SAMModel`: `train_step`, `logs_of`, `checkpointable`, `check_compile`,
+      `compiled_train_function`;
     - for `SAM`'s custom loops: `optimize`, `stateless_optimize`;
     - for the step: one pass (`gradients`, `same_randomness`); gradients (`prepare`,
       `rows`, `perturb`, `scaled`, `weighted_sum`, `norms`, `all_finite`, `dense`,
@@ -81,6 +82,12 @@ class Backend:
             f"{keras.backend.backend()} backend yet. It runs on TensorFlow, JAX and "
             "PyTorch (set `KERAS_BACKEND`)."
         )
+
+    def logs_of(self, result):
+        """The logs in what Keras's `train_step` or `test_step` returns on this backend:
+        the result itself (TensorFlow, PyTorch); JAX's stateless steps return
+        `(logs, state)`."""
+        return result
 
     def checkpointable(self, variables):
         """An object that the backend's own checkpoints (`tf.train.Checkpoint`) track,

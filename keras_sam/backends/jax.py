@@ -74,6 +74,10 @@ class JAX(base.Backend):
         )
         return _run_on_state(groups, state, lambda: step.model_step(self, sam_model, data))
 
+    def logs_of(self, result):
+        logs, _ = result  # Keras's stateless `(logs, state)`
+        return logs
+
     def optimize(self, method, *args, **kwargs):
         raise ValueError(
             f"`{type(method).__name__}.optimize(grad_func, variables)` is the TensorFlow custom "
