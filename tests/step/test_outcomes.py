@@ -60,15 +60,10 @@ class Step:
         self.backend = FakeBackend()
 
     def finish(self, finite, gradients, statistic=4.0, state=()):
-        step._finish(
-            self.backend,
-            self.roles,
-            self.weights,
-            gradients,
-            _tensors(*state),
-            [(self.statistic, _tensors(statistic)[0])],
-            finite,
+        result = step.StepResult(
+            gradients, _tensors(*state), [(self.statistic, _tensors(statistic)[0])], finite
         )
+        step.finish(self.backend, self.roles, self.weights, result)
 
     def read(self):
         """The weights, the statistic, the optimizer's `iterations`, `skipped_steps`."""

@@ -12,7 +12,9 @@ STEP = Path(__file__).resolve().parents[2] / "keras_sam" / "step"
 
 
 def _step_files():
-    return sorted(STEP.glob("*.py")) if STEP.is_dir() else [STEP.with_suffix(".py")]
+    files = sorted(STEP.glob("*.py"))
+    assert files, STEP
+    return files
 
 
 def _private_reads_of_a_method(tree):
@@ -36,8 +38,7 @@ def test_every_name_of_the_protocol_is_a_public_member_of_the_hooks(name):
 
 def test_the_step_reads_nothing_private_of_a_method():
     reads = {
-        path.name: _private_reads_of_a_method(ast.parse(path.read_text()))
-        for path in _step_files()
+        path.name: _private_reads_of_a_method(ast.parse(path.read_text())) for path in _step_files()
     }
     assert {name: found for name, found in reads.items() if found} == {}
 
