@@ -29,7 +29,8 @@ LAYERS = (
     ("keras_sam.methods",),
     # the interface the step is written against: `Backend`'s defaults in `keras.ops`
     ("keras_sam.backends.base",),
-    # the step, written once for every backend
+    # the step, written once for every backend: one package, whose files import each
+    # other one way (entry -> passes, outcomes, records; passes -> records)
     ("keras_sam.step",),
     # one adapter per backend (the only importers of TensorFlow, JAX, PyTorch)
     ("keras_sam.backends",),
@@ -181,6 +182,8 @@ def test_the_checks_see_a_planted_circle_and_arrow_up(tmp_path):
         ("keras_sam.maths", 0),
         ("keras_sam.methods.sam", 1),
         ("keras_sam.backends.base", 2),
+        ("keras_sam.step", 3),
+        ("keras_sam.step.passes", 3),
         ("keras_sam.backends.jax", 4),
         ("keras_sam", 7),
     ],

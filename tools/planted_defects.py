@@ -86,7 +86,7 @@ DEFECTS = (
     Defect(
         "step-perturbation-sign",
         "step",
-        "keras_sam/step.py",
+        "keras_sam/step/passes.py",
         "return backend.perturbed(weights, perturbation, gradients)",
         "return backend.perturbed(\n"
         "        weights, [None if e is None else -e for e in perturbation], gradients\n"
@@ -97,7 +97,7 @@ DEFECTS = (
     Defect(
         "step-m-sharpness-weights",
         "step",
-        "keras_sam/step.py",
+        "keras_sam/step/passes.py",
         "None if gs[0] is None else backend.weighted_sum(gs, part_weights)",
         "None if gs[0] is None else backend.weighted_sum(gs, [1.0 / len(gs)] * len(gs))",
         "m-sharpness parts' gradients averaged with equal weights, not by part size",
@@ -106,7 +106,7 @@ DEFECTS = (
     Defect(
         "step-state-updates-dropped",
         "step",
-        "keras_sam/step.py",
+        "keras_sam/step/passes.py",
         "updates = _kept_updates(clean_updates, pending, real)",
         "updates = _kept_updates([], pending, real)",
         "the clean pass's state updates are dropped: BatchNorm statistics never move",
@@ -116,7 +116,7 @@ DEFECTS = (
     Defect(
         "transaction-perturbed-unchecked",
         "transaction",
-        "keras_sam/step.py",
+        "keras_sam/step/passes.py",
         "finite = _tame(_concatenated([run.clean.norms, descent_norms]))",
         "finite = _tame(_concatenated([run.clean.norms]))",
         "a NaN/inf perturbed pass is not checked: the step commits anyway",
@@ -125,7 +125,7 @@ DEFECTS = (
     Defect(
         "transaction-copy-after-write",
         "transaction",
-        "keras_sam/step.py",
+        "keras_sam/step/outcomes.py",
         "        self.snapshot = [ops.copy(v.value) for v in self.tracked]\n"
         "        self.apply_or_accumulate(gradients, update_values, state_values)\n",
         "        self.apply_or_accumulate(gradients, update_values, state_values)\n"

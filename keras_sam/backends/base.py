@@ -54,17 +54,41 @@ class RecordingScope(keras.StatelessScope):
 class Backend:
     """What keras_sam needs of a backend. The defaults are `keras.ops`; adapters override.
 
-    - for `SAMModel`: `train_step`, `checkpointable`, `check_compile`;
+    - for `SAMModel`: `train_step`, `logs_of`, `checkpointable`, `check_compile`,
+      `compiled_train_function`;
     - for `SAM`'s custom loops: `optimize`, `stateless_optimize`;
     - for the step: one pass (`gradients`, `same_randomness`); gradients (`prepare`,
       `rows`, `perturb`, `scaled`, `weighted_sum`, `norms`, `all_finite`, `dense`,
-      `concatenate`); control flow (`cond`, `decide`, `stateful_cond`); distribution
+      `concatenate`); control flow (`cond`, `stateful_cond`, `decide`: below); distribution
       (`num_replicas`, `replica_loss_divisor`, `all_reduce_mean`, `reduce_replicas`,
-      `check_context`, `build`, `per_replica`, `run_in_replicas`, `dynamic_split`).
+      `check_context`, `build`, `per_replica`, `run_in_replicas`, `dynamic_split`: below).
 
     `tensors` passed around are dense unless an adapter keeps its own sparse type
     (TensorFlow's `IndexedSlices`), in which case it overrides every method that sees
     a gradient.
+
+    The three conditionals, side by side (a predicate, then two branches):
+
+    - `cond(pred, true_fn, false_fn)`: pure branches that return tensors, which it
+      returns (in the passes: a method's decision taken when the step runs);
+    - `stateful_cond(pred, true_fn, false_fn, tracked)`: branches that assign variables
+      among `tracked` and return nothing (the k-th micro-batch's step, the metrics);
+    - `decide(ok, take_step, skip_step, tracked, args=())`: a `stateful_cond` between
+      the step's two outcomes, taken once for the step after the replicas agree on `ok`
+      (TensorFlow's vote in the cross-replica context; elsewhere `stateful_cond`).
+
+    The replica verbs, in the order a step calls them:
+
+    - `num_replicas()`, `replica_loss_divisor()`: how many replicas, and what each
+      replica's loss is divided by;
+    - `per_replica(replica_step, data, method, variables)`: the passes run per replica
+      (JAX's `shard_map`) and their `StepResult` averaged, or run once;
+    - `all_reduce_mean(tensors)`: the mean of tensors over the replicas (within the
+      passes: the synchronized perturbation's gradients);
+    - `reduce_replicas(gradients, state, updates, finite)`: the step's results made the
+      same on every replica, after the passes;
+    - `run_in_replicas(fn, *args)`: from `decide`'s branches, `fn` in each replica (the
+      commit, the optimizer's step).
     """
 
     # --------------------------------------------------------------- SAMModel
@@ -81,6 +105,12 @@ class Backend:
             f"{keras.backend.backend()} backend yet. It runs on TensorFlow, JAX and "
             "PyTorch (set `KERAS_BACKEND`)."
         )
+
+    def logs_of(self, result):
+        """The logs in what Keras's `train_step` or `test_step` returns on this backend:
+        the result itself (TensorFlow, PyTorch); JAX's stateless steps return
+        `(logs, state)`."""
+        return result
 
     def checkpointable(self, variables):
         """An object that the backend's own checkpoints (`tf.train.Checkpoint`) track,

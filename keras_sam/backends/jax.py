@@ -74,6 +74,10 @@ class JAX(base.Backend):
         )
         return _run_on_state(groups, state, lambda: step.model_step(self, sam_model, data))
 
+    def logs_of(self, result):
+        logs, _ = result  # Keras's stateless `(logs, state)`
+        return logs
+
     def optimize(self, method, *args, **kwargs):
         raise ValueError(
             f"`{type(method).__name__}.optimize(grad_func, variables)` is the TensorFlow custom "
@@ -118,8 +122,8 @@ class JAX(base.Backend):
             )
 
         def run():
-            (part,), _ = step.run_step(self, method, [pass_], [1.0], trainable_variables)
-            return part.outputs, part.loss, part.loss_sam
+            result = step.run_step(self, method, [pass_], [1.0], trainable_variables)
+            return result.outputs, result.loss, result.loss_sam
 
         outputs, new_state = _run_on_state(groups, state, run)
         return new_state, outputs
@@ -181,14 +185,14 @@ def _shard_map_step(replica_step, data, distribution, variables):
     present = iter(gradients)
     gradients = [next(present) if p else None for p in structure["present"]]
     return step.StepResult(
-        gradients,
-        state,
-        list(zip(structure["updates"], updates)),
-        finite,
-        predictions,
-        loss,
-        second_pass,
-        sharpness,
+        gradients=gradients,
+        state=state,
+        updates=list(zip(structure["updates"], updates)),
+        finite=finite,
+        outputs=predictions,
+        loss=loss,
+        second_pass=second_pass,
+        sharpness=sharpness,
     )
 
 

@@ -200,8 +200,8 @@ class TensorFlow(base.Backend):
             ("predictions", "loss", "tape"),
             ", with `tape` the `tf.GradientTape` that recorded the loss",
         )
-        (part,), _ = step.run_step(self, method, [compute], [1.0], variables)
-        return part.outputs, part.loss, part.loss_sam
+        result = step.run_step(self, method, [compute], [1.0], variables)
+        return result.outputs, result.loss, result.loss_sam
 
 
 BACKEND = TensorFlow()

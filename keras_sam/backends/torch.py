@@ -266,8 +266,8 @@ class Torch(base.Backend):
             ", with `loss` a scalar tensor computed from the variables",
         )
         with torch.no_grad():
-            (part,), _ = step.run_step(self, method, [compute], [1.0], variables)
-        return part.outputs, part.loss, part.loss_sam
+            result = step.run_step(self, method, [compute], [1.0], variables)
+        return result.outputs, result.loss, result.loss_sam
 
 
 class ListOps(maths.ListOps):

@@ -160,7 +160,7 @@ class FlatLoRA(SAM):
 
     # ----------------------------------------------------------------- the method
     @property
-    def _binds_model(self):
+    def binds_model(self):
         return True
 
     def bind(self, model: keras.Model) -> FlatLoRA:

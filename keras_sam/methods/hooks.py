@@ -2,29 +2,33 @@
 
 `SAM` inherits `MethodHooks`: the per-step hooks with SAM's answers, and what a variant's
 hooks call. A new method overrides hooks and calls helpers; it never touches the step. The
-whole protocol, in one place (each is a member of `MethodHooks` unless said otherwise):
+whole protocol is named once, in the tuples below (`HOOKS`, `FLAGS`, `STEP_READS`), each
+name a public member of `MethodHooks`:
 
-- the hooks, asked per step (per part under m-sharpness): `initial_perturbation`,
+- `HOOKS`, asked per step (per part under m-sharpness): `initial_perturbation`,
   `pass_values`, `needs_second_pass`, `perturbation`, `descent_gradients`,
   `one_pass_gradients`, `teacher_values` and `added_loss`;
-- the class attributes `skips_second_pass`, `one_pass` and `measures_sharpness`;
-- the helpers: `current_rho`, `at_step`, `rho_is_positive`, `decide_second_pass`,
-  `every_k_steps`, `perturbation_along`, `add_state_variable`, `add_state_slots`,
-  `state_variables`, `second_passes`, `may_skip_second_pass`; and, in this module,
-  `layer_of`, `adaptive_scales`, `unwrap_loss_scale` (and, for a config,
-  `keras_sam.methods.config`'s `serialize_rate`, `refuse_perturbation_arguments`,
-  `without_perturbation_arguments`);
-- what the step reads besides: `SAM`'s attributes (`inner_optimizer`, `accumulation_steps`,
-  `distributed_perturbation`, `verify_optimizer_step`, `skipped_steps`, `variables`,
-  `bind`) and four members that only the step uses (`_binds_model`, `_gradient_norms`,
-  `_sparse_gradients_supported`, `_accumulation_variables`), defined here.
+- `FLAGS`, class attributes: `skips_second_pass`, `one_pass` and `measures_sharpness`;
+- `STEP_READS`, what the step reads besides, with no reason to override but the first:
+  `binds_model`, `keeps_sparse_gradients`, `gradient_norms` (set by the step around its
+  `perturbation` call: the clean gradients' norms, which `perturbation_along` reads) and
+  `accumulation_variables`; and `SAM`'s attributes (`inner_optimizer`,
+  `accumulation_steps`, `distributed_perturbation`, `verify_optimizer_step`,
+  `skipped_steps`, `variables`, `bind`).
+
+The helpers: `current_rho`, `at_step`, `rho_is_positive`, `decide_second_pass`,
+`every_k_steps`, `perturbation_along`, `add_state_variable`, `add_state_slots`,
+`state_variables`, `second_passes`, `may_skip_second_pass`; and, in this module,
+`layer_of`, `adaptive_scales`, `unwrap_loss_scale` (and, for a config,
+`keras_sam.methods.config`'s `serialize_rate`, `refuse_perturbation_arguments`,
+`without_perturbation_arguments`). The step reads nothing private of a method
+(`tests/step/test_protocol.py`).
 
 docs/adding-a-method.md says what each hook returns, with an example.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import keras
@@ -44,6 +48,20 @@ PERTURBATION_NORMS = (GLOBAL_NORM, LAYERWISE_NORM)
 # ASAM leaves these at T = 1, as the official implementation does for every parameter
 # whose name does not contain "weight": biases and normalization offsets.
 _NON_ADAPTIVE_NAMES = ("bias", "beta", "offset")
+
+# The protocol between the step and a method, named once (see the module's docstring).
+HOOKS = (
+    "initial_perturbation",
+    "pass_values",
+    "needs_second_pass",
+    "perturbation",
+    "descent_gradients",
+    "one_pass_gradients",
+    "teacher_values",
+    "added_loss",
+)
+FLAGS = ("skips_second_pass", "one_pass", "measures_sharpness")
+STEP_READS = ("binds_model", "keeps_sparse_gradients", "gradient_norms", "accumulation_variables")
 
 
 class MethodHooks:
@@ -256,27 +274,26 @@ class MethodHooks:
         return _Slots({id(v): self.add_state_variable(reference=v, name=name) for v in var_list})
 
     # ---------------------------------------------------- read by the step only
-    # Not hooks: what the step asks of every method, with no reason to override.
+    # `STEP_READS`: what the step asks of every method besides the hooks.
+
+    # The norms of the clean gradients the step hands to `perturbation` (a
+    # `GradientNorms`), set by the step for the duration of that call, None otherwise.
+    # The step takes them anyway, for its finite check: `perturbation_along` reads the
+    # norm of those gradients here instead of taking it again (one pass over them). A
+    # method's `perturbation` need not read it; a direction of its own (FriendlySAM's
+    # `g - sigma m`) is not among those gradients, and its norm is taken anew.
+    gradient_norms = None
+
     @property
-    def _binds_model(self):
+    def binds_model(self):
         """Whether `SAMModel` calls `bind(model)` before each step (a `perturb` given as
-        layer classes; `FlatLoRA`, to find its LoRA layers)."""
+        layer classes; `FlatLoRA`, to find its LoRA layers). A method whose hooks need
+        the model's layers overrides it."""
         return isinstance(self.perturb, tuple)
 
-    @contextlib.contextmanager
-    def _gradient_norms(self, tensors, norms):
-        """Within it, `perturbation_along` reads the norm of `tensors` (the step's
-        gradients) from `norms` (their float32 norms, which the step takes anyway for
-        its finite check) instead of taking it again: one pass over the gradients."""
-        self._step_norms = _StepNorms(tensors, norms)
-        try:
-            yield
-        finally:
-            self._step_norms = None
-
     @property
-    def _sparse_gradients_supported(self):
-        """Whether the trainer may keep an Embedding's sparse gradient sparse.
+    def keeps_sparse_gradients(self):
+        """Whether the step may keep an Embedding's sparse gradient sparse.
 
         True when the perturbation scales each gradient entry by one global factor
         (SAM, not ASAM, whose factor depends on the weight) and the final gradient is
@@ -290,8 +307,9 @@ class MethodHooks:
         )
 
     @property
-    def _accumulation_variables(self):
-        """`(micro_steps, gradient_sums, state_sums)` under gradient accumulation."""
+    def accumulation_variables(self):
+        """`(micro_steps, gradient_sums, state_sums)` under gradient accumulation: the
+        micro-batch counter and the sums the step adds to (empty sums without it)."""
         return self._micro_steps, list(self._gradient_sums), list(self._state_sums)
 
     # ---------------------------------------------------------------- internals
@@ -305,16 +323,10 @@ class MethodHooks:
         `epsilon` makes negligible in `||g|| + epsilon`. A smaller `epsilon` takes the
         norm anew, with `maths.global_norm`'s rescaled pass where the norm is small.
         """
-        step_norms = getattr(self, "_step_norms", None)
-        present = [d for d in directions if d is not None]
-        if step_norms is None or not present or self.epsilon < 1e-12:
+        step_norms = self.gradient_norms
+        if step_norms is None or self.epsilon < 1e-12:
             return None
-        positions, norms = step_norms.positions, step_norms.norms
-        if any(id(d) not in positions for d in present):
-            return None
-        if len(present) == len(positions):
-            return maths.combined_norm(norms)
-        return maths.combined_norm(keras.ops.take(norms, [positions[id(d)] for d in present]))
+        return step_norms.norm_of(directions)
 
     def _perturbed_mask(self, variables):
         """One bool per variable: whether `perturb` selects it."""
@@ -355,13 +367,25 @@ class MethodHooks:
         return decision
 
 
-class _StepNorms:
-    """The step's gradient norms by gradient (a plain object: TensorFlow's tracking
+class GradientNorms:
+    """The float32 norms of the clean gradients the step hands to `perturbation`
+    (`MethodHooks.gradient_norms`), by gradient (a plain object: TensorFlow's tracking
     would wrap a dict or tuple attribute, and refuses integer keys)."""
 
-    def __init__(self, tensors, norms):
-        self.positions = {id(t): i for i, t in enumerate(tensors)}
+    def __init__(self, gradients, norms):
+        self.positions = {id(t): i for i, t in enumerate(gradients)}
         self.norms = norms
+
+    def norm_of(self, directions):
+        """The global norm of `directions` (None entries left out) when each is one of
+        the gradients; else None (it is taken anew)."""
+        present = [d for d in directions if d is not None]
+        positions = self.positions
+        if not present or any(id(d) not in positions for d in present):
+            return None
+        if len(present) == len(positions):
+            return maths.combined_norm(self.norms)
+        return maths.combined_norm(keras.ops.take(self.norms, [positions[id(d)] for d in present]))
 
 
 class _Slots:

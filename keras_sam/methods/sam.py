@@ -222,7 +222,7 @@ class SAM(MethodHooks, keras.optimizers.Optimizer):
         self.accumulation_steps = gradient_accumulation_steps or 1
         self.verify_optimizer_step = verify_optimizer_step
         self.inner_optimizer = optimizer
-        self._step_norms = None
+        self.gradient_norms = None  # set by the step (`MethodHooks.gradient_norms`)
         self._bound_variables = None
         self._state_variables = []
         self._state_sums = []

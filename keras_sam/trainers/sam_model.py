@@ -1,7 +1,6 @@
 """`SAMModel`: trains any Keras model with SAM through `fit`."""
 
 import inspect
-import math
 import os
 import warnings
 from typing import Any
@@ -10,7 +9,6 @@ import keras
 
 from keras_sam import backends, files
 from keras_sam._validation import check_integer
-from keras_sam.backends.base import is_floating
 from keras_sam.methods.hooks import unwrap_loss_scale
 from keras_sam.methods.sam import SAM
 from keras_sam.trainers.skipped_steps import (
@@ -197,51 +195,19 @@ class SAMModel(keras.Model):
 
     def train_step(self, *args):
         # TensorFlow and PyTorch call `train_step(data)`; JAX calls the stateless
-        # `train_step(state, data)` and takes `(logs, state)` back.
-        optimizer = self._sam_optimizer()
-        if isinstance(optimizer, SAM):
-            result = backends.current().train_step(self, *args)
-            drop = () if optimizer.may_skip_second_pass else ("second_pass_rate",)
-            if not optimizer.measures_sharpness:  # MomentumSAM: no pass at `w`
-                drop += ("sharpness",)
-        else:
-            result = super().train_step(*args)
-            drop = ("sharpness", "second_pass_rate")
-        logs = result[0] if len(args) == 2 else result
-        for name in drop:
-            logs.pop(name, None)
-        if isinstance(optimizer, SAM):
-            self._nan_without_applied_steps(logs, result[1] if len(args) == 2 else None)
+        # `train_step(state, data)` and takes `(logs, state)` back. The backend answers
+        # both forms (`Backend.train_step`, `Backend.logs_of`): the trainer never tells
+        # them apart.
+        if isinstance(self._sam_optimizer(), SAM):
+            # The step's logs as `fit` shows them (`keras_sam.step.model_step`).
+            return backends.current().train_step(self, *args)
+        result = super().train_step(*args)
+        _drop_step_logs(backends.current().logs_of(result))
         return result
-
-    def _nan_without_applied_steps(self, logs, state):
-        """NaN for the epoch's loss and metrics while no step of it has been applied.
-
-        The step adds a skipped step to no metric, so an epoch of skipped steps would
-        log Keras's mean of nothing, 0: a perfect loss. The loss tracker counts the
-        examples of the applied steps; while it is 0 every metric but `skipped_steps`
-        logs NaN, as plain Keras's would on NaN data. A tensor operation, no
-        synchronization: it runs inside the compiled step.
-        """
-        count = self._loss_tracker.count
-        if state is not None:  # JAX: the count after the step is in the new state
-            index = next(i for i, v in enumerate(self.metrics_variables) if v is count)
-            count = state[3][index]
-        applied = count > 0
-        nan = None
-        for name, value in logs.items():
-            if isinstance(value, float):  # Keras < 3.14 on PyTorch logs some as Python floats
-                value = keras.ops.convert_to_tensor(value)
-            if name != "skipped_steps" and is_floating(value):
-                if nan is None:
-                    nan = keras.ops.convert_to_tensor(math.nan, "float32")
-                logs[name] = keras.ops.where(applied, value, nan)
 
     def test_step(self, *args):
         result = super().test_step(*args)
-        logs = result[0] if len(args) == 2 else result
-        logs.pop("sharpness", None)
-        logs.pop("second_pass_rate", None)
+        _drop_step_logs(backends.current().logs_of(result))
         return result
 
     # ------------------------------------------------------------- checkpoints
@@ -312,6 +278,13 @@ class SAMModel(keras.Model):
 
 
 _RNG_KEY = "rng_state_"
+
+
+def _drop_step_logs(logs):
+    """The logs of a step that is not a SAM step (a plain optimizer's, `evaluate`'s)
+    without the SAM step's own, `sharpness` and `second_pass_rate`."""
+    logs.pop("sharpness", None)
+    logs.pop("second_pass_rate", None)
 
 
 class StepStatistics(keras.metrics.Metric):

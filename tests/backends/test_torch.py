@@ -230,7 +230,7 @@ def test_closure_loop_accumulates_and_keeps_the_partial_sum_between_steps(rng):
     for start in range(0, 8, 4):  # two of the three micro-batches
         step(x[start : start + 4], t[start : start + 4])
     np.testing.assert_array_equal(model.get_weights()[0], params[0].astype("float32"))
-    micro_steps, gradient_sums, _ = optimizer._accumulation_variables
+    micro_steps, gradient_sums, _ = optimizer.accumulation_variables
     assert int(harness.to_numpy(micro_steps)) == 2
     assert np.any(harness.to_numpy(gradient_sums[0]))
     step(x[8:12], t[8:12])

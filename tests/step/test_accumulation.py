@@ -71,7 +71,7 @@ def test_k_micro_batches_make_the_m_sharpness_step_with_k_parts(rng, method, kwa
         previous = weights
     steps = len(x) // (k * micro_batch)
     assert int(accumulating.optimizer.iterations.numpy()) == steps
-    micro_steps, gradient_sums, state_sums = accumulating.optimizer._accumulation_variables
+    micro_steps, gradient_sums, state_sums = accumulating.optimizer.accumulation_variables
     assert int(micro_steps.numpy()) == 0
     assert all(not np.any(s.numpy()) for s in gradient_sums + state_sums)
 
@@ -98,7 +98,7 @@ def test_custom_loop_accumulates_and_keeps_the_partial_sum_between_steps(rng):
     for start in range(0, 8, 4):  # two of the three micro-batches
         step(x[start : start + 4], t[start : start + 4])
     np.testing.assert_array_equal(model.get_weights()[0], params[0].astype("float32"))
-    micro_steps, gradient_sums, _ = optimizer._accumulation_variables
+    micro_steps, gradient_sums, _ = optimizer.accumulation_variables
     assert int(micro_steps.numpy()) == 2 and np.any(gradient_sums[0].numpy())
     step(x[8:12], t[8:12])
 

@@ -60,15 +60,10 @@ class Step:
         self.backend = FakeBackend()
 
     def finish(self, finite, gradients, statistic=4.0, state=()):
-        step._finish(
-            self.backend,
-            self.roles,
-            self.weights,
-            gradients,
-            _tensors(*state),
-            [(self.statistic, _tensors(statistic)[0])],
-            finite,
+        result = step.StepResult(
+            gradients, _tensors(*state), [(self.statistic, _tensors(statistic)[0])], finite
         )
+        step.finish(self.backend, self.roles, self.weights, result)
 
     def read(self):
         """The weights, the statistic, the optimizer's `iterations`, `skipped_steps`."""
@@ -143,7 +138,7 @@ def test_a_verified_step_whose_optimizer_overflows_is_rolled_back(loss_scale):
 
 def test_accumulation_sums_the_micro_batches_and_applies_their_mean_at_the_kth():
     s = Step(keras_sam.SAM(_sgd(), gradient_accumulation_steps=2), state=True)
-    micro_steps, gradient_sums, state_sums = s.method._accumulation_variables
+    micro_steps, gradient_sums, state_sums = s.method.accumulation_variables
 
     s.finish(True, _tensors([0.5, 0.25], [2.0]), statistic=4.0, state=[2.0])
     # Nothing applied yet; the statistic is committed at once, the state summed.
