@@ -215,10 +215,10 @@ DEFECTS = (
         "maths-norm-float16",
         "maths",
         "keras_sam/maths.py",
-        'ops.sqrt(ops.sum(ops.square(ops.cast(t, "float32")))) for t in tensors',
-        "ops.sqrt(ops.sum(ops.square(t))) for t in tensors",
+        'tensors = [ops.cast(t, "float32") for t in tensors]',
+        "tensors = list(tensors)",
         "the per-tensor norms are taken in the gradient's dtype: float16 squares overflow",
-        ("torch",),
+        ("jax",),
     ),
     # -------------------------------------------------------------- the command line
     Defect(
