@@ -8,6 +8,7 @@ Sparse gradients (`tf.IndexedSlices`) are a backend type: the trainer hands them
 densified, so duplicate indices are already summed and the norm is the true one.
 """
 
+import keras
 from keras import ops
 
 
@@ -48,7 +49,9 @@ class ListOps:
         tensors = [ops.cast(t, "float32") for t in tensors]
         sizes = [_size(t) for t in tensors]
         small = [i for i, size in enumerate(sizes) if size <= SMALL_TENSOR]
-        if len(small) < 2:
+        if len(small) < 2 or keras.distribution.distribution() is not None:
+            # Under a `keras.distribution` the tensors may be sharded: each norm is taken
+            # where its shards are (the padded matrix would gather them on every device).
             return ops.stack([_norm(t) for t in tensors])
         width = max(sizes[i] for i in small)
         rows = ops.stack(
