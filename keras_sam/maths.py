@@ -58,14 +58,14 @@ class ListOps:
             [ops.pad(ops.reshape(tensors[i], (-1,)), [(0, width - sizes[i])]) for i in small]
         )
         norms = [ops.sqrt(ops.sum(ops.square(rows), axis=1))]
-        large = [i for i in range(len(tensors)) if i not in set(small)]
+        large = [i for i, size in enumerate(sizes) if size > SMALL_TENSOR]
         if large:
             norms.append(ops.stack([_norm(tensors[i]) for i in large]))
         norms = ops.concatenate(norms) if len(norms) > 1 else norms[0]
-        order = small + large
+        order = small + large  # the tensor each entry of `norms` belongs to
         if order == sorted(order):
             return norms
-        return ops.take(norms, [order.index(i) for i in range(len(order))])
+        return ops.take(norms, sorted(range(len(order)), key=order.__getitem__))
 
     def combined_norm(self, norms):
         """`combined_norm`: the largest norm, divided out and multiplied back."""

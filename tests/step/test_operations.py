@@ -103,15 +103,11 @@ def test_a_torch_sam_step_adds_at_most_a_tenth_more_operations_than_a_bare_one()
     assert sam["_foreach_add"] == 1 and sam["_foreach_mul"] == 1, sam
 
 
-@pytest.fixture
-def selecting_commit():
-    """The PyTorch adapter set to commit by selection (`Torch.commit = "select"`)."""
+def _set_commit(monkeypatch, commit):
+    """The PyTorch adapter's eager commit set to `commit` for the test (`Torch.commit`)."""
     from keras_sam import backends
 
-    backend = backends.current()
-    backend.commit = "select"
-    yield
-    backend.commit = "read"
+    monkeypatch.setattr(backends.current(), "commit", commit)
 
 
 def _trajectory(steps=4, nan_at=None):
@@ -128,7 +124,8 @@ def _trajectory(steps=4, nan_at=None):
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the PyTorch adapter's eager commit")
-def test_a_torch_step_committing_by_selection_reads_nothing_on_the_host(selecting_commit):
+def test_a_torch_step_committing_by_selection_reads_nothing_on_the_host(monkeypatch):
+    _set_commit(monkeypatch, "select")
     plain = _torch_operations("plain")
     sam = _torch_operations("sam")
     # Measured: plain reads 1 (Keras's learning rate, a `_foreach_*` alpha), SAM 1; with
@@ -147,16 +144,10 @@ def test_a_torch_step_committing_by_selection_reads_nothing_on_the_host(selectin
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the PyTorch adapter's eager commit")
 @pytest.mark.parametrize("nan_at", [None, 1], ids=["finite", "nan-batch"])
-def test_committing_by_selection_is_bitwise_the_committing_by_reading(nan_at):
-    from keras_sam import backends
-
+def test_committing_by_selection_is_bitwise_the_committing_by_reading(monkeypatch, nan_at):
     reading = _trajectory(nan_at=nan_at)
-    backend = backends.current()
-    backend.commit = "select"
-    try:
-        selecting = _trajectory(nan_at=nan_at)
-    finally:
-        backend.commit = "read"
+    _set_commit(monkeypatch, "select")
+    selecting = _trajectory(nan_at=nan_at)
     assert len(selecting) == len(reading)
     for a, b in zip(selecting, reading):
         np.testing.assert_array_equal(a, b)  # NaN nowhere: the skipped step left none
@@ -164,16 +155,10 @@ def test_committing_by_selection_is_bitwise_the_committing_by_reading(nan_at):
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the PyTorch adapter's eager commit")
-def test_an_unknown_commit_is_refused():
-    from keras_sam import backends
-
-    backend = backends.current()
-    backend.commit = "maybe"
-    try:
-        with pytest.raises(ValueError, match='`commit` must be "read" or "select"'):
-            _trained("sam").train_on_batch(*_data())
-    finally:
-        backend.commit = "read"
+def test_an_unknown_commit_is_refused(monkeypatch):
+    _set_commit(monkeypatch, "maybe")
+    with pytest.raises(ValueError, match='`commit` must be "read" or "select"'):
+        _trained("sam").train_on_batch(*_data())
 
 
 @pytest.mark.slow  # four models built and stepped
